@@ -1,0 +1,357 @@
+"""``fastload convert``: a source dataset -> a dataset directory (.beton or TFRecord shards).
+
+Work is cut into shards of consecutive source rows. Each shard is prepared by a worker
+process (decode check, passthrough or re-encode, pixel histogram), written as a TFRecord
+file under a temporary name, renamed when complete, and recorded in ``.partial/``. A
+rerun after any interruption (kill -9 included) keeps finished shards. Only when every
+shard is done are the final files assembled and ``manifest.json`` written, last.
+"""
+from __future__ import annotations
+
+import json
+import math
+import multiprocessing as mp
+import os
+import queue
+import shutil
+import time
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from fastload import tfrecord
+from fastload.manifest import FORMAT_NAME, FORMAT_VERSION, MANIFEST, Manifest, atomic_write_bytes, sha256_file
+from fastload.records import records_dtype, records_filename
+
+from .images import CorruptImageError, prepare_image, source_bytes, stats_from_histograms
+from .sources import Schema, detect_schema, guess_preset, open_source
+
+PARTIAL = ".partial"
+FORMATS = ("beton", "tfrecord")
+IMAGE_FEATURE = "image/encoded"
+
+
+class ConversionError(RuntimeError):
+    """The conversion stopped; nothing final was written."""
+
+
+@dataclass(frozen=True)
+class ShardTask:
+    split: str
+    shard: int
+    num_shards: int
+    start: int
+    stop: int
+    path: str         # final path of this shard's TFRecord file
+    done_path: str    # .partial/<split>-NNNNN.json, written when the shard is complete
+
+
+def shard_name(split: str, shard: int, num_shards: int) -> str:
+    return f"{split}-{shard:05d}-of-{num_shards:05d}.tfrecord"
+
+
+# --------------------------------------------------------------------------- worker side
+_WORKER: dict = {}
+
+
+def _init_worker(datasets_by_split, schema: Schema, settings: dict, progress_queue) -> None:
+    # fork start: the datasets (memory-mapped Arrow) are inherited, not pickled
+    _WORKER.update(datasets=datasets_by_split, schema=schema, settings=settings, progress=progress_queue)
+
+
+def _run_shard(task: ShardTask) -> dict:
+    import datasets
+    ds = _WORKER["datasets"][task.split]
+    schema: Schema = _WORKER["schema"]
+    settings = _WORKER["settings"]
+    progress = _WORKER["progress"]
+    # Raw bytes: we decide passthrough vs re-encode ourselves.
+    ds = ds.cast_column(schema.image_column, datasets.Image(decode=False))
+    tmp = Path(task.path).with_name(f".{Path(task.path).name}.tmp")
+    hist = np.zeros((3, 256), np.int64)
+    rows, skipped, index_entries = [], [], []
+    passthrough = 0
+    pos = 0
+    pending = 0
+    with open(tmp, "wb") as f:
+        for offset in range(task.start, task.stop, 256):
+            batch = ds[offset:min(task.stop, offset + 256)]
+            n = len(batch[schema.image_column])
+            for k in range(n):
+                index = offset + k
+                row = {key: batch[key][k] for key in batch}
+                try:
+                    img = prepare_image(source_bytes(row[schema.image_column]),
+                                        settings["max_side"], settings["jpeg_quality"])
+                except CorruptImageError as e:
+                    if not settings["skip_corrupt"]:
+                        tmp.unlink(missing_ok=True)
+                        raise CorruptImageError(f"split {task.split!r} index {index}: {e}; "
+                                                "rerun with --skip-corrupt to skip it and list it "
+                                                "in the manifest") from None
+                    skipped.append({"index": index, "error": str(e)})
+                    continue
+                labels = schema.labels_of(row)
+                _check_labels(labels, schema, task.split, index)
+                ints = {"image/height": [img.height], "image/width": [img.width],
+                        "image/class/label": labels[schema.target], "image/source_index": [index]}
+                for col in schema.extra_labels:
+                    ints[f"image/class/{col}"] = labels[col]
+                ex = tfrecord.encode_example({IMAGE_FEATURE: img.jpeg}, ints)
+                size = tfrecord.write_record(f, ex.data)
+                index_entries.append((pos, size))
+                rows.append([pos + 12 + ex.image_offset, len(img.jpeg), img.height, img.width, index,
+                             labels[schema.target], [labels[c][0] for c in schema.extra_labels]])
+                pos += size
+                hist += img.histogram
+                passthrough += img.passthrough
+                pending += 1
+                if pending >= 16:
+                    progress.put(pending)
+                    pending = 0
+        f.flush()
+        os.fsync(f.fileno())
+    progress.put(pending)
+    idx_path = Path(task.path).with_suffix(".idx")
+    atomic_write_bytes(idx_path, tfrecord.format_index(index_entries).encode())
+    os.replace(tmp, task.path)
+    done = {"split": task.split, "shard": task.shard, "count": len(rows), "passthrough": passthrough,
+            "skipped": skipped, "histogram": hist.tolist(), "rows": rows,
+            "file": {"path": Path(task.path).name, "size": os.path.getsize(task.path),
+                     "sha256": sha256_file(Path(task.path)), "records": len(rows)},
+            "index": {"path": idx_path.name, "size": idx_path.stat().st_size, "sha256": sha256_file(idx_path)}}
+    atomic_write_bytes(Path(task.done_path), json.dumps(done).encode())
+    return done
+
+
+def _check_labels(labels: dict, schema: Schema, split: str, index: int) -> None:
+    for col, values in labels.items():
+        n = schema.num_classes if col == schema.target else len(schema.extra_names[col])
+        bad = [v for v in values if not 0 <= v < n]
+        if bad:
+            raise ConversionError(f"split {split!r} index {index}: label column {col!r} has value(s) {bad} "
+                                  f"outside 0..{n - 1}")
+
+
+# --------------------------------------------------------------------------- main side
+def convert(source, out, format: str = "tfrecord", splits: list[str] | None = None, workers: int = 1,
+            max_side: int | None = None, jpeg_quality: int = 90, skip_corrupt: bool = False,
+            label: str | None = None, shard_size: int | None = None, preset: str | None = None,
+            overwrite: bool = False, progress: bool = True) -> Manifest:
+    """Convert ``source`` into the dataset directory ``out``; returns its manifest.
+
+    Resumable: rerun the same call after an interruption and finished shards are kept.
+    """
+    if format not in FORMATS:
+        raise ValueError(f"format={format!r} is invalid: allowed {FORMATS}")
+    if not 1 <= int(jpeg_quality) <= 100:
+        raise ValueError(f"jpeg_quality={jpeg_quality!r} is invalid: allowed 1..100")
+    if max_side is not None and max_side < 16:
+        raise ValueError(f"max_side={max_side!r} is invalid: allowed >= 16 (or None to keep sizes)")
+    if workers < 1:
+        raise ValueError(f"workers={workers!r} is invalid: allowed >= 1")
+    out = Path(out)
+    if (out / MANIFEST).exists():
+        if not overwrite:
+            raise ConversionError(f"{out} already holds a complete dataset ({MANIFEST} exists); "
+                                  "pass overwrite=True (--overwrite) to replace it")
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    partial = out / PARTIAL
+    partial.mkdir(exist_ok=True)
+
+    data = open_source(source, splits)
+    first = next(iter(data.values()))
+    schema = detect_schema(first.features, label)
+    settings = {"format": format, "source": str(source) if isinstance(source, (str, os.PathLike)) else "<in-memory>",
+                "splits": list(data), "max_side": max_side, "jpeg_quality": int(jpeg_quality),
+                "skip_corrupt": bool(skip_corrupt), "label": schema.target,
+                "sizes": {s: len(d) for s, d in data.items()}}
+    plan = _load_or_make_plan(partial, settings, data, shard_size, workers)
+
+    staging = out if format == "tfrecord" else partial
+    tasks = []
+    for split, num_shards in plan["shards"].items():
+        n = len(data[split])
+        bounds = np.linspace(0, n, num_shards + 1).round().astype(int)
+        for s in range(num_shards):
+            name = shard_name(split, s, num_shards)
+            tasks.append(ShardTask(split, s, num_shards, int(bounds[s]), int(bounds[s + 1]),
+                                   str(staging / name), str(partial / f"{split}-{s:05d}.json")))
+    todo = [t for t in tasks if not _shard_done(t)]
+    done_count = len(tasks) - len(todo)
+    if done_count:
+        print(f"resuming: {done_count} of {len(tasks)} shards already done, {len(todo)} to go")
+
+    _run_tasks(todo, data, schema, settings, workers, progress)
+
+    results = {t: json.loads(Path(t.done_path).read_text()) for t in tasks}
+    manifest = _assemble(out, format, schema, settings, tasks, results, workers, preset or guess_preset(schema))
+    shutil.rmtree(partial, ignore_errors=True)
+    return manifest
+
+
+def _load_or_make_plan(partial: Path, settings: dict, data, shard_size, workers) -> dict:
+    path = partial / "plan.json"
+    if path.exists():
+        plan = json.loads(path.read_text())
+        for key, value in settings.items():
+            if plan["settings"].get(key) != value:
+                raise ConversionError(
+                    f"{partial.parent} holds an unfinished conversion with {key}={plan['settings'].get(key)!r}, "
+                    f"this call asks {key}={value!r}: rerun with the same settings to resume, or remove "
+                    f"{partial.parent} to start over")
+        return plan
+    shards = {}
+    for split, ds in data.items():
+        n = len(ds)
+        size = shard_size or max(1, min(1024, math.ceil(n / (4 * workers))))
+        shards[split] = max(1, math.ceil(n / size))
+    plan = {"settings": settings, "shards": shards}
+    atomic_write_bytes(path, json.dumps(plan, indent=2).encode())
+    return plan
+
+
+def _shard_done(task: ShardTask) -> bool:
+    if not Path(task.done_path).exists() or not Path(task.path).exists():
+        return False
+    done = json.loads(Path(task.done_path).read_text())
+    return os.path.getsize(task.path) == done["file"]["size"]
+
+
+def _run_tasks(todo: list[ShardTask], data, schema, settings, workers, show_progress) -> None:
+    if not todo:
+        return
+    from tqdm.auto import tqdm
+    ctx = mp.get_context("fork")
+    progress_queue = ctx.Queue()
+    total = sum(t.stop - t.start for t in todo)
+    bar = tqdm(total=total, unit="img", desc="convert", disable=not show_progress, smoothing=0.1)
+    with ProcessPoolExecutor(max_workers=min(workers, len(todo)), mp_context=ctx, initializer=_init_worker,
+                             initargs=(data, schema, settings, progress_queue)) as pool:
+        pending = {pool.submit(_run_shard, t) for t in todo}
+        try:
+            while pending:
+                finished, pending = wait(pending, timeout=0.2, return_when=FIRST_COMPLETED)
+                _drain(progress_queue, bar)
+                for fut in finished:
+                    fut.result()  # re-raises a worker's error here
+        except BaseException:
+            for fut in pending:
+                fut.cancel()
+            bar.close()
+            raise
+    _drain(progress_queue, bar)
+    bar.close()
+
+
+def _drain(q, bar) -> None:
+    while True:
+        try:
+            bar.update(q.get_nowait())
+        except queue.Empty:
+            return
+
+
+def _assemble(out: Path, format: str, schema: Schema, settings: dict, tasks, results, workers, preset) -> Manifest:
+    splits_meta = {}
+    for split in settings["splits"]:
+        split_tasks = [t for t in tasks if t.split == split]
+        rows = [(t.shard, r) for t in split_tasks for r in results[t]["rows"]]
+        max_labels = max([len(r[5]) for _, r in rows] + [1]) if schema.kind == "multi" else 1
+        dtype = records_dtype(schema.label_columns, schema.kind == "multi", max_labels)
+        rec = np.zeros(len(rows), dtype=dtype)
+        for i, (shard, r) in enumerate(rows):
+            offset, size, h, w, src, target, extras = r
+            rec[i]["file"], rec[i]["offset"], rec[i]["size"] = shard, offset, size
+            rec[i]["height"], rec[i]["width"], rec[i]["source_index"] = h, w, src
+            if schema.kind == "multi":
+                ids = np.full(max_labels, -1, np.int16)
+                ids[:len(target)] = target
+                rec[i]["label"] = ids
+            else:
+                rec[i]["label"] = target[0]
+            for col, v in zip(schema.extra_labels, extras):
+                rec[i][col] = v
+        hist = sum(np.asarray(results[t]["histogram"], np.int64) for t in split_tasks)
+        files = []
+        if format == "tfrecord":
+            for t in split_tasks:
+                files.append({**results[t]["file"], "role": "data"})
+                files.append({**results[t]["index"], "role": "dali_index", "for": results[t]["file"]["path"]})
+        else:
+            files.append(_write_split_beton(out, split, schema, split_tasks, rec, workers, max_labels))
+            offsets, sizes, heights, widths = _beton_locations(out / files[0]["path"])
+            if not (np.array_equal(sizes, rec["size"]) and np.array_equal(heights, rec["height"])):
+                raise ConversionError(f"{files[0]['path']}: image table disagrees with the prepared records")
+            rec["file"], rec["offset"] = 0, offsets
+        rec_path = out / records_filename(split)
+        tmp = rec_path.with_name(f".{rec_path.name}.tmp.npy")
+        np.save(tmp, rec)
+        os.replace(tmp, rec_path)
+        files.append({"path": rec_path.name, "size": rec_path.stat().st_size, "sha256": sha256_file(rec_path),
+                      "role": "records"})
+        skipped = [s for t in split_tasks for s in results[t]["skipped"]]
+        passthrough = sum(results[t]["passthrough"] for t in split_tasks)
+        splits_meta[split] = {"num_examples": len(rec), "source_rows": settings["sizes"][split],
+                              "passthrough_jpegs": passthrough, "reencoded": len(rec) - passthrough,
+                              "skipped": skipped, "max_labels": max_labels,
+                              "stats": stats_from_histograms(hist), "files": files}
+    from fastload import __version__
+    data = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "storage": format,
+            "created_by": f"fastload {__version__}", "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "source": {"name": settings["source"], "image_column": schema.image_column},
+            "encoding": {"jpeg_quality": settings["jpeg_quality"], "max_side": settings["max_side"],
+                         "image_feature": IMAGE_FEATURE},
+            "preset": preset, "labels": schema.to_manifest(), "splits": splits_meta}
+    manifest = Manifest(out, data)
+    manifest.write()
+    return manifest
+
+
+class _StagedSplit:
+    """``dataset[i]`` over the staged TFRecord shards, in the shape the beton writer takes."""
+
+    def __init__(self, tasks, rec, label_columns, multi):
+        self.paths = [t.path for t in tasks]
+        self.rec = rec
+        self.label_columns = label_columns
+        self.multi = multi
+        self._maps = {}
+
+    def __len__(self):
+        return len(self.rec)
+
+    def __getitem__(self, i):
+        r = self.rec[i]
+        f = int(r["file"])
+        m = self._maps.get(f)
+        if m is None:
+            m = self._maps[f] = np.memmap(self.paths[f], dtype=np.uint8, mode="r")
+        off = int(r["offset"])
+        jpeg = np.array(m[off:off + int(r["size"])])
+        labels = [r["label"] if self.multi else int(r["label"])]
+        labels += [int(r[c]) for c in self.label_columns[1:]]
+        return ((jpeg, int(r["height"]), int(r["width"])), *labels)
+
+
+def _write_split_beton(out, split, schema, split_tasks, rec, workers, max_labels) -> dict:
+    from fastload.beton import write_beton
+    path = out / f"{split}.beton"
+    tmp = out / PARTIAL / f"{split}.beton.tmp"
+    tmp.unlink(missing_ok=True)
+    label_fields = {"label": ("ids", max_labels) if schema.kind == "multi" else ("int", 0)}
+    for col in schema.extra_labels:
+        label_fields[col] = ("int", 0)
+    write_beton(tmp, _StagedSplit(split_tasks, rec, schema.label_columns, schema.kind == "multi"),
+                label_fields, workers)
+    os.replace(tmp, path)
+    return {"path": path.name, "size": path.stat().st_size, "sha256": sha256_file(path),
+            "records": len(rec), "role": "data"}
+
+
+def _beton_locations(path):
+    from fastload.beton import beton_image_locations
+    return beton_image_locations(path)

@@ -1,0 +1,87 @@
+"""Turning one source image into the JPEG fastload stores.
+
+The source of truth is the image as ``datasets`` decodes it, EXIF orientation applied.
+An RGB baseline JPEG within ``max_side`` and without a rotating orientation tag is
+stored byte for byte; anything else becomes an RGB baseline JPEG at ``quality``.
+"""
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageOps
+
+_ORIENTATION = 0x0112
+
+
+class CorruptImageError(ValueError):
+    """An image that does not decode; names split and index."""
+
+
+@dataclass(frozen=True)
+class PreparedImage:
+    jpeg: bytes
+    height: int
+    width: int
+    passthrough: bool
+    histogram: np.ndarray  # (3, 256) pixel counts of the stored image's source pixels
+
+
+def source_bytes(value) -> bytes:
+    """Raw bytes from a ``datasets`` Image value read with ``decode=False`` (or a PIL image)."""
+    if isinstance(value, dict):
+        if value.get("bytes") is not None:
+            return value["bytes"]
+        if value.get("path"):
+            with open(value["path"], "rb") as f:
+                return f.read()
+        raise CorruptImageError("image value has neither bytes nor path")
+    if isinstance(value, Image.Image):
+        buf = io.BytesIO()
+        value.save(buf, format="PNG")
+        return buf.getvalue()
+    if isinstance(value, (bytes, bytearray)):
+        return bytes(value)
+    raise CorruptImageError(f"unsupported image value of type {type(value).__name__}")
+
+
+def prepare_image(raw: bytes, max_side: int | None, quality: int) -> PreparedImage:
+    try:
+        im = Image.open(io.BytesIO(raw))
+        fmt = im.format
+        progressive = bool(im.info.get("progressive") or im.info.get("progression"))
+        im.load()  # full decode: a truncated or garbled file fails here, not in training
+        orientation = im.getexif().get(_ORIENTATION, 1)
+    except Exception as e:  # PIL raises many types for bad data
+        raise CorruptImageError(f"image does not decode ({type(e).__name__}: {e})") from None
+    if orientation not in (1, None):
+        im = ImageOps.exif_transpose(im)  # what datasets' Image feature shows users
+    too_big = max_side is not None and max(im.size) > max_side
+    passthrough = (fmt == "JPEG" and im.mode == "RGB" and not progressive
+                   and orientation in (1, None) and not too_big)
+    if im.mode != "RGB":
+        im = im.convert("RGB")
+    if too_big:
+        w, h = im.size
+        s = max_side / max(w, h)
+        im = im.resize((max(1, round(w * s)), max(1, round(h * s))), Image.LANCZOS)
+    hist = np.asarray(im.histogram(), dtype=np.int64).reshape(3, 256)
+    if passthrough:
+        jpeg = raw
+    else:
+        buf = io.BytesIO()
+        im.save(buf, format="JPEG", quality=quality, progressive=False, optimize=False)
+        jpeg = buf.getvalue()
+    return PreparedImage(jpeg=jpeg, height=im.height, width=im.width, passthrough=passthrough, histogram=hist)
+
+
+def stats_from_histograms(hist: np.ndarray) -> dict:
+    """Per-channel mean/std in 0..1 units from summed (3, 256) histograms."""
+    levels = np.arange(256, dtype=np.float64) / 255.0
+    count = hist.sum(axis=1).astype(np.float64)
+    mean = (hist * levels).sum(axis=1) / np.maximum(count, 1)
+    var = (hist * levels ** 2).sum(axis=1) / np.maximum(count, 1) - mean ** 2
+    return {"mean": [round(float(x), 6) for x in mean],
+            "std": [round(float(x), 6) for x in np.sqrt(np.maximum(var, 0))],
+            "pixels": int(count[0])}

@@ -1,0 +1,155 @@
+"""``FastLoader``: what a training loop iterates. One interface over the ffcv, DALI and reference backends.
+
+Data flows one way: the dataset directory (manifest + records index) -> an epoch's order
+and geometry rows (shared, seeded) -> the backend's decode + geometry -> shared batch ops
+(labels, augmentations, MixUp/CutMix, normalization) on ``device`` -> ``(images, labels)``.
+"""
+from __future__ import annotations
+
+import math
+import os
+import warnings
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from .manifest import DatasetError, Manifest
+from .records import SplitReader
+from .spec import PreprocessSpec, resolve_spec
+
+BACKENDS = ("auto", "ffcv", "dali", "reference")
+STORAGE_BACKEND = {"beton": "ffcv", "tfrecord": "dali"}
+
+
+def resolve_device(device) -> torch.device:
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"device={str(device)!r} was asked for but CUDA is not available "
+                           f"(torch {torch.__version__}, CUDA build: {torch.version.cuda}); use device='cpu'")
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"device={str(device)!r} is invalid: allowed 'cpu', 'cuda', 'cuda:N' or 'auto'")
+    return dev
+
+
+def distributed_rank_world(distributed) -> tuple[int, int]:
+    """(rank, world size) from an initialized process group, else torchrun's environment."""
+    if distributed is False:
+        return 0, 1
+    if distributed not in (True, "auto"):
+        raise ValueError(f"distributed={distributed!r} is invalid: allowed 'auto', True or False")
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    if "WORLD_SIZE" in os.environ and "RANK" in os.environ:
+        return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    if distributed is True:
+        raise RuntimeError("distributed=True but no torch.distributed process group is initialized and "
+                           "RANK/WORLD_SIZE are not set (run under torchrun)")
+    return 0, 1
+
+
+class FastLoader:
+    """Iterate ``(images, labels)`` batches of one split of a fastload dataset directory.
+
+    >>> loader = FastLoader("data/imagenet", "train", batch_size=256)   # doctest: +SKIP
+    >>> for epoch in range(90):
+    ...     loader.set_epoch(epoch)
+    ...     for images, labels in loader: ...
+
+    ``spec``: a :class:`PreprocessSpec`, a preset name (``'imagenet'``, ``'cifar10:eval'``), or
+    None for the dataset's preset (train variant for the split named ``train``, eval otherwise).
+    ``distributed``: 'auto' shards by rank when a process group or torchrun environment exists.
+    The remainder rule is ``DistributedSampler``'s (see :func:`fastload.pipelines.sampling.epoch_indices`).
+    """
+
+    def __init__(self, path, split: str = "train", batch_size: int = 256, spec=None, backend: str = "auto",
+                 device="cpu", num_workers: int | None = None, seed: int = 0, drop_last: bool | None = None,
+                 order: str = "random", distributed="auto"):
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size={batch_size!r} is invalid: allowed an int >= 1")
+        if order not in ("random", "sequential"):
+            raise ValueError(f"order={order!r} is invalid: allowed 'random' or 'sequential'")
+        if backend not in BACKENDS:
+            raise ValueError(f"backend={backend!r} is invalid: allowed {BACKENDS}")
+        self.manifest = Manifest.read(path)
+        self.split = split
+        self.reader = SplitReader(self.manifest, split)
+        self.spec: PreprocessSpec = resolve_spec(spec, self.manifest.preset, train=split == "train")
+        self.device = resolve_device(device)
+        self.batch_size = batch_size
+        self.seed = int(seed)
+        self.shuffle = order == "random"
+        self.drop_last = (split == "train") if drop_last is None else bool(drop_last)
+        self.num_workers = num_workers if num_workers is not None else max(1, (os.cpu_count() or 1))
+        self.rank, self.world_size = distributed_rank_world(distributed)
+        self.epoch = 0
+        self.backend = STORAGE_BACKEND[self.manifest.storage] if backend == "auto" else backend
+        if self.backend == "ffcv" and self.manifest.storage != "beton":
+            raise DatasetError(f"backend='ffcv' needs a .beton dataset; {self.manifest.root} was converted to "
+                               f"{self.manifest.storage!r} (use backend='dali' or 'auto', or convert with --format beton)")
+        if self.backend == "dali" and self.manifest.storage != "tfrecord":
+            raise DatasetError(f"backend='dali' needs a TFRecord dataset; {self.manifest.root} was converted to "
+                               f"{self.manifest.storage!r} (use backend='ffcv' or 'auto', or convert with --format tfrecord)")
+        from fastload.pipelines.batch_ops import BatchTransform
+        self.transform = BatchTransform(self.spec, self.reader.labels, self.manifest.num_classes,
+                                        self.manifest.multi_label, self.reader.info.stats, self.device)
+        self.pipeline = self._make_pipeline()
+
+    def _make_pipeline(self):
+        args = (self.reader, self.spec, self.batch_size, self.num_workers, self.drop_last)
+        if self.backend == "ffcv":
+            from fastload.pipelines.ffcv import FFCVPipeline
+            return FFCVPipeline(*args)
+        if self.backend == "dali":
+            from fastload.pipelines.dali import DALIPipeline
+            return DALIPipeline(*args, device=self.device, seed=self.seed)
+        from fastload.pipelines.reference import ReferencePipeline
+        return ReferencePipeline(*args)
+
+    # ------------------------------------------------------------------ torch-like surface
+    def set_epoch(self, epoch: int) -> None:
+        """Pick the epoch whose order and augmentations the next iteration uses (as DistributedSampler)."""
+        self.epoch = int(epoch)
+
+    @property
+    def num_samples(self) -> int:
+        """Samples this rank sees per epoch (before drop_last on the final batch)."""
+        n = len(self.reader)
+        if self.world_size == 1:
+            return n
+        return n // self.world_size if self.drop_last else math.ceil(n / self.world_size)
+
+    def __len__(self) -> int:
+        n = self.num_samples
+        return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
+
+    def epoch_plan(self, epoch: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(this rank's sample order, per-sample geometry rows) of an epoch: pure functions of the seed."""
+        from fastload.pipelines.sampling import epoch_indices, geometry_params
+        e = self.epoch if epoch is None else epoch
+        order = epoch_indices(len(self.reader), shuffle=self.shuffle, seed=self.seed, epoch=e, rank=self.rank,
+                              world_size=self.world_size, drop_last=self.drop_last)
+        params = geometry_params(self.spec.geometry, self.spec.hflip, self.reader.heights, self.reader.widths,
+                                 self.seed, e)
+        return order, params
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        epoch = self.epoch
+        order, params = self.epoch_plan(epoch)
+        rng = np.random.default_rng([self.seed, epoch, 2, self.rank])
+        threads = torch.get_num_threads()
+        try:
+            for images, index in self.pipeline.run_epoch(order, params):
+                yield self.transform(images, index, rng)
+        finally:
+            if torch.get_num_threads() != threads:
+                torch.set_num_threads(threads)
+        self.epoch = epoch + 1  # a completed pass moves on, as ffcv's Loader does
+
+    def __repr__(self) -> str:
+        return (f"FastLoader({str(self.manifest.root)!r}, split={self.split!r}, backend={self.backend!r}, "
+                f"batch_size={self.batch_size}, device={str(self.device)!r}, batches={len(self)}, "
+                f"rank={self.rank}/{self.world_size})")

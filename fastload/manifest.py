@@ -1,0 +1,132 @@
+"""The dataset directory contract: ``manifest.json`` + data files (format documented in FORMAT.md).
+
+A directory is complete exactly when its ``manifest.json`` exists: converters write it
+last, atomically, after every data file is in place under its final name. Loaders
+refuse a directory without one.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+FORMAT_NAME = "fastload-dataset"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+STORAGES = ("beton", "tfrecord")
+
+
+class DatasetError(ValueError):
+    """A dataset directory that is missing, incomplete, or not what the caller asked for."""
+
+
+def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while True:
+            b = f.read(chunk)
+            if not b:
+                return h.hexdigest()
+            h.update(b)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+@dataclass(frozen=True)
+class SplitInfo:
+    name: str
+    num_examples: int
+    files: list[dict]
+    stats: dict
+    skipped: list[dict]
+    max_labels: int
+
+    def files_with_role(self, role: str) -> list[dict]:
+        return [f for f in self.files if f["role"] == role]
+
+
+@dataclass(frozen=True)
+class Manifest:
+    root: Path
+    data: dict
+
+    # -------------------------------------------------------------- reading
+    @classmethod
+    def read(cls, root: str | os.PathLike) -> "Manifest":
+        root = Path(root)
+        if not root.exists():
+            raise DatasetError(f"dataset directory {str(root)!r} does not exist")
+        if not root.is_dir():
+            raise DatasetError(f"{str(root)!r} is not a directory (expected a dataset directory with {MANIFEST})")
+        path = root / MANIFEST
+        if not path.exists():
+            partial = (root / ".partial").exists()
+            hint = (" A conversion started here and did not finish: rerun the same `fastload convert` to resume."
+                    if partial else " Create one with `fastload convert`.")
+            raise DatasetError(f"{str(root)!r} has no {MANIFEST}, so it is not a complete fastload dataset.{hint}")
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise DatasetError(f"{path}: not valid JSON ({e})") from None
+        if data.get("format") != FORMAT_NAME:
+            raise DatasetError(f"{path}: format={data.get('format')!r}, expected {FORMAT_NAME!r}")
+        version = data.get("format_version")
+        if version != FORMAT_VERSION:
+            raise DatasetError(f"{path}: format_version={version!r}; this fastload reads version {FORMAT_VERSION}")
+        if data.get("storage") not in STORAGES:
+            raise DatasetError(f"{path}: storage={data.get('storage')!r}, expected one of {STORAGES}")
+        return cls(root, data)
+
+    @property
+    def storage(self) -> str:
+        return self.data["storage"]
+
+    @property
+    def split_names(self) -> list[str]:
+        return list(self.data["splits"])
+
+    def split(self, name: str) -> SplitInfo:
+        splits = self.data["splits"]
+        if name not in splits:
+            raise DatasetError(f"split {name!r} is not in {self.root}: it has {sorted(splits)}")
+        s = splits[name]
+        return SplitInfo(name=name, num_examples=int(s["num_examples"]), files=s["files"],
+                         stats=s.get("stats") or {}, skipped=s.get("skipped", []),
+                         max_labels=int(s.get("max_labels", 1)))
+
+    @property
+    def labels(self) -> dict:
+        return self.data["labels"]
+
+    @property
+    def multi_label(self) -> bool:
+        return self.labels["kind"] == "multi"
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.labels["num_classes"])
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.labels.get("names") or [str(i) for i in range(self.num_classes)])
+
+    @property
+    def preset(self) -> str:
+        return self.data.get("preset") or "imagenet"
+
+    def path(self, relative: str) -> Path:
+        return self.root / relative
+
+    # -------------------------------------------------------------- writing
+    def write(self) -> None:
+        atomic_write_bytes(self.root / MANIFEST, (json.dumps(self.data, indent=2) + "\n").encode())

@@ -1,0 +1,95 @@
+"""Random access to a converted split, whatever its storage.
+
+Every split has a records index, ``<split>.records.npy``: one row per stored image
+with the data file it lives in, the byte offset and size of its JPEG inside that file,
+its height/width and its labels. With it, any reader (the reference pipeline, DALI's
+external source, ``verify``, ``inspect``) slices a JPEG straight out of a memory-mapped
+``.beton`` or TFRecord shard: no scan, no backend import.
+"""
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+
+from .manifest import DatasetError, Manifest
+
+RECORD_FIELDS = [("file", "<u2"), ("offset", "<u8"), ("size", "<u4"),
+                 ("height", "<u4"), ("width", "<u4"), ("source_index", "<i8")]
+
+
+def records_dtype(label_columns: list[str], multi_label: bool, max_labels: int) -> np.dtype:
+    """``label`` is int64, or int16[max_labels] padded with -1 for multi-label data; other
+    label columns (e.g. cifar100's ``coarse_label``) are int64 fields of their own name."""
+    fields = list(RECORD_FIELDS)
+    for i, col in enumerate(label_columns):
+        name = "label" if i == 0 else col
+        if i == 0 and multi_label:
+            fields.append((name, "<i2", (max(1, max_labels),)))
+        else:
+            fields.append((name, "<i8"))
+    return np.dtype(fields)
+
+
+def records_filename(split: str) -> str:
+    return f"{split}.records.npy"
+
+
+class SplitReader:
+    """Read-only view of one split: ``len``, ``jpeg(i)``, ``image(i)``, labels, sizes."""
+
+    def __init__(self, manifest: Manifest, split: str):
+        self.manifest = manifest
+        self.info = manifest.split(split)
+        self.split = split
+        index = self.info.files_with_role("records")
+        if not index:
+            raise DatasetError(f"split {split!r} of {manifest.root} lists no records index")
+        path = manifest.path(index[0]["path"])
+        if not path.exists():
+            raise DatasetError(f"{path} is missing (listed in {manifest.root / 'manifest.json'})")
+        self.records = np.load(path, mmap_mode="r")
+        self.data_files = [manifest.path(f["path"]) for f in self.info.files_with_role("data")]
+        self._maps: list[np.memmap | None] = [None] * len(self.data_files)
+        if len(self.records) != self.info.num_examples:
+            raise DatasetError(f"{path}: {len(self.records)} rows, manifest says {self.info.num_examples}")
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def _map(self, file_index: int) -> np.memmap:
+        m = self._maps[file_index]
+        if m is None:
+            path = self.data_files[file_index]
+            if not path.exists():
+                raise DatasetError(f"data file {path} is missing (listed in the manifest)")
+            m = self._maps[file_index] = np.memmap(path, dtype=np.uint8, mode="r")
+        return m
+
+    def jpeg(self, i: int) -> np.ndarray:
+        r = self.records[i]
+        off = int(r["offset"])
+        return self._map(int(r["file"]))[off:off + int(r["size"])]
+
+    def image(self, i: int):
+        """The stored image decoded by PIL (RGB): what the reference pipeline sees."""
+        from PIL import Image
+        im = Image.open(io.BytesIO(self.jpeg(i).tobytes()))
+        im.load()
+        return im.convert("RGB") if im.mode != "RGB" else im
+
+    @property
+    def labels(self) -> np.ndarray:
+        return np.asarray(self.records["label"])
+
+    @property
+    def heights(self) -> np.ndarray:
+        return np.asarray(self.records["height"]).astype(np.int64)
+
+    @property
+    def widths(self) -> np.ndarray:
+        return np.asarray(self.records["width"]).astype(np.int64)
+
+    def data_path(self, file_index: int) -> Path:
+        return self.data_files[file_index]

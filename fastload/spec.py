@@ -1,0 +1,565 @@
+"""The preprocessing spec: one declarative, validated description of what a split does.
+
+Every backend (ffcv, dali, reference) implements the same spec; the spec itself
+imports no backend. It round-trips through JSON/YAML and can be built from a
+timm data config (``PreprocessSpec.from_timm``).
+
+Conventions (torchvision/timm): mean/std are in 0..1 units, sizes are
+(height, width) or one int for a square, ``ratio`` is width/height.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Any, Literal, Sequence
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+DTYPES = ("uint8", "float32", "float16")
+LAYOUTS = ("NCHW", "channels_last")
+INTERPOLATIONS = ("bilinear",)  # the one filter every backend reproduces exactly
+PADDING_MODES = ("constant", "edge", "reflect")
+AUTOAUGMENT_POLICIES = ("imagenet",)
+
+
+def _fail(field_name: str, value: Any, allowed: str) -> None:
+    raise ValueError(f"{field_name}={value!r} is invalid: allowed {allowed}")
+
+
+def _pair(value, field_name: str) -> tuple[int, int]:
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = (value, value)
+    if (not isinstance(value, (tuple, list)) or len(value) != 2
+            or not all(isinstance(v, int) and not isinstance(v, bool) for v in value)):
+        _fail(field_name, value, "an int or a (height, width) pair of ints")
+    if min(value) <= 0:
+        _fail(field_name, value, "sizes > 0")
+    return (int(value[0]), int(value[1]))
+
+
+def _float_pair(value, field_name: str) -> tuple[float, float]:
+    if not isinstance(value, (tuple, list)) or len(value) != 2:
+        _fail(field_name, value, "a (min, max) pair")
+    lo, hi = float(value[0]), float(value[1])
+    if lo > hi:
+        _fail(field_name, value, "min <= max")
+    return (lo, hi)
+
+
+def _probability(value, field_name: str) -> float:
+    value = float(value)
+    if not 0.0 <= value <= 1.0:
+        _fail(field_name, value, "a probability in [0, 1]")
+    return value
+
+
+# --------------------------------------------------------------------------- geometry
+@dataclass(frozen=True)
+class RandomResizedCrop:
+    """torchvision ``RandomResizedCrop``: sample area fraction and aspect ratio, then resize."""
+    size: tuple[int, int] = (224, 224)
+    scale: tuple[float, float] = (0.08, 1.0)
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    interpolation: str = "bilinear"
+    kind: Literal["random_resized_crop"] = "random_resized_crop"
+
+    def __post_init__(self):
+        object.__setattr__(self, "size", _pair(self.size, "random_resized_crop.size"))
+        scale = _float_pair(self.scale, "random_resized_crop.scale")
+        if not (0.0 < scale[0] and scale[1] <= 1.0):
+            _fail("random_resized_crop.scale", self.scale, "0 < min <= max <= 1")
+        object.__setattr__(self, "scale", scale)
+        ratio = _float_pair(self.ratio, "random_resized_crop.ratio")
+        if ratio[0] <= 0:
+            _fail("random_resized_crop.ratio", self.ratio, "0 < min <= max")
+        object.__setattr__(self, "ratio", ratio)
+        if self.interpolation not in INTERPOLATIONS:
+            _fail("random_resized_crop.interpolation", self.interpolation, f"one of {INTERPOLATIONS}")
+
+
+@dataclass(frozen=True)
+class RandomCrop:
+    """CIFAR-style ``RandomCrop(size, padding)``: pad each side, crop at a random offset."""
+    size: tuple[int, int] = (32, 32)
+    padding: int = 4
+    padding_mode: str = "constant"
+    kind: Literal["random_crop"] = "random_crop"
+
+    def __post_init__(self):
+        object.__setattr__(self, "size", _pair(self.size, "random_crop.size"))
+        if not isinstance(self.padding, int) or self.padding < 0:
+            _fail("random_crop.padding", self.padding, "an int >= 0")
+        if self.padding_mode not in PADDING_MODES:
+            _fail("random_crop.padding_mode", self.padding_mode, f"one of {PADDING_MODES}")
+
+
+@dataclass(frozen=True)
+class ResizeCenterCrop:
+    """Eval geometry: ``Resize(resize)`` (shorter side) then ``CenterCrop(size)``.
+
+    timm's ``crop_pct`` is ``size / resize``: see :meth:`from_crop_pct`.
+    """
+    size: tuple[int, int] = (224, 224)
+    resize: int = 256
+    interpolation: str = "bilinear"
+    kind: Literal["resize_center_crop"] = "resize_center_crop"
+
+    def __post_init__(self):
+        object.__setattr__(self, "size", _pair(self.size, "resize_center_crop.size"))
+        if not isinstance(self.resize, int) or self.resize <= 0:
+            _fail("resize_center_crop.resize", self.resize, "an int > 0")
+        if max(self.size) > self.resize:
+            _fail("resize_center_crop.size", self.size,
+                  f"a crop no larger than resize={self.resize} (crop larger than resize)")
+        if self.interpolation not in INTERPOLATIONS:
+            _fail("resize_center_crop.interpolation", self.interpolation, f"one of {INTERPOLATIONS}")
+
+    @classmethod
+    def from_crop_pct(cls, size, crop_pct: float, interpolation="bilinear") -> "ResizeCenterCrop":
+        if not 0.0 < crop_pct <= 1.0:
+            _fail("crop_pct", crop_pct, "a fraction in (0, 1]")
+        h, w = _pair(size, "size")
+        # timm: scale_size = floor(img_size / crop_pct)
+        return cls(size=(h, w), resize=int(math.floor(max(h, w) / crop_pct)), interpolation=interpolation)
+
+    @property
+    def crop_pct(self) -> float:
+        return max(self.size) / self.resize
+
+
+GEOMETRIES = {g.kind: g for g in (RandomResizedCrop, RandomCrop, ResizeCenterCrop)}
+Geometry = RandomResizedCrop | RandomCrop | ResizeCenterCrop
+
+
+# --------------------------------------------------------------------------- photometric
+@dataclass(frozen=True)
+class ColorJitter:
+    """torchvision ``ColorJitter``: factors uniform in [max(0, 1-x), 1+x], hue in [-h, h]."""
+    brightness: float = 0.0
+    contrast: float = 0.0
+    saturation: float = 0.0
+    hue: float = 0.0
+
+    def __post_init__(self):
+        for name in ("brightness", "contrast", "saturation"):
+            v = float(getattr(self, name))
+            if v < 0:
+                _fail(f"color_jitter.{name}", v, "a value >= 0")
+            object.__setattr__(self, name, v)
+        if not 0.0 <= float(self.hue) <= 0.5:
+            _fail("color_jitter.hue", self.hue, "a value in [0, 0.5]")
+        object.__setattr__(self, "hue", float(self.hue))
+
+    @property
+    def enabled(self) -> bool:
+        return any((self.brightness, self.contrast, self.saturation, self.hue))
+
+
+@dataclass(frozen=True)
+class AutoAugment:
+    """torchvision/timm AutoAugment with the ImageNet policy."""
+    policy: str = "imagenet"
+    kind: Literal["autoaugment"] = "autoaugment"
+
+    def __post_init__(self):
+        if self.policy not in AUTOAUGMENT_POLICIES:
+            _fail("auto_augment.policy", self.policy, f"one of {AUTOAUGMENT_POLICIES}")
+
+
+@dataclass(frozen=True)
+class RandAugment:
+    """RandAugment(num_ops, magnitude) as torchvision (magnitude on the 0..num_magnitude_bins-1 scale),
+    with timm's Gaussian magnitude noise (magnitude_std, same scale). timm strings convert: 'rand-m9'
+    is magnitude 27 of 30. ``increasing`` is recorded for timm strings; torchvision's ranges are
+    already increasing in strength for every op."""
+    num_ops: int = 2
+    magnitude: float = 9.0
+    magnitude_std: float = 0.0
+    increasing: bool = False
+    num_magnitude_bins: int = 31  # timm/torchvision: magnitudes are on a 0..30 scale
+    kind: Literal["randaugment"] = "randaugment"
+
+    def __post_init__(self):
+        if not isinstance(self.num_ops, int) or self.num_ops < 0:
+            _fail("auto_augment.num_ops", self.num_ops, "an int >= 0")
+        if not 0 <= float(self.magnitude) <= self.num_magnitude_bins - 1:
+            _fail("auto_augment.magnitude", self.magnitude, f"a value in [0, {self.num_magnitude_bins - 1}]")
+        if float(self.magnitude_std) < 0 and float(self.magnitude_std) != float("inf"):
+            _fail("auto_augment.magnitude_std", self.magnitude_std, "a value >= 0 (or inf)")
+
+
+@dataclass(frozen=True)
+class TrivialAugmentWide:
+    """torchvision ``TrivialAugmentWide``: one op, magnitude uniform over the wide ranges."""
+    num_magnitude_bins: int = 31
+    kind: Literal["trivialaugment"] = "trivialaugment"
+
+
+POLICIES = {p.kind: p for p in (AutoAugment, RandAugment, TrivialAugmentWide)}
+Policy = AutoAugment | RandAugment | TrivialAugmentWide
+
+
+_TIMM_TO_BINS = 3.0  # timm magnitude 10 == torchvision bin 30 of 31
+
+
+def parse_auto_augment(text: str) -> Policy:
+    """Parse timm-style policy strings: ``rand-m9-mstd0.5-inc1``, ``original``, ``ta_wide``..."""
+    if not isinstance(text, str) or not text:
+        _fail("auto_augment", text, "a policy string such as 'rand-m9-mstd0.5-inc1', 'original', 'trivialaugment'")
+    t = text.strip().lower()
+    if t in ("original", "v0", "imagenet", "autoaugment", "autoaug", "aa"):
+        return AutoAugment("imagenet")
+    if t in ("trivialaugment", "trivialaugmentwide", "ta_wide", "trivial", "ta"):
+        return TrivialAugmentWide()
+    if t.startswith("rand"):
+        parts = t.split("-")
+        if parts[0] != "rand":
+            _fail("auto_augment", text, "'rand' followed by -mN, -nN, -mstdX, -incB sections")
+        kw: dict[str, Any] = {}
+        for part in parts[1:]:
+            m = re.fullmatch(r"(mstd|mmax|inc|m|n|w)([0-9.]+|inf)", part)
+            if not m:
+                _fail("auto_augment", text, f"sections -mN, -nN, -mstdX, -incB (could not read {part!r})")
+            key, val = m.groups()
+            if key == "m":  # timm's magnitude scale is 0..10; the spec's is torchvision's 0..30 bins
+                kw["magnitude"] = float(val) * _TIMM_TO_BINS
+            elif key == "n":
+                kw["num_ops"] = int(float(val))
+            elif key == "mstd":
+                kw["magnitude_std"] = float(val) * _TIMM_TO_BINS
+            elif key == "inc":
+                kw["increasing"] = bool(int(float(val)))
+            else:
+                _fail("auto_augment", text, f"a section fastload supports (-{key} is not supported)")
+        return RandAugment(**kw)
+    _fail("auto_augment", text,
+          "'rand-m<M>[-n<N>][-mstd<S>][-inc<0|1>]', 'original' (AutoAugment ImageNet), 'trivialaugment'")
+    raise AssertionError  # unreachable
+
+
+def policy_to_string(policy: Policy) -> str:
+    if isinstance(policy, AutoAugment):
+        return "original"
+    if isinstance(policy, TrivialAugmentWide):
+        return "trivialaugment"
+    s = f"rand-m{policy.magnitude / _TIMM_TO_BINS:g}-n{policy.num_ops}"
+    if policy.magnitude_std:
+        s += f"-mstd{policy.magnitude_std / _TIMM_TO_BINS:g}"
+    if policy.increasing:
+        s += "-inc1"
+    return s
+
+
+# --------------------------------------------------------------------------- labels / batch
+@dataclass(frozen=True)
+class Mixup:
+    """timm ``Mixup``: per batch, MixUp or CutMix (switch_prob picks CutMix when both are on)."""
+    mixup_alpha: float = 0.0
+    cutmix_alpha: float = 0.0
+    prob: float = 1.0
+    switch_prob: float = 0.5
+    label_smoothing: float = 0.0
+
+    def __post_init__(self):
+        for name in ("mixup_alpha", "cutmix_alpha"):
+            v = float(getattr(self, name))
+            if v < 0:
+                _fail(f"mixup.{name}", v, "a value >= 0 (0 disables)")
+            object.__setattr__(self, name, v)
+        object.__setattr__(self, "prob", _probability(self.prob, "mixup.prob"))
+        object.__setattr__(self, "switch_prob", _probability(self.switch_prob, "mixup.switch_prob"))
+        ls = float(self.label_smoothing)
+        if not 0.0 <= ls < 1.0:
+            _fail("mixup.label_smoothing", ls, "a value in [0, 1)")
+        object.__setattr__(self, "label_smoothing", ls)
+
+    @property
+    def mixes(self) -> bool:
+        return (self.mixup_alpha > 0 or self.cutmix_alpha > 0) and self.prob > 0
+
+    @property
+    def soft_labels(self) -> bool:
+        return self.mixes or self.label_smoothing > 0
+
+
+# --------------------------------------------------------------------------- normalization
+@dataclass(frozen=True)
+class Normalize:
+    """``mean``/``std``: 'imagenet', 'dataset' (per-channel stats from the manifest), or 3 values in 0..1."""
+    mean: str | tuple[float, float, float] = "imagenet"
+    std: str | tuple[float, float, float] = "imagenet"
+
+    def __post_init__(self):
+        for name in ("mean", "std"):
+            v = getattr(self, name)
+            if isinstance(v, str):
+                if v not in ("imagenet", "dataset"):
+                    _fail(f"normalize.{name}", v, "'imagenet', 'dataset' or three floats")
+            else:
+                if not isinstance(v, (tuple, list)) or len(v) != 3:
+                    _fail(f"normalize.{name}", v, "'imagenet', 'dataset' or three floats")
+                v = tuple(float(x) for x in v)
+                if name == "std" and min(v) <= 0:
+                    _fail("normalize.std", v, "values > 0")
+                object.__setattr__(self, name, v)
+
+    def resolve(self, dataset_stats: dict | None = None) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        """Concrete (mean, std) in 0..1 units; 'dataset' needs the manifest's stats."""
+        out = []
+        for name, default in (("mean", IMAGENET_MEAN), ("std", IMAGENET_STD)):
+            v = getattr(self, name)
+            if v == "imagenet":
+                v = default
+            elif v == "dataset":
+                if not dataset_stats or name not in dataset_stats:
+                    raise ValueError(f"normalize.{name}='dataset' needs per-channel stats from the dataset "
+                                     "manifest, and none were given")
+                v = tuple(float(x) for x in dataset_stats[name])
+            out.append(tuple(v))
+        return out[0], out[1]
+
+
+# --------------------------------------------------------------------------- the spec
+@dataclass(frozen=True)
+class PreprocessSpec:
+    """What one split does, from decoded image to the batch a model sees."""
+    geometry: Geometry = field(default_factory=RandomResizedCrop)
+    hflip: float = 0.5
+    color_jitter: ColorJitter | None = None
+    auto_augment: Policy | None = None
+    mixup: Mixup = field(default_factory=Mixup)
+    normalize: Normalize = field(default_factory=Normalize)
+    dtype: str = "float32"
+    layout: str = "NCHW"
+    name: str | None = None  # the preset it came from, informational
+
+    def __post_init__(self):
+        if not isinstance(self.geometry, (RandomResizedCrop, RandomCrop, ResizeCenterCrop)):
+            _fail("geometry", self.geometry, "RandomResizedCrop, RandomCrop or ResizeCenterCrop")
+        object.__setattr__(self, "hflip", _probability(self.hflip, "hflip"))
+        if self.color_jitter is not None and not isinstance(self.color_jitter, ColorJitter):
+            _fail("color_jitter", self.color_jitter, "a ColorJitter or None")
+        if self.color_jitter is not None and not self.color_jitter.enabled:
+            object.__setattr__(self, "color_jitter", None)
+        if isinstance(self.auto_augment, str):
+            object.__setattr__(self, "auto_augment", parse_auto_augment(self.auto_augment))
+        if self.auto_augment is not None and not isinstance(self.auto_augment, (AutoAugment, RandAugment, TrivialAugmentWide)):
+            _fail("auto_augment", self.auto_augment, "AutoAugment, RandAugment, TrivialAugmentWide or a policy string")
+        if self.dtype not in DTYPES:
+            _fail("dtype", self.dtype, f"one of {DTYPES}")
+        if self.layout not in LAYOUTS:
+            _fail("layout", self.layout, f"one of {LAYOUTS}")
+        if self.dtype == "uint8" and self.mixup.mixes:
+            _fail("dtype", self.dtype, "float32 or float16 when MixUp/CutMix blend pixels")
+
+    # ----------------------------------------------------------------- properties
+    @property
+    def size(self) -> tuple[int, int]:
+        return self.geometry.size
+
+    @property
+    def train(self) -> bool:
+        return not isinstance(self.geometry, ResizeCenterCrop)
+
+    @property
+    def augments(self) -> bool:
+        """Photometric/policy/mixing ops that run as shared batch ops after the backend."""
+        return self.color_jitter is not None or self.auto_augment is not None or self.mixup.soft_labels
+
+    def replace(self, **changes) -> "PreprocessSpec":
+        return dataclasses.replace(self, **changes)
+
+    # ----------------------------------------------------------------- presets
+    @classmethod
+    def preset(cls, name: str, train: bool = True) -> "PreprocessSpec":
+        if name not in PRESETS:
+            raise ValueError(f"preset={name!r} is unknown: allowed {sorted(PRESETS)}")
+        return PRESETS[name](train)
+
+    # ----------------------------------------------------------------- serialization
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["format"] = "fastload-spec/1"
+        if self.auto_augment is not None:
+            d["auto_augment"] = dataclasses.asdict(self.auto_augment)
+        return _lists(d)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "PreprocessSpec":
+        if not isinstance(d, dict):
+            raise ValueError(f"spec must be a mapping, got {type(d).__name__}")
+        d = dict(d)
+        fmt = d.pop("format", "fastload-spec/1")
+        if fmt != "fastload-spec/1":
+            raise ValueError(f"format={fmt!r} is not a spec this version reads: allowed 'fastload-spec/1'")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown spec field(s) {sorted(unknown)}: allowed {sorted(known)}")
+        if "geometry" in d:
+            g = dict(d["geometry"])
+            kind = g.pop("kind", None)
+            if kind not in GEOMETRIES:
+                _fail("geometry.kind", kind, f"one of {sorted(GEOMETRIES)}")
+            d["geometry"] = _build(GEOMETRIES[kind], g, "geometry")
+        if d.get("color_jitter") is not None:
+            d["color_jitter"] = _build(ColorJitter, d["color_jitter"], "color_jitter")
+        if isinstance(d.get("auto_augment"), dict):
+            p = dict(d["auto_augment"])
+            kind = p.pop("kind", None)
+            if kind not in POLICIES:
+                _fail("auto_augment.kind", kind, f"one of {sorted(POLICIES)}")
+            d["auto_augment"] = _build(POLICIES[kind], p, "auto_augment")
+        if "mixup" in d:
+            d["mixup"] = _build(Mixup, d["mixup"], "mixup")
+        if "normalize" in d:
+            n = dict(d["normalize"])
+            n = {k: (tuple(v) if isinstance(v, list) else v) for k, v in n.items()}
+            d["normalize"] = _build(Normalize, n, "normalize")
+        return cls(**d)
+
+    def to_json(self, indent: int | None = 2) -> str:
+        return json.dumps(self.to_dict(), indent=indent)
+
+    @classmethod
+    def from_json(cls, text: str) -> "PreprocessSpec":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"spec JSON does not parse: {e}") from None
+        return cls.from_dict(data)
+
+    def to_yaml(self) -> str:
+        import yaml
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    @classmethod
+    def from_yaml(cls, text: str) -> "PreprocessSpec":
+        import yaml
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise ValueError(f"spec YAML does not parse: {e}") from None
+        return cls.from_dict(data)
+
+    # ----------------------------------------------------------------- timm
+    @classmethod
+    def from_timm(cls, config: dict, train: bool | None = None) -> "PreprocessSpec":
+        """Build from a timm data config (``timm.data.resolve_data_config`` + train args).
+
+        Reads ``input_size``, ``interpolation``, ``mean``, ``std``, ``crop_pct``, ``scale``,
+        ``ratio``, ``hflip``, ``color_jitter``, ``auto_augment``, ``mixup_alpha``,
+        ``cutmix_alpha``, ``mixup_prob``, ``mixup_switch_prob``, ``label_smoothing``;
+        ``train``/``is_training`` picks the train or eval geometry.
+        """
+        c = dict(config)
+        known = {"input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode", "scale", "ratio",
+                 "hflip", "vflip", "color_jitter", "auto_augment", "mixup_alpha", "cutmix_alpha",
+                 "mixup_prob", "mixup_switch_prob", "label_smoothing", "smoothing", "is_training", "train"}
+        unknown = set(c) - known
+        if unknown:
+            raise ValueError(f"unknown timm config key(s) {sorted(unknown)}: fastload reads {sorted(known)}")
+        if train is None:
+            train = bool(c.get("is_training", c.get("train", False)))
+        size = c.get("input_size", (3, 224, 224))
+        if not isinstance(size, (tuple, list)) or len(size) != 3 or size[0] != 3:
+            _fail("input_size", size, "(3, height, width)")
+        hw = (int(size[1]), int(size[2]))
+        interp = c.get("interpolation", "bilinear") or "bilinear"
+        if interp not in INTERPOLATIONS:
+            _fail("interpolation", interp, f"one of {INTERPOLATIONS} (the filter every backend reproduces)")
+        if c.get("vflip"):
+            _fail("vflip", c["vflip"], "0 (vertical flip is not supported)")
+        if c.get("crop_mode", "center") != "center":
+            _fail("crop_mode", c["crop_mode"], "'center'")
+        if train:
+            geometry: Geometry = RandomResizedCrop(
+                size=hw, scale=tuple(c.get("scale") or (0.08, 1.0)),
+                ratio=tuple(c.get("ratio") or (3 / 4, 4 / 3)), interpolation=interp)
+        else:
+            geometry = ResizeCenterCrop.from_crop_pct(hw, float(c.get("crop_pct", 0.875)), interp)
+        jitter = None
+        cj = c.get("color_jitter")
+        if train and cj:
+            if isinstance(cj, (int, float)):
+                jitter = ColorJitter(float(cj), float(cj), float(cj), 0.0)
+            elif isinstance(cj, (tuple, list)) and len(cj) in (3, 4):
+                jitter = ColorJitter(*[float(x) for x in cj])
+            else:
+                _fail("color_jitter", cj, "a float or 3/4 floats (brightness, contrast, saturation[, hue])")
+        aa = c.get("auto_augment")
+        policy = parse_auto_augment(aa) if (train and aa) else None
+        mix = Mixup(
+            mixup_alpha=float(c.get("mixup_alpha", 0.0) or 0.0) if train else 0.0,
+            cutmix_alpha=float(c.get("cutmix_alpha", 0.0) or 0.0) if train else 0.0,
+            prob=float(c.get("mixup_prob", 1.0)),
+            switch_prob=float(c.get("mixup_switch_prob", 0.5)),
+            label_smoothing=float(c.get("label_smoothing", c.get("smoothing", 0.0)) or 0.0) if train else 0.0,
+        )
+        norm = Normalize(mean=tuple(c.get("mean", IMAGENET_MEAN)), std=tuple(c.get("std", IMAGENET_STD)))
+        return cls(geometry=geometry, hflip=float(c.get("hflip", 0.5)) if train else 0.0,
+                   color_jitter=jitter, auto_augment=policy, mixup=mix, normalize=norm, name="timm")
+
+
+def _build(klass, values, field_name):
+    if not isinstance(values, dict):
+        _fail(field_name, values, "a mapping")
+    known = {f.name for f in dataclasses.fields(klass)}
+    unknown = set(values) - known
+    if unknown:
+        raise ValueError(f"unknown field(s) {sorted(unknown)} in {field_name}: allowed {sorted(known - {'kind'})}")
+    values = {k: (tuple(v) if isinstance(v, list) else v) for k, v in values.items()}
+    return klass(**values)
+
+
+def _lists(obj):
+    if isinstance(obj, dict):
+        return {k: _lists(v) for k, v in obj.items()}
+    if isinstance(obj, (tuple, list)):
+        return [_lists(v) for v in obj]
+    return obj
+
+
+# --------------------------------------------------------------------------- presets
+def _imagenet(train: bool) -> PreprocessSpec:
+    if train:
+        return PreprocessSpec(geometry=RandomResizedCrop(224), hflip=0.5, name="imagenet")
+    return PreprocessSpec(geometry=ResizeCenterCrop(224, resize=256), hflip=0.0, name="imagenet")
+
+
+def _cifar(name: str):
+    def make(train: bool) -> PreprocessSpec:
+        norm = Normalize("dataset", "dataset")
+        if train:
+            return PreprocessSpec(geometry=RandomCrop(32, padding=4), hflip=0.5, normalize=norm, name=name)
+        return PreprocessSpec(geometry=ResizeCenterCrop(32, resize=32), hflip=0.0, normalize=norm, name=name)
+    return make
+
+
+def _coco(train: bool) -> PreprocessSpec:
+    # Multi-label: crops must keep most of the scene or labels stop being true.
+    if train:
+        return PreprocessSpec(geometry=RandomResizedCrop(224, scale=(0.5, 1.0)), hflip=0.5, name="coco")
+    return PreprocessSpec(geometry=ResizeCenterCrop(224, resize=224), hflip=0.0, name="coco")
+
+
+PRESETS = {"imagenet": _imagenet, "cifar10": _cifar("cifar10"), "cifar100": _cifar("cifar100"), "coco": _coco}
+
+
+def resolve_spec(spec: "PreprocessSpec | str | None", preset: str, train: bool) -> PreprocessSpec:
+    """``FastLoader(spec=...)``: a spec, a preset name (``'imagenet'``, ``'imagenet:eval'``), or None."""
+    if spec is None:
+        return PreprocessSpec.preset(preset, train=train)
+    if isinstance(spec, PreprocessSpec):
+        return spec
+    if isinstance(spec, str):
+        name, _, variant = spec.partition(":")
+        if variant not in ("", "train", "eval"):
+            _fail("spec", spec, "'<preset>', '<preset>:train' or '<preset>:eval'")
+        return PreprocessSpec.preset(name, train=train if not variant else variant == "train")
+    _fail("spec", spec, "a PreprocessSpec, a preset name or None")
+    raise AssertionError

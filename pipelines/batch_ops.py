@@ -1,0 +1,87 @@
+"""Batch ops shared by every backend, run on the loader's device (timm's prefetcher style).
+
+A backend hands over uint8 NHWC images after decode + geometry + flip; from there the
+same torch code makes the labels (int, multi-hot, smoothed, mixed), applies the
+photometric/policy augmentations, MixUp/CutMix, normalization, dtype and layout. One
+implementation, so the spec means the same thing in ffcv, DALI and the reference.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from fastload.spec import PreprocessSpec
+
+from .augment import BatchAugment
+from .mixing import mix_batch
+
+
+def one_hot(labels: torch.Tensor, num_classes: int, on: float = 1.0, off: float = 0.0) -> torch.Tensor:
+    out = torch.full((labels.shape[0], num_classes), off, dtype=torch.float32, device=labels.device)
+    return out.scatter_(1, labels.view(-1, 1), on)
+
+
+def multi_hot(ids: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Padded id rows (-1 = none) -> float multi-hot [N, C]."""
+    out = torch.zeros((ids.shape[0], num_classes + 1), dtype=torch.float32, device=ids.device)
+    idx = torch.where(ids < 0, torch.full_like(ids, num_classes), ids).long()
+    out.scatter_(1, idx, 1.0)
+    return out[:, :num_classes].contiguous()
+
+
+class BatchTransform:
+    """uint8 NHWC batch + sample indices -> (images, labels) as the spec says."""
+
+    def __init__(self, spec: PreprocessSpec, labels: np.ndarray, num_classes: int, multi_label: bool,
+                 dataset_stats: dict | None, device: torch.device):
+        self.spec = spec
+        self.device = device
+        self.labels = torch.from_numpy(np.ascontiguousarray(labels).astype(np.int64))
+        self.num_classes = num_classes
+        self.multi_label = multi_label
+        mean, std = spec.normalize.resolve(dataset_stats)
+        # x_norm = x * scale - shift, x in 0..255
+        std_t = torch.tensor(std, dtype=torch.float32, device=device)
+        self.scale = (1.0 / (255.0 * std_t)).view(1, 3, 1, 1)
+        self.shift = (torch.tensor(mean, dtype=torch.float32, device=device) / std_t).view(1, 3, 1, 1)
+        self.augment = BatchAugment(spec) if (spec.color_jitter or spec.auto_augment) else None
+        self.float_dtype = torch.float16 if spec.dtype == "float16" else torch.float32
+
+    def make_labels(self, index: np.ndarray) -> torch.Tensor:
+        raw = self.labels[torch.from_numpy(np.asarray(index, np.int64))]
+        mix = self.spec.mixup
+        if self.multi_label:
+            y = multi_hot(raw, self.num_classes)
+            if mix.label_smoothing:
+                y = y * (1.0 - mix.label_smoothing) + mix.label_smoothing / self.num_classes
+            return y
+        if mix.soft_labels:
+            off = mix.label_smoothing / self.num_classes
+            return one_hot(raw, self.num_classes, on=1.0 - mix.label_smoothing + off, off=off)
+        return raw
+
+    def __call__(self, images: torch.Tensor, index: np.ndarray, rng: np.random.Generator):
+        """``images`` may be a view into a backend buffer: the result never aliases it."""
+        labels = self.make_labels(index).to(self.device, non_blocking=True)
+        nonblocking = self.device.type == "cuda" and images.device.type == "cpu"
+        if nonblocking:
+            images = images.pin_memory()
+        x = images.to(self.device, non_blocking=nonblocking).permute(0, 3, 1, 2)  # NCHW view
+        channels_last = self.spec.layout == "channels_last"
+        fmt = torch.channels_last if channels_last else torch.contiguous_format
+        if self.spec.dtype == "uint8":
+            out = torch.empty(x.shape, dtype=torch.uint8, device=self.device, memory_format=fmt)
+            out.copy_(x)
+            if self.augment is not None:
+                out = self.augment(out.float(), rng).round_().clamp_(0, 255).to(torch.uint8, memory_format=fmt)
+            return out, labels
+        out = torch.empty(x.shape, dtype=torch.float32, device=self.device, memory_format=fmt)
+        out.copy_(x)
+        if self.augment is not None:
+            out = self.augment(out, rng)  # 0..255 float in, 0..255 float out
+        out.mul_(self.scale).sub_(self.shift)
+        if self.spec.mixup.mixes:
+            out, labels = mix_batch(out, labels, self.spec.mixup, rng)
+        if self.float_dtype != torch.float32:
+            out = out.to(self.float_dtype, memory_format=fmt)
+        return out, labels

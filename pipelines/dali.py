@@ -1,0 +1,135 @@
+"""The DALI backend: JPEG bytes -> decode (CPU libjpeg-turbo, or nvJPEG with device='mixed')
+-> torchvision-exact geometry -> uint8 NHWC batches.
+
+The graph is declared once and fed by an external source with each batch's JPEG bytes
+(sliced from the memory-mapped TFRecord shards through the records index) and its
+geometry rows. FastLoader decides the order, so epochs are exact (every sample once,
+the last batch partial or dropped as asked), distributed shares follow one rule for
+all backends, and crops are the same as in the other backends for the same seed.
+Geometry: ``decoders.image_slice`` decodes only the crop box (fused decode + crop),
+``resize`` with the antialiased linear filter to the exact torchvision size, ``slice``
+the window (constant padding), ``flip``.
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from fastload.spec import RandomCrop
+
+from .sampling import FLIP, H, LEFT, OUT_H, OUT_W, TOP, W, X0, Y0
+
+
+class _EpochSource:
+    """Iterable the external source re-reads after each ``reset()``: one epoch of batches."""
+
+    def __init__(self, reader, batch_size, drop_last):
+        self.reader, self.batch_size, self.drop_last = reader, batch_size, drop_last
+        self.order = np.zeros(0, np.int64)
+        self.params = None
+
+    def __iter__(self):
+        order, params, bs = self.order, self.params, self.batch_size
+        stop = len(order) - (len(order) % bs if self.drop_last else 0)
+        for start in range(0, stop, bs):
+            idx = order[start:start + bs]
+            p = params[idx]
+            c = np.ascontiguousarray
+            yield ([self.reader.jpeg(int(i)) for i in idx],
+                   c(p[:, [Y0, X0]], np.float32), c(p[:, [H, W]], np.float32),
+                   c(p[:, OUT_H], np.float32), c(p[:, OUT_W], np.float32),
+                   c(p[:, [TOP, LEFT]], np.float32), c(p[:, FLIP], np.int32), c(idx, np.int64))
+
+
+def cuda_available() -> bool:
+    return torch.cuda.is_available()
+
+
+class DALIPipeline:
+    name = "dali"
+
+    def __init__(self, reader, spec, batch_size: int, num_workers: int, drop_last: bool,
+                 device: torch.device, seed: int = 0):
+        if isinstance(spec.geometry, RandomCrop) and spec.geometry.padding_mode != "constant":
+            raise ValueError(f"random_crop.padding_mode={spec.geometry.padding_mode!r} is not supported by "
+                             "backend 'dali' (its slice pads with a constant only): use 'constant' or "
+                             "backend='ffcv'/'reference'")
+        self.reader, self.spec = reader, spec
+        self.batch_size, self.num_workers, self.seed = batch_size, max(1, num_workers), seed
+        self.device = device
+        self.source = _EpochSource(reader, batch_size, drop_last)
+        self.pipe = None
+        self.decode_device = "cpu"
+        self._epoch_finished = True
+
+    def _build(self):
+        want_gpu = cuda_available()
+        if want_gpu:
+            try:
+                self.pipe = self._make(gpu=True)
+                self.decode_device = "mixed"
+                return
+            except RuntimeError as e:
+                if self.device.type == "cuda":
+                    raise RuntimeError(f"DALI could not build its GPU (nvJPEG) pipeline on {self.device}: {e}") from e
+                warnings.warn(f"DALI GPU decoding unavailable ({e}); falling back to CPU decoding", RuntimeWarning)
+        self.pipe = self._make(gpu=False)
+        self.decode_device = "cpu"
+
+    def _make(self, gpu: bool):
+        from nvidia.dali import fn, pipeline_def, types
+        th, tw = self.spec.size
+        device_id = (self.device.index or 0) if (gpu and self.device.type == "cuda") else (0 if gpu else None)
+
+        @pipeline_def(batch_size=self.batch_size, num_threads=self.num_workers, device_id=device_id,
+                      seed=self.seed, prefetch_queue_depth=2, exec_async=True, exec_pipelined=True)
+        def graph():
+            jpegs, box_anchor, box_shape, out_h, out_w, window, flip, index = fn.external_source(
+                source=self.source, num_outputs=8, batch=True, cycle="raise",
+                dtype=[types.UINT8, types.FLOAT, types.FLOAT, types.FLOAT, types.FLOAT, types.FLOAT,
+                       types.INT32, types.INT64])
+            images = fn.decoders.image_slice(jpegs, box_anchor, box_shape, axes=[0, 1],
+                                             normalized_anchor=False, normalized_shape=False,
+                                             device="mixed" if gpu else "cpu", output_type=types.RGB)
+            images = fn.resize(images, resize_y=out_h, resize_x=out_w, antialias=True,
+                               interp_type=types.INTERP_LINEAR, subpixel_scale=False)
+            images = fn.slice(images, window, fn.constant(fdata=[float(th), float(tw)]), axes=[0, 1],
+                              normalized_anchor=False, normalized_shape=False,
+                              out_of_bounds_policy="pad", fill_values=0)
+            images = fn.flip(images, horizontal=flip)
+            return images, index
+
+        pipe = graph()
+        pipe.build()
+        return pipe
+
+    def run_epoch(self, order: np.ndarray, params: np.ndarray) -> Iterator[tuple[torch.Tensor, np.ndarray]]:
+        self.source.order, self.source.params = order, params
+        if len(order) == 0 or (self.source.drop_last and len(order) < self.batch_size):
+            return
+        if self.pipe is None or not self._epoch_finished:
+            # a fresh pipeline: nothing of an abandoned epoch is left in its prefetch queue
+            self.pipe = None
+            self._build()
+        else:
+            self.pipe.reset()
+        self._epoch_finished = False
+        while True:
+            try:
+                images, index = self.pipe.run()
+            except StopIteration:
+                break
+            yield self._to_torch(images), np.asarray(index.as_array()).reshape(-1)
+        self._epoch_finished = True
+
+    def _to_torch(self, images) -> torch.Tensor:
+        if self.decode_device == "cpu":
+            return torch.from_numpy(images.as_array())
+        from nvidia.dali.plugin.pytorch import feed_ndarray
+        tensor = images.as_tensor()
+        out = torch.empty(tensor.shape(), dtype=torch.uint8, device=self.device if self.device.type == "cuda" else "cuda")
+        feed_ndarray(tensor, out, cuda_stream=torch.cuda.current_stream(out.device))
+        return out

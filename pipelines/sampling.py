@@ -1,0 +1,128 @@
+"""What every backend shares: the order of an epoch and each sample's geometry parameters.
+
+Both are pure functions of (seed, epoch) and the dataset, computed once per epoch in
+numpy and handed to the backends, so the same seed gives the same order and the same
+crops in ffcv, DALI and the reference, run after run, on any number of workers.
+
+Geometry parameters, one int32 row per sample (``PARAM_COLUMNS``): take the source box
+(y0, x0, h, w) as an image of its own, resample it to (out_h, out_w) with PIL's
+antialiased bilinear filter, cut the window (top, left) of the spec's output size from
+that (coordinates outside are padding), and flip it horizontally when ``flip`` is 1.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from fastload.spec import RandomCrop, RandomResizedCrop, ResizeCenterCrop
+
+PARAM_COLUMNS = ("y0", "x0", "h", "w", "out_h", "out_w", "top", "left", "flip")
+Y0, X0, H, W, OUT_H, OUT_W, TOP, LEFT, FLIP = range(len(PARAM_COLUMNS))
+
+_ORDER_STREAM, _GEOMETRY_STREAM, _AUGMENT_STREAM = 0, 1, 2
+
+
+def rng_for(seed: int, epoch: int, stream: int) -> np.random.Generator:
+    return np.random.default_rng([int(seed), int(epoch), stream])
+
+
+def epoch_indices(n: int, *, shuffle: bool, seed: int, epoch: int, rank: int = 0, world_size: int = 1,
+                  drop_last: bool = False) -> np.ndarray:
+    """This rank's sample indices for one epoch, with ``DistributedSampler``'s remainder rule:
+    ``drop_last`` drops the last ``n % world_size`` samples of the (shuffled) order so shares stay
+    disjoint; otherwise the order is padded with its own first samples so every rank gets
+    ``ceil(n / world_size)`` (up to ``world_size - 1`` samples appear twice in an epoch)."""
+    order = rng_for(seed, epoch, _ORDER_STREAM).permutation(n) if shuffle else np.arange(n)
+    if world_size > 1:
+        if drop_last:
+            total = (n // world_size) * world_size
+            order = order[:total]
+        else:
+            total = math.ceil(n / world_size) * world_size
+            if total > n:
+                order = np.concatenate([order, np.resize(order, total - n)])
+        order = order[rank::world_size]
+    return order.astype(np.int64)
+
+
+def resized_shorter_side(h: np.ndarray, w: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """torchvision ``Resize(size)``: short side -> size, long side -> int(size * long / short)."""
+    h = h.astype(np.int64)
+    w = w.astype(np.int64)
+    wide = w > h
+    short = np.minimum(h, w)
+    long_ = np.maximum(h, w)
+    new_long = (size * long_ / short).astype(np.int64)  # int() truncation, as torchvision
+    out_h = np.where(wide, size, new_long)
+    out_w = np.where(wide, new_long, size)
+    return out_h, out_w
+
+
+def geometry_params(geometry, hflip: float, heights: np.ndarray, widths: np.ndarray,
+                    seed: int, epoch: int) -> np.ndarray:
+    """Per-sample geometry for a whole split (indexed by sample index), see module doc."""
+    n = len(heights)
+    h = np.asarray(heights, np.int64)
+    w = np.asarray(widths, np.int64)
+    rng = rng_for(seed, epoch, _GEOMETRY_STREAM)
+    p = np.zeros((n, len(PARAM_COLUMNS)), np.int32)
+    th, tw = geometry.size
+    if isinstance(geometry, RandomResizedCrop):
+        i, j, ch, cw = random_resized_crop_params(rng, h, w, geometry.scale, geometry.ratio)
+        p[:, Y0], p[:, X0], p[:, H], p[:, W] = i, j, ch, cw
+        p[:, OUT_H], p[:, OUT_W] = th, tw
+    elif isinstance(geometry, RandomCrop):
+        pad = geometry.padding
+        p[:, H], p[:, W], p[:, OUT_H], p[:, OUT_W] = h, w, h, w
+        # torchvision: i = randint(0, padded_h - th + 1) in padded coordinates
+        hi_h = h + 2 * pad - th + 1
+        hi_w = w + 2 * pad - tw + 1
+        if (hi_h < 1).any() or (hi_w < 1).any():
+            raise ValueError(f"random_crop.size={geometry.size} is larger than a padded image "
+                             f"({int(h.min())}x{int(w.min())} + padding {pad})")
+        p[:, TOP] = rng.integers(0, hi_h) - pad
+        p[:, LEFT] = rng.integers(0, hi_w) - pad
+    elif isinstance(geometry, ResizeCenterCrop):
+        oh, ow = resized_shorter_side(h, w, geometry.resize)
+        p[:, H], p[:, W], p[:, OUT_H], p[:, OUT_W] = h, w, oh, ow
+        # torchvision CenterCrop: int(round((size - crop) / 2)); Python rounds half to even, as np.round
+        p[:, TOP] = np.round((oh - th) / 2.0).astype(np.int64)
+        p[:, LEFT] = np.round((ow - tw) / 2.0).astype(np.int64)
+    else:
+        raise TypeError(f"unknown geometry {geometry!r}")
+    if hflip > 0:
+        p[:, FLIP] = rng.random(n) < hflip
+    return p
+
+
+def random_resized_crop_params(rng: np.random.Generator, height: np.ndarray, width: np.ndarray,
+                               scale, ratio, attempts: int = 10):
+    """``torchvision.transforms.RandomResizedCrop.get_params`` for every sample at once:
+    up to 10 tries of (area fraction ~ U(scale), log aspect ~ U(log ratio)), then the
+    same central fallback."""
+    n = len(height)
+    area = (height * width).astype(np.float64)
+    log_ratio = np.log(np.asarray(ratio, np.float64))
+    target = area[None, :] * rng.uniform(scale[0], scale[1], size=(attempts, n))
+    aspect = np.exp(rng.uniform(log_ratio[0], log_ratio[1], size=(attempts, n)))
+    cw = np.round(np.sqrt(target * aspect)).astype(np.int64)
+    ch = np.round(np.sqrt(target / aspect)).astype(np.int64)
+    ok = (cw > 0) & (cw <= width[None, :]) & (ch > 0) & (ch <= height[None, :])
+    first = np.argmax(ok, axis=0)
+    found = ok[first, np.arange(n)]
+    ch = ch[first, np.arange(n)]
+    cw = cw[first, np.arange(n)]
+    # fallback: central crop clamped to the ratio range
+    in_ratio = width / height
+    fb_w = np.where(in_ratio < min(ratio), width,
+                    np.where(in_ratio > max(ratio), np.round(height * max(ratio)).astype(np.int64), width))
+    fb_h = np.where(in_ratio < min(ratio), np.round(width / min(ratio)).astype(np.int64),
+                    height)
+    ch = np.where(found, ch, fb_h)
+    cw = np.where(found, cw, fb_w)
+    u_i = rng.random(n)
+    u_j = rng.random(n)
+    i = np.where(found, np.floor(u_i * (height - ch + 1)).astype(np.int64), (height - ch) // 2)
+    j = np.where(found, np.floor(u_j * (width - cw + 1)).astype(np.int64), (width - cw) // 2)
+    return i, j, ch, cw
