@@ -46,6 +46,10 @@ class BatchTransform:
         self.shift = (torch.tensor(mean, dtype=torch.float32, device=device) / std_t).view(1, 3, 1, 1)
         self.augment = BatchAugment(spec) if (spec.color_jitter or spec.auto_augment) else None
         self.float_dtype = torch.float16 if spec.dtype == "float16" else torch.float32
+        # A backend may normalize inside its own kernels when nothing needs the 0..255 levels
+        self.backend_may_normalize = self.augment is None and spec.dtype != "uint8"
+        self.normalize_params = ((1.0 / (255.0 * np.asarray(std))).astype(np.float32),
+                                 (np.asarray(mean) / np.asarray(std)).astype(np.float32))
 
     def make_labels(self, index: np.ndarray) -> torch.Tensor:
         raw = self.labels[torch.from_numpy(np.asarray(index, np.int64))]
@@ -61,14 +65,18 @@ class BatchTransform:
         return raw
 
     def __call__(self, images: torch.Tensor, index: np.ndarray, rng: np.random.Generator):
-        """``images`` may be a view into a backend buffer: the result never aliases it."""
+        """``images``: a batch the caller owns (backends never hand out buffers they reuse)."""
         labels = self.make_labels(index).to(self.device, non_blocking=True)
         nonblocking = self.device.type == "cuda" and images.device.type == "cpu"
         if nonblocking:
             images = images.pin_memory()
-        x = images.to(self.device, non_blocking=nonblocking).permute(0, 3, 1, 2)  # NCHW view
         channels_last = self.spec.layout == "channels_last"
         fmt = torch.channels_last if channels_last else torch.contiguous_format
+        if images.is_floating_point():
+            # normalized by the backend: NCHW already, or NHWC to be viewed as channels_last
+            x = images.permute(0, 3, 1, 2) if channels_last else images
+            return self._finish(x.to(self.device, non_blocking=nonblocking), labels, rng, fmt)
+        x = images.to(self.device, non_blocking=nonblocking).permute(0, 3, 1, 2)  # NCHW view
         if self.spec.dtype == "uint8":
             out = torch.empty(x.shape, dtype=torch.uint8, device=self.device, memory_format=fmt)
             out.copy_(x)
@@ -80,6 +88,9 @@ class BatchTransform:
         if self.augment is not None:
             out = self.augment(out, rng)  # 0..255 float in, 0..255 float out
         out.mul_(self.scale).sub_(self.shift)
+        return self._finish(out, labels, rng, fmt)
+
+    def _finish(self, out, labels, rng, fmt):
         if self.spec.mixup.mixes:
             out, labels = mix_batch(out, labels, self.spec.mixup, rng)
         if self.float_dtype != torch.float32:

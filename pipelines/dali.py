@@ -18,7 +18,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from fastload.spec import RandomCrop
+from fastload.spec import RandomCrop, RandomResizedCrop
 
 from .sampling import FLIP, H, LEFT, OUT_H, OUT_W, TOP, W, X0, Y0
 
@@ -52,7 +52,9 @@ class DALIPipeline:
     name = "dali"
 
     def __init__(self, reader, spec, batch_size: int, num_workers: int, drop_last: bool,
-                 device: torch.device, seed: int = 0):
+                 device: torch.device, seed: int = 0, normalize=None):
+        """``normalize``: None (yield uint8 NHWC) or (scale[3], shift[3]): flip, normalize and
+        layout then run fused in DALI's ``crop_mirror_normalize`` (float32, NCHW or NHWC)."""
         if isinstance(spec.geometry, RandomCrop) and spec.geometry.padding_mode != "constant":
             raise ValueError(f"random_crop.padding_mode={spec.geometry.padding_mode!r} is not supported by "
                              "backend 'dali' (its slice pads with a constant only): use 'constant' or "
@@ -60,6 +62,7 @@ class DALIPipeline:
         self.reader, self.spec = reader, spec
         self.batch_size, self.num_workers, self.seed = batch_size, max(1, num_workers), seed
         self.device = device
+        self.normalize = normalize
         self.source = _EpochSource(reader, batch_size, drop_last)
         self.pipe = None
         self.decode_device = "cpu"
@@ -96,10 +99,18 @@ class DALIPipeline:
                                              device="mixed" if gpu else "cpu", output_type=types.RGB)
             images = fn.resize(images, resize_y=out_h, resize_x=out_w, antialias=True,
                                interp_type=types.INTERP_LINEAR, subpixel_scale=False)
-            images = fn.slice(images, window, fn.constant(fdata=[float(th), float(tw)]), axes=[0, 1],
-                              normalized_anchor=False, normalized_shape=False,
-                              out_of_bounds_policy="pad", fill_values=0)
-            images = fn.flip(images, horizontal=flip)
+            if not isinstance(self.spec.geometry, RandomResizedCrop):  # RRC's window is its whole output
+                images = fn.slice(images, window, fn.constant(fdata=[float(th), float(tw)]), axes=[0, 1],
+                                  normalized_anchor=False, normalized_shape=False,
+                                  out_of_bounds_policy="pad", fill_values=0)
+            if self.normalize is None:
+                images = fn.flip(images, horizontal=flip)
+            else:
+                scale, shift = (np.asarray(v, np.float64) for v in self.normalize)
+                # x * scale - shift == (x - mean) / std with mean = shift / scale, std = 1 / scale
+                images = fn.crop_mirror_normalize(images, mirror=flip, mean=(shift / scale).tolist(),
+                                                  std=(1.0 / scale).tolist(), dtype=types.FLOAT,
+                                                  output_layout="CHW" if self.spec.layout == "NCHW" else "HWC")
             return images, index
 
         pipe = graph()
@@ -130,6 +141,7 @@ class DALIPipeline:
             return torch.from_numpy(images.as_array())
         from nvidia.dali.plugin.pytorch import feed_ndarray
         tensor = images.as_tensor()
-        out = torch.empty(tensor.shape(), dtype=torch.uint8, device=self.device if self.device.type == "cuda" else "cuda")
+        dtype = torch.uint8 if self.normalize is None else torch.float32
+        out = torch.empty(tensor.shape(), dtype=dtype, device=self.device if self.device.type == "cuda" else "cuda")
         feed_ndarray(tensor, out, cuda_stream=torch.cuda.current_stream(out.device))
         return out

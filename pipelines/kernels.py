@@ -63,6 +63,19 @@ def _clip8(s):
     return 0 if s < 0 else (255 if s > 255 else s)
 
 
+@nb.njit(cache=True, nogil=True, inline="always")
+def _store(dst, y, x, c, value, chw, norm, scale, shift):
+    """Write one output level: uint8 as is, or normalized float (value * scale - shift), HWC or CHW."""
+    if norm:
+        v = np.float32(value) * scale[c] - shift[c]
+        if chw:
+            dst[c, y, x] = v
+        else:
+            dst[y, x, c] = v
+    else:
+        dst[y, x, c] = value
+
+
 @nb.njit(cache=True, nogil=True)
 def _reflect(i, n, mode):
     if mode == PAD_EDGE:
@@ -76,9 +89,10 @@ def _reflect(i, n, mode):
 
 
 @nb.njit(cache=True, nogil=True)
-def resample_window(src, y0, x0, h, w, out_h, out_w, top, left, flip, pad_mode, dst):
-    """Write the (top, left) window of resize(src[y0:y0+h, x0:x0+w] -> out_h x out_w) into dst."""
-    dh, dw = dst.shape[0], dst.shape[1]
+def resample_window(src, y0, x0, h, w, out_h, out_w, top, left, flip, pad_mode, dst, dh, dw,
+                    chw, norm, scale, shift):
+    """Write the (top, left) window (dh x dw) of resize(src[y0:y0+h, x0:x0+w] -> out_h x out_w) into
+    dst: uint8 HWC, or, with ``norm``, float ``level * scale[c] - shift[c]`` in HWC or CHW (``chw``)."""
     half = 1 << (PRECISION_BITS - 1)
     if out_h == h and out_w == w:
         # no resampling: a (padded) crop
@@ -96,7 +110,7 @@ def resample_window(src, y0, x0, h, w, out_h, out_w, top, left, flip, pad_mode, 
                     sx = _reflect(sx, w, pad_mode)
                     inside = True
                 for c in range(3):
-                    dst[yy, ox, c] = src[y0 + sy, x0 + sx, c] if inside else 0
+                    _store(dst, yy, ox, c, src[y0 + sy, x0 + sx, c] if inside else 0, chw, norm, scale, shift)
         return
     need_h = out_w != w
     need_v = out_h != h
@@ -144,9 +158,9 @@ def resample_window(src, y0, x0, h, w, out_h, out_w, top, left, flip, pad_mode, 
                     s0 += np.int64(tmp[ymin + y, xx, 0]) * k
                     s1 += np.int64(tmp[ymin + y, xx, 1]) * k
                     s2 += np.int64(tmp[ymin + y, xx, 2]) * k
-                dst[yy, ox, 0] = _clip8(s0)
-                dst[yy, ox, 1] = _clip8(s1)
-                dst[yy, ox, 2] = _clip8(s2)
+                _store(dst, yy, ox, 0, _clip8(s0), chw, norm, scale, shift)
+                _store(dst, yy, ox, 1, _clip8(s1), chw, norm, scale, shift)
+                _store(dst, yy, ox, 2, _clip8(s2), chw, norm, scale, shift)
             else:
                 for c in range(3):
-                    dst[yy, ox, c] = tmp[yy, xx, c]
+                    _store(dst, yy, ox, c, tmp[yy, xx, c], chw, norm, scale, shift)

@@ -1,0 +1,270 @@
+"""``fastload bench``: where the time goes, per backend, on the user's own data.
+
+Each backend runs in a forked child (its own peak RSS, its own JIT/pipeline start-up):
+- throughput of the full FastLoader (warm-up epoch excluded; median/min/max of repeats),
+  CPU seconds per image, peak RSS, time to first batch;
+- a stage breakdown from truncated pipelines over the same samples: read (JPEG bytes
+  only), decode (+ a crop, no resampling), decode + geometry, full (batch ops, collate,
+  transfer). Each stage's cost is a difference of measured rates;
+- the machine's limit on these images: single-core libjpeg-turbo full decode x cores;
+- the baseline a user would otherwise run: the reference backend (PIL + torch DataLoader).
+"""
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import os
+import resource
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .manifest import DatasetError, Manifest
+from .records import SplitReader
+
+STORAGE_BACKENDS = {"beton": ("ffcv", "reference"), "tfrecord": ("dali", "reference")}
+STAGES = ("read", "decode", "geometry", "batch_ops")
+
+
+class BenchError(ValueError):
+    """Bad bench arguments or data: names the problem."""
+
+
+def _cpu_seconds() -> float:
+    s, c = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return s.ru_utime + s.ru_stime + c.ru_utime + c.ru_stime
+
+
+def _peak_rss_mb() -> float:
+    s, c = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return max(s.ru_maxrss, c.ru_maxrss) / 1024.0  # Linux reports KiB
+
+
+def decode_limit(reader: SplitReader, max_images: int = 128) -> dict:
+    """Single-core libjpeg-turbo full-decode rate on these images, and that times the cores."""
+    n = min(len(reader), max_images)
+    jpegs = [np.array(reader.jpeg(i)) for i in range(n)]
+    sizes = [(int(reader.records[i]["height"]), int(reader.records[i]["width"])) for i in range(n)]
+    try:
+        from .beton import import_ffcv
+        import_ffcv()
+        from ffcv.libffcv import imdecode
+        buf = np.empty(max(h * w for h, w in sizes) * 3, np.uint8)
+
+        def decode(i):
+            h, w = sizes[i]
+            imdecode(jpegs[i], buf, h, w, h, w, 0, 0, 1, 1, False, False)
+        decoder = "libjpeg-turbo (ffcv imdecode, fast DCT)"
+    except ImportError:
+        import io
+        from PIL import Image
+
+        def decode(i):
+            Image.open(io.BytesIO(jpegs[i].tobytes())).convert("RGB").load()
+        decoder = "PIL"
+    for i in range(min(n, 8)):
+        decode(i)
+    t0 = time.perf_counter()
+    for i in range(n):
+        decode(i)
+    per_core = n / (time.perf_counter() - t0)
+    cores = os.cpu_count() or 1
+    return {"decoder": decoder, "images": n, "per_core_images_per_s": per_core, "cores": cores,
+            "limit_images_per_s": per_core * cores}
+
+
+# --------------------------------------------------------------------------- one backend (child process)
+def _endless(loader):
+    while True:
+        yield from loader
+
+
+def _measure_backend(directory, split, spec, backend, batch_size, batches, repeats, workers, device) -> dict:
+    import torch
+    from .loader import FastLoader
+    from .pipelines.sampling import H, OUT_H, OUT_W, W
+    t0 = time.perf_counter()
+    loader = FastLoader(directory, split, batch_size=batch_size, spec=spec, backend=backend, device=device,
+                        num_workers=workers, drop_last=False, order="random", distributed=False)
+    per_repeat = batches or len(loader)
+    stream = _endless(loader)
+    first = next(stream)
+    ttfb = time.perf_counter() - t0
+    for _ in range(len(loader) - 1):  # rest of the warm-up epoch: compile and caches settle
+        next(stream)
+    rates, cpu = [], []
+    for _ in range(repeats):
+        c0, t1, n = _cpu_seconds(), time.perf_counter(), 0
+        for _ in range(per_repeat):
+            images, _labels = next(stream)
+            n += images.shape[0]
+        if images.device.type == "cuda":
+            torch.cuda.synchronize()
+        dt = time.perf_counter() - t1
+        rates.append(n / dt)
+        cpu.append((_cpu_seconds() - c0) / n)
+    del first
+    stages = _stage_breakdown(loader, H, W, OUT_H, OUT_W)
+    return {"backend": backend, "workers": workers, "batch_size": batch_size, "images_per_repeat": n,
+            "images_per_s": {"median": statistics.median(rates), "min": min(rates), "max": max(rates),
+                             "all": rates},
+            "cpu_s_per_image": statistics.median(cpu), "time_to_first_batch_s": ttfb,
+            "peak_rss_mb": _peak_rss_mb(), "stages": stages}
+
+
+def _timed_epoch(iterable) -> tuple[float, int]:
+    t0, n = time.perf_counter(), 0
+    for images, _ in iterable:
+        n += images.shape[0]
+    return time.perf_counter() - t0, n
+
+
+def _stage_breakdown(loader, H, W, OUT_H, OUT_W) -> dict:
+    """ms per image of each stage, from one epoch of each truncated pipeline over the same order."""
+    order, params = loader.epoch_plan(loader.epoch)
+    reader = loader.reader
+    t0 = time.perf_counter()
+    total = 0
+    for i in order:
+        total += int(reader.jpeg(int(i)).sum(dtype=np.uint64) & 1)  # touch every byte
+    read = (time.perf_counter() - t0) / len(order)
+    decode_only = params.copy()
+    decode_only[:] = 0
+    decode_only[:, H], decode_only[:, W] = reader.heights, reader.widths
+    decode_only[:, OUT_H], decode_only[:, OUT_W] = reader.heights, reader.widths  # no resampling
+    results = {}
+    for name, p in (("decode", decode_only), ("geometry", params)):
+        dt, n = _timed_epoch(loader.pipeline.run_epoch(order, p))
+        results[name] = dt / n
+    dt, n = _timed_epoch(loader)
+    full = dt / n
+    ms = {"read": read * 1e3, "decode": max(0.0, results["decode"] - read) * 1e3,
+          "geometry": (results["geometry"] - results["decode"]) * 1e3,
+          "batch_ops": (full - results["geometry"]) * 1e3}
+    return {"ms_per_image": ms, "full_ms_per_image": full * 1e3,
+            "rates": {"decode": 1 / results["decode"], "decode+geometry": 1 / results["geometry"], "full": 1 / full}}
+
+
+def _child(queue, kwargs):
+    try:
+        queue.put(("ok", _measure_backend(**kwargs)))
+    except BaseException as e:  # report, never hang the parent
+        queue.put(("error", f"{type(e).__name__}: {e}"))
+
+
+def _run_isolated(kwargs) -> dict:
+    ctx = mp.get_context("fork")
+    q = ctx.Queue()
+    p = ctx.Process(target=_child, args=(q, kwargs))
+    p.start()
+    status, payload = q.get()
+    p.join()
+    if status == "error":
+        raise BenchError(f"backend {kwargs['backend']!r} failed: {payload}")
+    return payload
+
+
+# --------------------------------------------------------------------------- driver
+def run_bench(directories, split="train", spec=None, backend="all", batch_size=64, batches=None, repeats=3,
+              workers=None, sweep_workers=False, device="cpu", json_out=None, plot=None, progress=True,
+              echo=print) -> dict:
+    from tqdm.auto import tqdm
+    if isinstance(directories, (str, os.PathLike)):
+        directories = [directories]
+    if backend not in ("all", "ffcv", "dali", "reference"):
+        raise BenchError(f"backend={backend!r} is unknown: allowed 'all', 'ffcv', 'dali', 'reference'")
+    readers = {}
+    for d in directories:
+        try:
+            m = Manifest.read(d)
+            readers[d] = SplitReader(m, split)
+        except DatasetError as e:
+            raise BenchError(str(e)) from None
+    plan = []  # (directory, backend)
+    for d, r in readers.items():
+        for b in STORAGE_BACKENDS[r.manifest.storage]:
+            if (backend == "all" or backend == b) and not any(b == pb for _, pb in plan):
+                plan.append((d, b))
+    if not plan:
+        stores = {str(d): r.manifest.storage for d, r in readers.items()}
+        raise BenchError(f"backend {backend!r} cannot read {stores}: ffcv reads beton, dali reads tfrecord")
+    cores = os.cpu_count() or 1
+    worker_list = sorted({1, max(1, cores // 2), cores}) if sweep_workers else [workers or cores]
+    runs = []
+    bar = tqdm(total=len(plan) * len(worker_list), desc="bench", unit="run", disable=not progress)
+    for d, b in plan:
+        for w in worker_list:
+            bar.set_postfix_str(f"{b} x{w}")
+            runs.append(_run_isolated(dict(directory=d, split=split, spec=spec, backend=b, batch_size=batch_size,
+                                           batches=batches, repeats=repeats, workers=w, device=device)))
+            bar.update(1)
+    bar.close()
+    best = {}
+    for r in runs:
+        if r["backend"] not in best or r["images_per_s"]["median"] > best[r["backend"]]["images_per_s"]["median"]:
+            best[r["backend"]] = r
+    limit = decode_limit(next(iter(readers.values())))
+    baseline = best.get("reference")
+    for r in best.values():
+        r["fraction_of_decode_limit"] = r["images_per_s"]["median"] / limit["limit_images_per_s"]
+        r["speedup_vs_reference"] = (r["images_per_s"]["median"] / baseline["images_per_s"]["median"]
+                                     if baseline else None)
+    first = next(iter(readers.values()))
+    report = {"format": "fastload-bench/1", "split": split, "spec": str(spec or first.manifest.preset),
+              "images": len(first), "batch_size": batch_size, "device": device, "decode_limit": limit,
+              "results": list(best.values()), "sweep": runs if sweep_workers else None}
+    echo(format_table(report))
+    if json_out:
+        Path(json_out).write_text(json.dumps(report, indent=2))
+    if plot:
+        plot_report(report, plot)
+    return report
+
+
+def format_table(report: dict) -> str:
+    lim = report["decode_limit"]
+    lines = [f"split {report['split']!r}, {report['images']} images, batch {report['batch_size']}, "
+             f"device {report['device']}; decode limit {lim['limit_images_per_s']:.0f} img/s "
+             f"({lim['per_core_images_per_s']:.0f}/core x {lim['cores']}, {lim['decoder']})",
+             f"{'backend':<10}{'workers':>8}{'img/s':>9}{'min':>8}{'max':>8}{'cpu ms/img':>12}{'rss MB':>9}"
+             f"{'1st batch s':>12}{'% limit':>9}{'vs ref':>8}   stage ms/img: "
+             + " / ".join(STAGES)]
+    for r in report["results"]:
+        ips = r["images_per_s"]
+        st = r["stages"]["ms_per_image"]
+        sp = r["speedup_vs_reference"]
+        lines.append(f"{r['backend']:<10}{r['workers']:>8}{ips['median']:>9.0f}{ips['min']:>8.0f}{ips['max']:>8.0f}"
+                     f"{r['cpu_s_per_image'] * 1e3:>12.2f}{r['peak_rss_mb']:>9.0f}{r['time_to_first_batch_s']:>12.1f}"
+                     f"{100 * r['fraction_of_decode_limit']:>8.0f}%{(f'{sp:.2f}x' if sp else '-'):>8}   "
+                     + " / ".join(f"{st[s]:.2f}" for s in STAGES))
+    return "\n".join(lines)
+
+
+def plot_report(report: dict, path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    results = report["results"]
+    names = [r["backend"] for r in results]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4), dpi=100)
+    med = [r["images_per_s"]["median"] for r in results]
+    err = [[m - r["images_per_s"]["min"] for m, r in zip(med, results)],
+           [r["images_per_s"]["max"] - m for m, r in zip(med, results)]]
+    ax1.bar(names, med, yerr=err, color="#4C72B0")
+    ax1.axhline(report["decode_limit"]["limit_images_per_s"], color="#C44E52", ls="--", label="decode limit")
+    ax1.set_ylabel("images / s")
+    ax1.set_title("throughput")
+    ax1.legend()
+    bottom = np.zeros(len(results))
+    for stage in STAGES:
+        vals = np.array([max(0.0, r["stages"]["ms_per_image"][stage]) for r in results])
+        ax2.bar(names, vals, bottom=bottom, label=stage)
+        bottom += vals
+    ax2.set_ylabel("ms / image (wall, at the run's parallelism)")
+    ax2.set_title("where the time goes")
+    ax2.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

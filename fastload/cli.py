@@ -1,0 +1,145 @@
+"""The ``fastload`` command line. Imports nothing heavy until a command runs (``--help`` is instant)."""
+from __future__ import annotations
+
+import sys
+
+import click
+
+
+def _fail(message: str) -> None:
+    click.echo(f"error: {message}", err=True)
+    sys.exit(2)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="fastload")
+def main():
+    """fastload: HF image datasets -> FFCV .beton / DALI TFRecord, one spec, one loader."""
+
+
+@main.command()
+@click.argument("source")
+@click.option("--format", "fmt", type=click.Choice(["beton", "tfrecord"]), required=True,
+              help="beton for the ffcv backend, tfrecord for DALI.")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Dataset directory to write.")
+@click.option("--split", "splits", multiple=True, help="Split(s) to convert (default: all).")
+@click.option("--workers", default=1, show_default=True, type=click.IntRange(1), help="Worker processes.")
+@click.option("--max-side", type=click.IntRange(16), default=None, help="Downscale images whose longer side exceeds N.")
+@click.option("--jpeg-quality", default=90, show_default=True, type=click.IntRange(1, 100),
+              help="Quality for images that must be re-encoded (non-RGB, non-JPEG, oversized, rotated).")
+@click.option("--skip-corrupt", is_flag=True, help="Skip undecodable images and list them in the manifest.")
+@click.option("--label", default=None, help="Label column to train on (default: label / fine_label).")
+@click.option("--shard-size", type=click.IntRange(1), default=None, help="Images per shard (default: auto, <= 1024).")
+@click.option("--preset", type=click.Choice(["imagenet", "cifar10", "cifar100", "coco"]), default=None,
+              help="Default spec preset recorded in the manifest (default: guessed from the schema).")
+@click.option("--overwrite", is_flag=True, help="Replace a complete dataset already in --out.")
+def convert(source, fmt, out, splits, workers, max_side, jpeg_quality, skip_corrupt, label, shard_size,
+            preset, overwrite):
+    """Convert SOURCE (hub name, parquet folder, save_to_disk folder or image folder). Resumable."""
+    from fastload.converters.convert import ConversionError, convert as run
+    from fastload.converters.images import CorruptImageError
+    from fastload.converters.sources import SchemaError
+    import time
+    t0 = time.perf_counter()
+    try:
+        m = run(source, out, format=fmt, splits=list(splits) or None, workers=workers, max_side=max_side,
+                jpeg_quality=jpeg_quality, skip_corrupt=skip_corrupt, label=label, shard_size=shard_size,
+                preset=preset, overwrite=overwrite)
+    except (ConversionError, CorruptImageError, SchemaError, ValueError) as e:
+        _fail(str(e))
+    dt = time.perf_counter() - t0
+    total = sum(m.split(s).num_examples for s in m.split_names)
+    for s in m.split_names:
+        info = m.split(s)
+        click.echo(f"{s}: {info.num_examples} images, {len(info.skipped)} skipped, stats mean={info.stats['mean']} "
+                   f"std={info.stats['std']}")
+    click.echo(f"wrote {out} ({m.storage}) in {dt:.1f}s, {total / max(dt, 1e-9):.0f} images/s")
+
+
+@main.command()
+@click.argument("directory", type=click.Path())
+@click.option("--no-decode", is_flag=True, help="Skip decoding every image (framing, checksums, labels only).")
+def verify(directory, no_decode):
+    """Re-read a dataset directory: framing, CRCs, checksums, counts, labels, every image decodes."""
+    from fastload.verification import verify as run
+    problems = run(directory, decode_images=not no_decode, progress=True)
+    if problems:
+        for p in problems:
+            click.echo(f"FAIL {p}", err=True)
+        sys.exit(1)
+    click.echo(f"OK {directory}")
+
+
+@main.command()
+@click.argument("directories", nargs=-1, required=True, type=click.Path())
+@click.option("--split", default="train", show_default=True)
+@click.option("--spec", default=None, help="Preset name ('imagenet', 'imagenet:eval'), or a .json/.yaml spec file.")
+@click.option("--backend", default="all", show_default=True,
+              type=click.Choice(["all", "ffcv", "dali", "reference"]))
+@click.option("--batch-size", default=64, show_default=True, type=click.IntRange(1))
+@click.option("--batches", default=None, type=click.IntRange(1), help="Batches per repeat (default: one epoch).")
+@click.option("--repeats", default=3, show_default=True, type=click.IntRange(1))
+@click.option("--workers", default=None, type=click.IntRange(1), help="Worker threads/processes (default: cores).")
+@click.option("--sweep-workers", is_flag=True, help="Try 1..cores workers and report the best.")
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--json", "json_out", default=None, type=click.Path(dir_okay=False))
+@click.option("--plot", default=None, type=click.Path(dir_okay=False))
+def bench(directories, split, spec, backend, batch_size, batches, repeats, workers, sweep_workers, device,
+          json_out, plot):
+    """Profile throughput per backend, with a stage breakdown and the machine's decode limit.
+
+    Give a .beton and a TFRecord directory of the same data to compare ffcv and DALI."""
+    from fastload.bench import BenchError, run_bench
+    try:
+        run_bench(list(directories), split=split, spec=_load_spec(spec), backend=backend, batch_size=batch_size,
+                  batches=batches, repeats=repeats, workers=workers, sweep_workers=sweep_workers, device=device,
+                  json_out=json_out, plot=plot)
+    except BenchError as e:
+        _fail(str(e))
+
+
+@main.command()
+@click.argument("directory", type=click.Path())
+@click.option("--split", default="train", show_default=True)
+@click.option("--spec", default=None, help="Preset name or .json/.yaml spec file (default: the dataset's preset).")
+@click.option("--backend", default="auto", show_default=True, type=click.Choice(["auto", "ffcv", "dali", "reference"]))
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="PNG file to write.")
+@click.option("--n", default=16, show_default=True, type=click.IntRange(1, 256))
+@click.option("--seed", default=0, show_default=True)
+def inspect(directory, split, spec, backend, out, n, seed):
+    """Write a grid of augmented samples with their class names, to check a pipeline by eye."""
+    from fastload.inspect_grid import inspect_grid
+    from fastload.manifest import DatasetError
+    try:
+        path = inspect_grid(directory, split=split, spec=_load_spec(spec), backend=backend, out=out, n=n, seed=seed)
+    except (DatasetError, ValueError) as e:
+        _fail(str(e))
+    click.echo(f"wrote {path}")
+
+
+@main.command()
+@click.option("--source", default=None, help="Dataset to use (default: the sample shipped in the package).")
+@click.option("--out", default="demo-out", show_default=True, type=click.Path(file_okay=False))
+@click.option("--workers", default=2, show_default=True, type=click.IntRange(1))
+def demo(source, out, workers):
+    """Convert a sample to both formats, load it through both backends, print a throughput table."""
+    from fastload.demo import run_demo
+    run_demo(source=source, out=out, workers=workers)
+
+
+def _load_spec(text):
+    if text is None:
+        return None
+    from pathlib import Path
+    from fastload.spec import PreprocessSpec
+    p = Path(text)
+    if p.suffix in (".json", ".yaml", ".yml"):
+        if not p.exists():
+            _fail(f"spec file {text} does not exist")
+        body = p.read_text()
+        return PreprocessSpec.from_json(body) if p.suffix == ".json" else PreprocessSpec.from_yaml(body)
+    return text
+
+
+if __name__ == "__main__":
+    main()
