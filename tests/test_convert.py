@@ -1,0 +1,341 @@
+"""Converters and verify: round trips through each backend's own reader, schemas, images, failures."""
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import CIFAR10, cifar100_dataset, coco_dataset, jpeg_bytes, needs_shared, png_bytes, save_splits
+from fastload import convert, verify
+from fastload.converters.convert import ConversionError
+from fastload.converters.images import CorruptImageError
+from fastload.converters.sources import SchemaError
+from fastload.manifest import DatasetError, Manifest
+from fastload.records import SplitReader
+
+FASTLOAD = [sys.executable, "-m", "fastload.cli"]
+
+
+def _source_bytes(ds):
+    import datasets
+    raw = ds.cast_column("image", datasets.Image(decode=False))
+    return [r["bytes"] for r in raw["image"]]
+
+
+def _decode(b: bytes) -> np.ndarray:
+    from PIL import ImageOps
+    im = Image.open(io.BytesIO(b))
+    im = ImageOps.exif_transpose(im)
+    return np.asarray(im.convert("RGB"), dtype=np.float64)
+
+
+# --------------------------------------------------------------------------- round trips on real data
+@needs_shared
+def test_tfrecord_round_trip_through_dali_reader(imagenet_dirs, imagenet_source):
+    from nvidia.dali import fn, pipeline_def
+    import nvidia.dali.tfrecord as tfrec
+    d = imagenet_dirs["tfrecord"]
+    m = Manifest.read(d)
+    info = m.split("validation")
+    shards = [d / f["path"] for f in info.files_with_role("data")]
+    assert len(shards) > 1  # several shards, read in order
+    idx = {f["for"]: d / f["path"] for f in info.files_with_role("dali_index")}
+
+    @pipeline_def(batch_size=50, num_threads=2, device_id=None)
+    def graph():
+        f = fn.readers.tfrecord(path=[str(s) for s in shards], index_path=[str(idx[s.name]) for s in shards],
+                                features={"image/encoded": tfrec.FixedLenFeature((), tfrec.string, ""),
+                                          "image/class/label": tfrec.FixedLenFeature([1], tfrec.int64, -1)},
+                                random_shuffle=False)
+        return f["image/encoded"], f["image/class/label"]
+
+    pipe = graph()
+    pipe.build()
+    stored, labels = [], []
+    for _ in range(4):
+        enc, lab = pipe.run()
+        stored += [np.array(enc[i]).tobytes() for i in range(len(enc))]
+        labels += [int(np.array(lab[i])[0]) for i in range(len(lab))]
+    assert labels == list(imagenet_source["label"])
+    _check_stored_images(stored, _source_bytes(imagenet_source), info)
+
+
+@needs_shared
+def test_beton_round_trip_through_ffcv_reader_and_loader(imagenet_dirs, imagenet_source):
+    from fastload.beton import import_ffcv
+    import_ffcv()
+    from ffcv.fields.basics import IntDecoder
+    from ffcv.fields.rgb_image import CenterCropRGBImageDecoder
+    from ffcv.loader import Loader, OrderOption
+    from ffcv.reader import Reader
+    d = imagenet_dirs["beton"]
+    beton = str(d / "validation.beton")
+    reader = Reader(beton)
+    assert reader.num_samples == 200
+    assert reader.metadata["f1"].tolist() == list(imagenet_source["label"])
+    data = np.memmap(beton, dtype=np.uint8, mode="r")
+    sizes = dict(zip(reader.alloc_table["ptr"].tolist(), reader.alloc_table["size"].tolist()))
+    stored = [data[p:p + sizes[int(p)]].tobytes() for p in reader.metadata["f0"]["data_ptr"]]
+    _check_stored_images(stored, _source_bytes(imagenet_source), Manifest.read(d).split("validation"))
+    # and ffcv's own Loader decodes every image, labels in order
+    loader = Loader(beton, batch_size=50, num_workers=1, order=OrderOption.SEQUENTIAL, drop_last=False,
+                    pipelines={"image": [CenterCropRGBImageDecoder((64, 64), 1.0)], "label": [IntDecoder()]})
+    got = np.concatenate([np.asarray(lab).reshape(-1) for _, lab in loader])
+    assert got.tolist() == list(imagenet_source["label"])
+
+
+def _check_stored_images(stored: list[bytes], source: list[bytes], info):
+    assert len(stored) == len(source) == info.num_examples
+    passthrough = [i for i in range(len(source)) if stored[i] == source[i]]
+    reencoded = [i for i in range(len(source)) if stored[i] != source[i]]
+    assert len(passthrough) >= 190  # RGB baseline JPEGs are stored byte for byte
+    assert reencoded, "the sample holds grayscale/CMYK JPEGs that must be re-encoded"
+    for i in reencoded:
+        s = Image.open(io.BytesIO(stored[i]))
+        assert (s.format, s.mode) == ("JPEG", "RGB")
+        diff = np.abs(_decode(stored[i]) - _decode(source[i])).mean() / 255
+        assert diff <= 2 / 255, (i, diff)
+
+
+# --------------------------------------------------------------------------- schemas
+def test_cifar100_keeps_both_labels(tmp_path):
+    ds = cifar100_dataset(20)
+    src = save_splits(tmp_path / "src", train=ds)
+    for fmt in ("tfrecord", "beton"):
+        m = convert(str(src), tmp_path / fmt, format=fmt, progress=False)
+        r = SplitReader(m, "train")
+        assert m.labels["target"] == "fine_label" and m.preset == "cifar100"
+        assert r.labels.tolist() == ds["fine_label"]
+        assert np.asarray(r.records["coarse_label"]).tolist() == ds["coarse_label"]
+        assert m.labels["columns"]["coarse_label"]["num_classes"] == 20
+        assert verify(tmp_path / fmt) == []
+    coarse = convert(str(src), tmp_path / "coarse", format="tfrecord", label="coarse_label", progress=False)
+    assert SplitReader(coarse, "train").labels.tolist() == ds["coarse_label"]
+    from fastload import tfrecord
+    tm = Manifest.read(tmp_path / "tfrecord")
+    shard = tmp_path / "tfrecord" / tm.split("train").files_with_role("data")[0]["path"]
+    _, ints = tfrecord.decode_example(next(tfrecord.read_records(shard.read_bytes()))[1])
+    assert ints["image/class/label"] == [ds["fine_label"][0]] and ints["image/class/coarse_label"] == [ds["coarse_label"][0]]
+
+
+def test_coco_multilabel_ids_survive(tmp_path):
+    ds = coco_dataset(12)
+    src = save_splits(tmp_path / "src", train=ds)
+    expected = [sorted(set(o["category"])) for o in ds["objects"]]
+    for fmt in ("tfrecord", "beton"):
+        m = convert(str(src), tmp_path / fmt, format=fmt, progress=False)
+        assert m.multi_label and m.num_classes == 80 and m.preset == "coco"
+        assert m.class_names[:2] == ["category_0", "category_1"]
+        r = SplitReader(m, "train")
+        got = [[int(v) for v in row if v >= 0] for row in r.labels]
+        assert got == expected
+        assert verify(tmp_path / fmt) == []
+    # the .beton's own label field, read with ffcv's Loader: padded ids, -1 past the last
+    from fastload.beton import import_ffcv
+    import_ffcv()
+    from ffcv.fields.ndarray import NDArrayDecoder
+    from ffcv.loader import Loader, OrderOption
+    loader = Loader(str(tmp_path / "beton" / "train.beton"), batch_size=12, num_workers=1,
+                    order=OrderOption.SEQUENTIAL, drop_last=False,
+                    pipelines={"image": None, "label": [NDArrayDecoder()]})
+    (ids,) = next(iter(loader))
+    assert [[int(v) for v in row if v >= 0] for row in np.asarray(ids)] == expected
+
+
+def test_unknown_schema_lists_columns(tmp_path):
+    import datasets
+    ds = datasets.Dataset.from_dict({"picture": [b"x"], "target": [1]})
+    src = save_splits(tmp_path / "src", train=ds)
+    with pytest.raises(SchemaError, match=r"no image column found among columns \{'picture'.*--label"):
+        convert(str(src), tmp_path / "out", format="tfrecord", progress=False)
+    feats = datasets.Features({"image": datasets.Image(), "a": datasets.ClassLabel(names=["x"]),
+                               "b": datasets.ClassLabel(names=["y"])})
+    ds2 = datasets.Dataset.from_dict({"image": [{"bytes": jpeg_bytes(np.zeros((8, 8, 3), np.uint8)), "path": None}],
+                                      "a": [0], "b": [0]}, features=feats)
+    src2 = save_splits(tmp_path / "src2", train=ds2)
+    with pytest.raises(SchemaError, match="several label columns"):
+        convert(str(src2), tmp_path / "out2", format="tfrecord", progress=False)
+    m = convert(str(src2), tmp_path / "out3", format="tfrecord", label="b", progress=False)
+    assert m.labels["target"] == "b"
+    with pytest.raises(SchemaError, match="split.*'nope'.*it has"):
+        convert(str(src2), tmp_path / "out4", format="tfrecord", splits=["nope"], progress=False)
+
+
+# --------------------------------------------------------------------------- image handling
+def _image_dataset(images: list[bytes]):
+    import datasets
+    feats = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=["a", "b"])})
+    return datasets.Dataset.from_dict({"image": [{"bytes": b, "path": None} for b in images],
+                                       "label": [i % 2 for i in range(len(images))]}, features=feats)
+
+
+def test_gray_cmyk_png_and_exif_become_upright_rgb_jpegs(tmp_path):
+    yy, xx = np.mgrid[0:40, 0:60]
+    rgb = np.stack([xx * 4, yy * 6, 120 + (xx + yy)], axis=-1).astype(np.uint8)  # smooth, like photos
+    gray = Image.fromarray(rgb[..., 0])
+    blocks = np.zeros((40, 60, 3), np.uint8)  # a palette image: four flat colours
+    blocks[:20, :30], blocks[:20, 30:], blocks[20:, :30], blocks[20:, 30:] = (200, 40, 40), (40, 200, 40), (40, 40, 200), (90, 90, 90)
+    cmyk = Image.fromarray(rgb).convert("CMYK")
+    buf = io.BytesIO()
+    cmyk.save(buf, "JPEG", quality=95)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 CW to display
+    rotated = io.BytesIO()
+    Image.fromarray(rgb).save(rotated, "JPEG", quality=95, exif=exif.tobytes())
+    progressive = jpeg_bytes(rgb, progressive=True)
+    sources = [jpeg_bytes(rgb), png_bytes(gray), buf.getvalue(), png_bytes(Image.fromarray(blocks).convert("P", palette=Image.ADAPTIVE)),
+               rotated.getvalue(), progressive, png_bytes(Image.fromarray(rgb).convert("RGBA"))]
+    ds = _image_dataset(sources)
+    src = save_splits(tmp_path / "src", train=ds)
+    m = convert(str(src), tmp_path / "out", format="tfrecord", progress=False)
+    r = SplitReader(m, "train")
+    assert r.jpeg(0).tobytes() == sources[0]  # RGB baseline JPEG: byte for byte
+    assert m.split("train").stats and m.data["splits"]["train"]["passthrough_jpegs"] == 1
+    for i in range(len(sources)):
+        im = Image.open(io.BytesIO(r.jpeg(i).tobytes()))
+        assert (im.format, im.mode) == ("JPEG", "RGB"), i
+        assert not im.info.get("progressive")
+        assert im.getexif().get(0x0112) in (None, 1)
+        # the pixels `datasets` shows the user (EXIF applied), within JPEG loss (4:2:0 chroma on
+        # saturated synthetic edges costs more than on photos, where the bound is 2: see round trips)
+        assert np.abs(_decode(r.jpeg(i).tobytes()) - _decode(sources[i])).mean() <= 4.0, i
+    upright = Image.open(io.BytesIO(r.jpeg(4).tobytes()))
+    assert upright.size == (40, 60)  # the 60x40 image, rotated by its orientation tag
+
+
+def test_max_side_downscales(tmp_path):
+    big = jpeg_bytes(np.full((300, 200, 3), 128, np.uint8))
+    src = save_splits(tmp_path / "src", train=_image_dataset([big]))
+    m = convert(str(src), tmp_path / "out", format="tfrecord", max_side=150, progress=False)
+    r = SplitReader(m, "train")
+    assert (int(r.records[0]["height"]), int(r.records[0]["width"])) == (150, 100)
+    assert Image.open(io.BytesIO(r.jpeg(0).tobytes())).size == (100, 150)
+
+
+def test_dataset_stats_are_per_channel_pixel_stats(tmp_path):
+    a = np.zeros((10, 10, 3), np.uint8)
+    a[..., 0] = 255
+    a[:5, :, 1] = 255
+    src = save_splits(tmp_path / "src", train=_image_dataset([png_bytes(Image.fromarray(a))]))
+    m = convert(str(src), tmp_path / "out", format="tfrecord", progress=False)
+    stats = m.split("train").stats
+    decoded = _decode(SplitReader(m, "train").jpeg(0).tobytes()) / 255  # stats describe the stored pixels' source
+    assert stats["mean"][0] == pytest.approx(1.0, abs=0.01) and stats["mean"][1] == pytest.approx(0.5, abs=0.02)
+    assert stats["std"][1] == pytest.approx(0.5, abs=0.02) and stats["std"][2] == pytest.approx(0.0, abs=0.02)
+    assert decoded.shape == (10, 10, 3)
+
+
+# --------------------------------------------------------------------------- failures
+def test_corrupt_image_stops_with_split_and_index_and_skip_lists_it(tmp_path):
+    good = jpeg_bytes(np.full((20, 20, 3), 100, np.uint8))
+    ds = _image_dataset([good, good, good[: len(good) // 2], good])
+    src = save_splits(tmp_path / "src", train=ds)
+    out = tmp_path / "out"
+    with pytest.raises(CorruptImageError, match=r"split 'train' index 2: image does not decode.*--skip-corrupt"):
+        convert(str(src), out, format="tfrecord", progress=False)
+    assert not (out / "manifest.json").exists()
+    with pytest.raises(DatasetError, match="did not finish.*resume"):
+        Manifest.read(out)
+    r = subprocess.run([*FASTLOAD, "convert", str(src), "--format", "beton", "--out", str(tmp_path / "cli")],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and "split 'train' index 2" in r.stderr
+    m = convert(str(src), tmp_path / "skipped", format="beton", skip_corrupt=True, progress=False)
+    assert m.split("train").num_examples == 3
+    assert [s["index"] for s in m.split("train").skipped] == [2]
+    assert SplitReader(m, "train").records["source_index"].tolist() == [0, 1, 3]
+    assert verify(tmp_path / "skipped") == []
+
+
+def test_rerun_with_other_settings_is_refused(tmp_path):
+    good = jpeg_bytes(np.full((20, 20, 3), 100, np.uint8))
+    src = save_splits(tmp_path / "src", train=_image_dataset([good, good[:40]]))
+    with pytest.raises(CorruptImageError):
+        convert(str(src), tmp_path / "out", format="tfrecord", progress=False)
+    with pytest.raises(ConversionError, match="jpeg_quality=90.*jpeg_quality=80"):
+        convert(str(src), tmp_path / "out", format="tfrecord", jpeg_quality=80, progress=False)
+    with pytest.raises(ConversionError, match="already holds a complete dataset"):
+        convert(str(src), tmp_path / "done", format="tfrecord", skip_corrupt=True, progress=False)
+        convert(str(src), tmp_path / "done", format="tfrecord", skip_corrupt=True, progress=False)
+
+
+@needs_shared
+@pytest.mark.parametrize("fmt", ["tfrecord", "beton"])
+def test_kill9_midway_then_rerun_resumes(tmp_path, fmt):
+    out = tmp_path / "out"
+    cmd = [*FASTLOAD, "convert", str(CIFAR10), "--format", fmt, "--out", str(out), "--shard-size", "400",
+           "--workers", "1"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list((out / ".partial").glob("test-*.json"))) < 3:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done_before = sorted(p.name for p in (out / ".partial").glob("test-*.json"))
+    assert 3 <= len(done_before) < 25, "the kill must land midway"
+    assert not (out / "manifest.json").exists()
+    kept = {p: p.stat().st_mtime_ns for p in (out / ".partial").glob("test-*.json")}
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert f"resuming: {len(done_before)} of 25 shards already done" in r.stdout
+    assert verify(out) == []
+    m = Manifest.read(out)
+    import datasets
+    labels = datasets.load_dataset(str(CIFAR10), split="test")["label"]
+    assert SplitReader(m, "test").labels.tolist() == labels
+    assert not (out / ".partial").exists()
+    assert kept  # finished shards were not redone: their records were reused (checked by the message)
+
+
+# --------------------------------------------------------------------------- verify
+@needs_shared
+def test_verify_catches_flipped_byte_in_tfrecord(imagenet_dirs, tmp_path):
+    import shutil
+    d = tmp_path / "copy"
+    shutil.copytree(imagenet_dirs["tfrecord"], d)
+    assert verify(d) == []
+    shard = sorted(d.glob("*.tfrecord"))[1]
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    shard.write_bytes(bytes(data))
+    problems = verify(d)
+    assert any(shard.name in p and "sha256" in p for p in problems), problems
+    r = subprocess.run([*FASTLOAD, "verify", str(d)], capture_output=True, text=True)
+    assert r.returncode == 1 and shard.name in r.stderr
+    # framing check on its own (manifest checksum updated as if the writer had lied)
+    from fastload.manifest import sha256_file
+    m = json.loads((d / "manifest.json").read_text())
+    for f in m["splits"]["validation"]["files"]:
+        if f["path"] == shard.name:
+            f["sha256"] = sha256_file(shard)
+    (d / "manifest.json").write_text(json.dumps(m))
+    problems = verify(d)
+    assert any("checksum mismatch" in p and shard.name in p for p in problems), problems
+
+
+@needs_shared
+def test_verify_catches_truncated_beton(imagenet_dirs, tmp_path):
+    import shutil
+    d = tmp_path / "copy"
+    shutil.copytree(imagenet_dirs["beton"], d)
+    assert verify(d) == []
+    beton = d / "validation.beton"
+    size = beton.stat().st_size
+    with open(beton, "r+b") as f:
+        f.truncate(size - 1000)
+    problems = verify(d)
+    assert any("validation.beton" in p and "truncated" in p for p in problems), problems
+    r = subprocess.run([*FASTLOAD, "verify", str(d)], capture_output=True, text=True)
+    assert r.returncode == 1 and "truncated" in r.stderr
+
+
+def test_verify_on_missing_directory(tmp_path):
+    assert "does not exist" in verify(tmp_path / "nothing")[0]
