@@ -112,16 +112,19 @@ def _run_shard(task: ShardTask) -> dict:
                     progress.put(pending)
                     pending = 0
         f.flush()
-        os.fsync(f.fileno())
+        if settings["format"] == "tfrecord":  # final files are made durable; beton staging is rebuilt anyway
+            os.fsync(f.fileno())
     progress.put(pending)
     idx_path = Path(task.path).with_suffix(".idx")
     atomic_write_bytes(idx_path, tfrecord.format_index(index_entries).encode())
     os.replace(tmp, task.path)
+    final = settings["format"] == "tfrecord"  # staged shards of a .beton need no checksum
     done = {"split": task.split, "shard": task.shard, "count": len(rows), "passthrough": passthrough,
             "skipped": skipped, "histogram": hist.tolist(), "rows": rows,
             "file": {"path": Path(task.path).name, "size": os.path.getsize(task.path),
-                     "sha256": sha256_file(Path(task.path)), "records": len(rows)},
-            "index": {"path": idx_path.name, "size": idx_path.stat().st_size, "sha256": sha256_file(idx_path)}}
+                     "sha256": sha256_file(Path(task.path)) if final else None, "records": len(rows)},
+            "index": {"path": idx_path.name, "size": idx_path.stat().st_size,
+                      "sha256": sha256_file(idx_path) if final else None}}
     atomic_write_bytes(Path(task.done_path), json.dumps(done).encode())
     return done
 

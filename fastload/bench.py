@@ -135,8 +135,9 @@ def _stage_breakdown(loader, H, W, OUT_H, OUT_W) -> dict:
     decode_only[:, H], decode_only[:, W] = reader.heights, reader.widths
     decode_only[:, OUT_H], decode_only[:, OUT_W] = reader.heights, reader.widths  # no resampling
     results = {}
-    for name, p in (("decode", decode_only), ("geometry", params)):
-        dt, n = _timed_epoch(loader.pipeline.run_epoch(order, p))
+    for name, pipeline, p in (("decode", _decode_only_pipeline(loader), decode_only),
+                              ("geometry", loader.pipeline, params)):
+        dt, n = _timed_epoch(pipeline.run_epoch(order, p))
         results[name] = dt / n
     dt, n = _timed_epoch(loader)
     full = dt / n
@@ -145,6 +146,17 @@ def _stage_breakdown(loader, H, W, OUT_H, OUT_W) -> dict:
           "batch_ops": (full - results["geometry"]) * 1e3}
     return {"ms_per_image": ms, "full_ms_per_image": full * 1e3,
             "rates": {"decode": 1 / results["decode"], "decode+geometry": 1 / results["geometry"], "full": 1 / full}}
+
+
+def _decode_only_pipeline(loader):
+    """A pipeline that decodes and cuts the output window without resampling. ffcv and the
+    reference do that from identity geometry rows; DALI's graph always resizes, so it gets a
+    truncated graph of its own."""
+    if loader.backend == "dali":
+        from .pipelines.dali import DALIPipeline
+        return DALIPipeline(loader.reader, loader.spec, loader.batch_size, loader.num_workers, False,
+                            device=loader.device, decode_only=True)
+    return loader.pipeline
 
 
 def _child(queue, kwargs):

@@ -58,11 +58,16 @@ def write_beton(path: Path, dataset, label_fields: dict[str, tuple[str, int]], n
     fields = {"image": passthrough_image_field()}
     for name, (kind, width) in label_fields.items():
         fields[name] = IntField() if kind == "int" else NDArrayField(np.dtype("<i2"), (width,))
+    import ffcv.writer
+    from tqdm import tqdm
     threads = torch.get_num_threads()
+    bar = ffcv.writer.tqdm
+    ffcv.writer.tqdm = lambda *a, **k: tqdm(*a, **{**k, "disable": True})  # fastload shows its own bar
     try:
         writer = DatasetWriter(str(path), fields, num_workers=max(1, num_workers))
         writer.from_indexed_dataset(dataset, chunksize=64)
     finally:
+        ffcv.writer.tqdm = bar
         torch.set_num_threads(threads)
 
 

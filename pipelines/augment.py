@@ -228,7 +228,7 @@ def augmentation_space(num_bins: int, h: int, w: int, wide: bool = False) -> dic
             "Contrast": (lin(0, 0.9), True), "Sharpness": (lin(0, 0.9), True),
             "Posterize": (8 - np.round(np.arange(num_bins) / ((num_bins - 1) / 4)).astype(int), False),
             "Solarize": (lin(255.0, 0.0), False), "AutoContrast": (np.zeros(1), False),
-            "Equalize": (np.zeros(1), False)}
+            "Equalize": (np.zeros(1), False), "Invert": (np.zeros(1), False)}  # Invert: AutoAugment only
 
 
 IMAGENET_POLICY = (

@@ -24,10 +24,17 @@ from .sampling import FLIP, H, LEFT, OUT_H, OUT_W, TOP, W, X0, Y0
 
 
 class _EpochSource:
-    """Iterable the external source re-reads after each ``reset()``: one epoch of batches."""
+    """Iterable the external source re-reads after each ``reset()``: one epoch of batches.
 
-    def __init__(self, reader, batch_size, drop_last):
+    ``fields`` names what the graph consumes (DALI warns about outputs left unused)."""
+
+    COLUMNS = {"box_anchor": ([Y0, X0], np.float32), "box_shape": ([H, W], np.float32),
+               "out_h": (OUT_H, np.float32), "out_w": (OUT_W, np.float32), "window": ([TOP, LEFT], np.float32),
+               "flip": (FLIP, np.int32)}
+
+    def __init__(self, reader, batch_size, drop_last, fields: tuple[str, ...]):
         self.reader, self.batch_size, self.drop_last = reader, batch_size, drop_last
+        self.fields = fields
         self.order = np.zeros(0, np.int64)
         self.params = None
 
@@ -37,11 +44,8 @@ class _EpochSource:
         for start in range(0, stop, bs):
             idx = order[start:start + bs]
             p = params[idx]
-            c = np.ascontiguousarray
-            yield ([self.reader.jpeg(int(i)) for i in idx],
-                   c(p[:, [Y0, X0]], np.float32), c(p[:, [H, W]], np.float32),
-                   c(p[:, OUT_H], np.float32), c(p[:, OUT_W], np.float32),
-                   c(p[:, [TOP, LEFT]], np.float32), c(p[:, FLIP], np.int32), c(idx, np.int64))
+            columns = [np.ascontiguousarray(p[:, self.COLUMNS[f][0]], self.COLUMNS[f][1]) for f in self.fields]
+            yield ([self.reader.jpeg(int(i)) for i in idx], *columns, np.ascontiguousarray(idx, np.int64))
 
 
 def cuda_available() -> bool:
@@ -52,9 +56,10 @@ class DALIPipeline:
     name = "dali"
 
     def __init__(self, reader, spec, batch_size: int, num_workers: int, drop_last: bool,
-                 device: torch.device, seed: int = 0, normalize=None):
+                 device: torch.device, seed: int = 0, normalize=None, decode_only: bool = False):
         """``normalize``: None (yield uint8 NHWC) or (scale[3], shift[3]): flip, normalize and
-        layout then run fused in DALI's ``crop_mirror_normalize`` (float32, NCHW or NHWC)."""
+        layout then run fused in DALI's ``crop_mirror_normalize`` (float32, NCHW or NHWC).
+        ``decode_only``: a truncated graph for ``fastload bench`` (decode, then cut the window)."""
         if isinstance(spec.geometry, RandomCrop) and spec.geometry.padding_mode != "constant":
             raise ValueError(f"random_crop.padding_mode={spec.geometry.padding_mode!r} is not supported by "
                              "backend 'dali' (its slice pads with a constant only): use 'constant' or "
@@ -63,7 +68,14 @@ class DALIPipeline:
         self.batch_size, self.num_workers, self.seed = batch_size, max(1, num_workers), seed
         self.device = device
         self.normalize = normalize
-        self.source = _EpochSource(reader, batch_size, drop_last)
+        self.decode_only = decode_only
+        if decode_only:
+            fields = ("window",)
+        elif isinstance(spec.geometry, RandomResizedCrop):  # its window is the whole resized output
+            fields = ("box_anchor", "box_shape", "out_h", "out_w", "flip")
+        else:
+            fields = ("box_anchor", "box_shape", "out_h", "out_w", "window", "flip")
+        self.source = _EpochSource(reader, batch_size, drop_last, fields)
         self.pipe = None
         self.decode_device = "cpu"
         self._epoch_finished = True
@@ -90,19 +102,28 @@ class DALIPipeline:
         @pipeline_def(batch_size=self.batch_size, num_threads=self.num_workers, device_id=device_id,
                       seed=self.seed, prefetch_queue_depth=2, exec_async=True, exec_pipelined=True)
         def graph():
-            jpegs, box_anchor, box_shape, out_h, out_w, window, flip, index = fn.external_source(
-                source=self.source, num_outputs=8, batch=True, cycle="raise",
-                dtype=[types.UINT8, types.FLOAT, types.FLOAT, types.FLOAT, types.FLOAT, types.FLOAT,
-                       types.INT32, types.INT64])
-            images = fn.decoders.image_slice(jpegs, box_anchor, box_shape, axes=[0, 1],
+            fields = self.source.fields
+            outputs = fn.external_source(
+                source=self.source, num_outputs=len(fields) + 2, batch=True, cycle="raise",
+                dtype=[types.UINT8] + [types.INT32 if f == "flip" else types.FLOAT for f in fields] + [types.INT64])
+            jpegs, index = outputs[0], outputs[-1]
+            arg = dict(zip(fields, outputs[1:-1]))
+            decoder = "mixed" if gpu else "cpu"
+            size = fn.constant(fdata=[float(th), float(tw)])
+            if self.decode_only:
+                images = fn.decoders.image(jpegs, device=decoder, output_type=types.RGB)
+                images = fn.slice(images, arg["window"], size, axes=[0, 1], normalized_anchor=False,
+                                  normalized_shape=False, out_of_bounds_policy="pad", fill_values=0)
+                return images, index
+            images = fn.decoders.image_slice(jpegs, arg["box_anchor"], arg["box_shape"], axes=[0, 1],
                                              normalized_anchor=False, normalized_shape=False,
-                                             device="mixed" if gpu else "cpu", output_type=types.RGB)
-            images = fn.resize(images, resize_y=out_h, resize_x=out_w, antialias=True,
+                                             device=decoder, output_type=types.RGB)
+            images = fn.resize(images, resize_y=arg["out_h"], resize_x=arg["out_w"], antialias=True,
                                interp_type=types.INTERP_LINEAR, subpixel_scale=False)
-            if not isinstance(self.spec.geometry, RandomResizedCrop):  # RRC's window is its whole output
-                images = fn.slice(images, window, fn.constant(fdata=[float(th), float(tw)]), axes=[0, 1],
-                                  normalized_anchor=False, normalized_shape=False,
-                                  out_of_bounds_policy="pad", fill_values=0)
+            if "window" in arg:
+                images = fn.slice(images, arg["window"], size, axes=[0, 1], normalized_anchor=False,
+                                  normalized_shape=False, out_of_bounds_policy="pad", fill_values=0)
+            flip = arg["flip"]
             if self.normalize is None:
                 images = fn.flip(images, horizontal=flip)
             else:
@@ -141,7 +162,7 @@ class DALIPipeline:
             return torch.from_numpy(images.as_array())
         from nvidia.dali.plugin.pytorch import feed_ndarray
         tensor = images.as_tensor()
-        dtype = torch.uint8 if self.normalize is None else torch.float32
+        dtype = torch.uint8 if (self.normalize is None or self.decode_only) else torch.float32
         out = torch.empty(tensor.shape(), dtype=dtype, device=self.device if self.device.type == "cuda" else "cuda")
         feed_ndarray(tensor, out, cuda_stream=torch.cuda.current_stream(out.device))
         return out

@@ -1,0 +1,29 @@
+# fastload: `make demo` and `make test` set everything up on first use (scripts/setup.sh).
+VENV  := .venv
+PY    := $(VENV)/bin/python
+STAMP := $(VENV)/.fastload-setup-done
+
+.PHONY: setup demo test bench bench-augment train-cifar clean
+
+setup: $(STAMP)
+
+$(STAMP): scripts/setup.sh pyproject.toml constraints.txt
+	bash scripts/setup.sh
+
+demo: $(STAMP)
+	$(VENV)/bin/fastload demo
+
+test: $(STAMP)
+	$(PY) -m pytest
+
+bench: $(STAMP)
+	$(PY) scripts/bench_loaders.py
+
+bench-augment: $(STAMP)
+	$(PY) scripts/bench_augment.py
+
+train-cifar: $(STAMP)
+	$(PY) scripts/train_cifar.py
+
+clean:
+	rm -rf $(VENV) .cache demo-out .pytest_cache

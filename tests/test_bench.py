@@ -1,0 +1,98 @@
+"""fastload bench and fastload inspect: report schema, stages adding up, PNGs, errors."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from PIL import Image
+
+from fastload.bench import STAGES, BenchError, run_bench
+from fastload.inspect_grid import inspect_grid
+
+FASTLOAD = [sys.executable, "-m", "fastload.cli"]
+
+
+@pytest.fixture(scope="module")
+def report(labelled_colors, tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    lines = []
+    rep = run_bench([str(labelled_colors["beton"]), str(labelled_colors["tfrecord"])], split="train",
+                    spec="imagenet:train", batch_size=16, repeats=3, workers=2, json_out=out / "b.json",
+                    plot=out / "b.png", progress=False, echo=lines.append)
+    return rep, out, "\n".join(lines)
+
+
+def test_report_schema_and_table(report):
+    rep, out, table = report
+    on_disk = json.loads((out / "b.json").read_text())
+    assert on_disk == json.loads(json.dumps(rep))
+    assert rep["format"] == "fastload-bench/1" and rep["images"] == 120
+    lim = rep["decode_limit"]
+    assert lim["limit_images_per_s"] == pytest.approx(lim["per_core_images_per_s"] * lim["cores"])
+    assert {r["backend"] for r in rep["results"]} == {"ffcv", "dali", "reference"}
+    for r in rep["results"]:
+        ips = r["images_per_s"]
+        assert 0 < ips["min"] <= ips["median"] <= ips["max"] and len(ips["all"]) == 3
+        assert r["cpu_s_per_image"] > 0 and r["peak_rss_mb"] > 50 and r["time_to_first_batch_s"] > 0
+        assert r["fraction_of_decode_limit"] == pytest.approx(ips["median"] / lim["limit_images_per_s"])
+        assert set(r["stages"]["ms_per_image"]) == set(STAGES)
+        assert r["speedup_vs_reference"] == pytest.approx(
+            ips["median"] / next(x for x in rep["results"] if x["backend"] == "reference")["images_per_s"]["median"])
+        assert r["backend"] in table
+    assert "decode limit" in table and "stage ms/img" in table
+
+
+def test_stage_costs_add_up_to_the_full_pipeline(report):
+    """Stages come from truncated pipelines; their sum must match the full pipeline's cost as
+    measured separately by the throughput repeats (within run-to-run noise)."""
+    rep, _, _ = report
+    for r in rep["results"]:
+        stages = r["stages"]["ms_per_image"]
+        total = sum(stages.values())
+        assert total == pytest.approx(r["stages"]["full_ms_per_image"], rel=1e-6)
+        measured = 1e3 / r["images_per_s"]["median"]
+        assert abs(total - measured) / measured < 0.5, (r["backend"], stages, measured)
+        assert stages["read"] > 0 and stages["decode"] > 0
+
+
+def test_plot_png(report):
+    _, out, _ = report
+    with Image.open(out / "b.png") as im:
+        assert im.format == "PNG" and im.size == (1000, 400)
+
+
+def test_bench_errors(labelled_colors, tmp_path):
+    with pytest.raises(BenchError, match="does not exist"):
+        run_bench([str(tmp_path / "missing")], progress=False)
+    with pytest.raises(BenchError, match="backend='tpu' is unknown"):
+        run_bench([str(labelled_colors["beton"])], backend="tpu", progress=False)
+    with pytest.raises(BenchError, match="backend 'dali' cannot read"):
+        run_bench([str(labelled_colors["beton"])], backend="dali", progress=False)
+    r = subprocess.run([*FASTLOAD, "bench", str(tmp_path / "missing")], capture_output=True, text=True)
+    assert r.returncode == 2 and "does not exist" in r.stderr
+    r = subprocess.run([*FASTLOAD, "bench", str(labelled_colors["beton"]), "--backend", "tpu"], capture_output=True,
+                       text=True)
+    assert r.returncode == 2 and "tpu" in r.stderr
+
+
+def test_inspect_grid(labelled_colors, tmp_path):
+    path = inspect_grid(labelled_colors["tfrecord"], split="train", spec="imagenet:train", backend="dali",
+                        out=tmp_path / "grid.png", n=6)
+    with Image.open(path) as im:
+        assert im.format == "PNG" and im.size == (3 * 224, 2 * (224 + 28))
+        tile = im.crop((0, 0, 224, 224)).convert("RGB")
+        colours = tile.getcolors(maxcolors=10_000)
+        assert colours and max(colours)[0] > 0.9 * 224 * 224  # a flat colour tile, denormalized
+    r = subprocess.run([*FASTLOAD, "inspect", str(labelled_colors["tfrecord"]), "--split", "nope", "--out",
+                        str(tmp_path / "x.png")], capture_output=True, text=True)
+    assert r.returncode == 2 and "split 'nope'" in r.stderr
+
+
+def test_cli_help_is_instant():
+    import time
+    t0 = time.perf_counter()
+    r = subprocess.run([*FASTLOAD, "--help"], capture_output=True, text=True)
+    assert r.returncode == 0 and "convert" in r.stdout and "bench" in r.stdout
+    assert time.perf_counter() - t0 < 5
