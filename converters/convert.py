@@ -160,7 +160,7 @@ def convert(source, out, format: str = "tfrecord", splits: list[str] | None = No
         if not overwrite:
             raise ConversionError(f"{out} already holds a complete dataset ({MANIFEST} exists); "
                                   "pass overwrite=True (--overwrite) to replace it")
-        shutil.rmtree(out)
+        _remove_dataset(out)
     out.mkdir(parents=True, exist_ok=True)
     partial = out / PARTIAL
     partial.mkdir(exist_ok=True)
@@ -194,6 +194,16 @@ def convert(source, out, format: str = "tfrecord", splits: list[str] | None = No
     manifest = _assemble(out, format, schema, settings, tasks, results, workers, preset or guess_preset(schema))
     shutil.rmtree(partial, ignore_errors=True)
     return manifest
+
+
+def _remove_dataset(out: Path) -> None:
+    """Delete what the manifest lists (and the manifest), nothing else the folder may hold."""
+    old = Manifest.read(out)
+    for split in old.split_names:
+        for f in old.split(split).files:
+            (out / f["path"]).unlink(missing_ok=True)
+    (out / MANIFEST).unlink()
+    shutil.rmtree(out / PARTIAL, ignore_errors=True)
 
 
 def _load_or_make_plan(partial: Path, settings: dict, data, shard_size, workers) -> dict:

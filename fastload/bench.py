@@ -1,6 +1,6 @@
 """``fastload bench``: where the time goes, per backend, on the user's own data.
 
-Each backend runs in a forked child (its own peak RSS, its own JIT/pipeline start-up):
+Each backend runs in a child process of its own (its own peak RSS, JIT and pipeline start-up):
 - throughput of the full FastLoader (warm-up epoch excluded; median/min/max of repeats),
   CPU seconds per image, peak RSS, time to first batch;
 - a stage breakdown from truncated pipelines over the same samples: read (JPEG bytes
@@ -167,7 +167,8 @@ def _child(queue, kwargs):
 
 
 def _run_isolated(kwargs) -> dict:
-    ctx = mp.get_context("fork")
+    # spawn, not fork: a fork of a process whose ffcv/DALI/TBB threads hold locks can deadlock
+    ctx = mp.get_context("spawn")
     q = ctx.Queue()
     p = ctx.Process(target=_child, args=(q, kwargs))
     p.start()

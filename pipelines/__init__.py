@@ -1,0 +1,1 @@
+"""Backend pipelines (ffcv, DALI, PIL reference) and the batch ops they share; installed as fastload.pipelines."""
