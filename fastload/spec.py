@@ -417,9 +417,7 @@ class PreprocessSpec:
         if "mixup" in d:
             d["mixup"] = _build(Mixup, d["mixup"], "mixup")
         if "normalize" in d:
-            n = dict(d["normalize"])
-            n = {k: (tuple(v) if isinstance(v, list) else v) for k, v in n.items()}
-            d["normalize"] = _build(Normalize, n, "normalize")
+            d["normalize"] = _build(Normalize, d["normalize"], "normalize")
         return cls(**d)
 
     def to_json(self, indent: int | None = 2) -> str:
