@@ -31,7 +31,7 @@ def apply_geometry(image: Image.Image, p: np.ndarray, size: tuple[int, int], pad
     if (out_h, out_w) != (h, w):
         image = image.resize((out_w, out_h), Image.BILINEAR)
     if 0 <= top and 0 <= left and top + th <= out_h and left + tw <= out_w:
-        window = np.asarray(image.crop((left, top, left + tw, top + th)))
+        window = np.array(image.crop((left, top, left + tw, top + th)))  # writable, for torch
     else:  # RandomCrop's padding
         arr = np.asarray(image)
         pad = max(-top, -left, top + th - out_h, left + tw - out_w)
@@ -41,36 +41,51 @@ def apply_geometry(image: Image.Image, p: np.ndarray, size: tuple[int, int], pad
     return np.ascontiguousarray(window[:, ::-1]) if p[FLIP] else window
 
 
-class _EpochDataset(torch.utils.data.Dataset):
-    def __init__(self, reader, params, size, padding_mode):
-        self.reader, self.params, self.size, self.padding_mode = reader, params, size, padding_mode
+class _SampleDataset(torch.utils.data.Dataset):
+    """Keys are (sample index, geometry row): the epoch's parameters travel with the batch
+    sampler, so persistent workers serve every epoch."""
+
+    def __init__(self, reader, size, padding_mode):
+        self.reader, self.size, self.padding_mode = reader, size, padding_mode
 
     def __len__(self):
         return len(self.reader)
 
-    def __getitem__(self, i):
+    def __getitem__(self, key):
+        i, row = key
         image = self.reader.image(i)
-        return torch.from_numpy(apply_geometry(image, self.params[i], self.size, self.padding_mode).copy()), i
+        return torch.from_numpy(apply_geometry(image, row, self.size, self.padding_mode)), i
+
+
+class _EpochBatches:
+    """The batch sampler: this epoch's batches of (index, geometry row) keys."""
+
+    def __init__(self, batch_size, drop_last):
+        self.batch_size, self.drop_last = batch_size, drop_last
+        self.order, self.params = np.zeros(0, np.int64), None
+
+    def __len__(self):
+        n = len(self.order)
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def __iter__(self):
+        for b in range(len(self)):
+            idx = self.order[b * self.batch_size:(b + 1) * self.batch_size]
+            yield [(int(i), self.params[i]) for i in idx]
 
 
 class ReferencePipeline:
     name = "reference"
 
     def __init__(self, reader, spec, batch_size: int, num_workers: int, drop_last: bool):
-        self.reader = reader
-        self.spec = spec
-        self.batch_size = batch_size
-        self.num_workers = num_workers
-        self.drop_last = drop_last
-        self.padding_mode = spec.geometry.padding_mode if isinstance(spec.geometry, RandomCrop) else "constant"
+        padding_mode = spec.geometry.padding_mode if isinstance(spec.geometry, RandomCrop) else "constant"
+        self.batches = _EpochBatches(batch_size, drop_last)
+        self.loader = torch.utils.data.DataLoader(
+            _SampleDataset(reader, spec.size, padding_mode), batch_sampler=self.batches,
+            num_workers=num_workers, persistent_workers=num_workers > 0,
+            multiprocessing_context="fork" if num_workers > 0 else None)
 
     def run_epoch(self, order: np.ndarray, params: np.ndarray) -> Iterator[tuple[torch.Tensor, np.ndarray]]:
-        batches = [order[i:i + self.batch_size].tolist() for i in range(0, len(order), self.batch_size)]
-        if self.drop_last and batches and len(batches[-1]) < self.batch_size:
-            batches.pop()
-        loader = torch.utils.data.DataLoader(
-            _EpochDataset(self.reader, params, self.spec.size, self.padding_mode), batch_sampler=batches,
-            num_workers=self.num_workers, persistent_workers=False,
-            multiprocessing_context="fork" if self.num_workers > 0 else None)
-        for images, index in loader:
+        self.batches.order, self.batches.params = order, params
+        for images, index in self.loader:
             yield images, index.numpy()
