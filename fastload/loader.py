@@ -143,9 +143,11 @@ class FastLoader:
         order, params = self.epoch_plan(epoch)
         rng = np.random.default_rng([self.seed, epoch, 2, self.rank])
         threads = torch.get_num_threads()
-        # ffcv/DALI decode on their own worker threads; on CPU, torch's intra-op threads in the
-        # batch ops would only fight them for cores (measured: -10..40% on 2 cores).
-        batch_threads = 1 if (self.device.type == "cpu" and self.backend != "reference") else threads
+        # ffcv/DALI decode on their own worker threads; on CPU, torch's intra-op threads in light
+        # batch ops only fight them for cores (measured: -10..40% on 2 cores). Augmentations on
+        # CPU are heavy enough to be the bottleneck: they keep the caller's threads.
+        light = self.transform.augment is None and not self.spec.mixup.mixes
+        batch_threads = 1 if (self.device.type == "cpu" and self.backend != "reference" and light) else threads
         try:
             for images, index in self.pipeline.run_epoch(order, params):
                 torch.set_num_threads(batch_threads)

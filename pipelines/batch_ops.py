@@ -92,7 +92,7 @@ class BatchTransform:
 
     def _finish(self, out, labels, rng, fmt):
         if self.spec.mixup.mixes:
-            out, labels = mix_batch(out, labels, self.spec.mixup, rng)
+            out, labels = mix_batch(out, labels, self.spec.mixup, rng, inplace=True)
         if self.float_dtype != torch.float32:
             out = out.to(self.float_dtype, memory_format=fmt)
         return out, labels

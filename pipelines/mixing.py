@@ -38,17 +38,21 @@ def sample_mix(rng: np.random.Generator, mix: Mixup, height: int, width: int):
     return "cutmix", 1.0 - (y1 - y0) * (x1 - x0) / float(height * width), box
 
 
-def mix_batch(images: torch.Tensor, labels: torch.Tensor, mix: Mixup, rng: np.random.Generator):
-    """images NCHW float, labels soft [N, C] float -> mixed copies (never in place on the input)."""
+def mix_batch(images: torch.Tensor, labels: torch.Tensor, mix: Mixup, rng: np.random.Generator,
+              inplace: bool = False):
+    """images NCHW float, labels soft [N, C] float -> mixed; ``inplace`` reuses ``images``
+    (FastLoader owns its batch), otherwise the input is left untouched."""
     mode, lam, box = sample_mix(rng, mix, images.shape[2], images.shape[3])
     if mode is None:
         return images, labels
-    partner = images.flip(0)
     if mode == "mixup":
-        images = images * lam + partner * (1.0 - lam)
+        partner = images.flip(0)  # a copy: safe to blend into `images` in place
+        images = images.lerp_(partner, 1.0 - lam) if inplace else torch.lerp(partner, images, lam)
     else:
         y0, y1, x0, x1 = box
-        images = images.clone()
-        images[:, :, y0:y1, x0:x1] = partner[:, :, y0:y1, x0:x1]
+        patch = images[:, :, y0:y1, x0:x1].flip(0)  # copies only the box
+        if not inplace:
+            images = images.clone()
+        images[:, :, y0:y1, x0:x1] = patch
     labels = labels * lam + labels.flip(0) * (1.0 - lam)
     return images, labels
