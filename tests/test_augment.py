@@ -252,3 +252,20 @@ def test_uint8_output_with_policy_keeps_levels(labelled_colors):
 def test_invalid_augmentation_combinations_are_refused():
     with pytest.raises(ValueError, match="dtype='uint8' is invalid: allowed float32 or float16 when MixUp"):
         PreprocessSpec.preset("imagenet", True).replace(dtype="uint8", mixup=Mixup(cutmix_alpha=1.0))
+
+
+def test_mixing_multilabel_batches(tmp_path):
+    from conftest import coco_dataset, save_splits
+    from fastload import convert
+    ds = coco_dataset(12)
+    convert(str(save_splits(tmp_path / "src", train=ds)), tmp_path / "out", format="tfrecord", progress=False)
+    spec = PreprocessSpec.preset("coco", train=True).replace(mixup=Mixup(mixup_alpha=1.0))
+    loader = FastLoader(tmp_path / "out", "train", batch_size=6, spec=spec, backend="reference", num_workers=0,
+                        order="sequential", drop_last=True)
+    rng = np.random.default_rng([0, 0, 2, 0])  # FastLoader's stream for (seed 0, epoch 0, rank 0)
+    _, lam, _ = sample_mix(rng, spec.mixup, 224, 224)
+    (x, y), _ = list(loader)
+    hot = torch.zeros(6, 80)
+    for i, objs in enumerate(ds["objects"][:6]):
+        hot[i, sorted(set(objs["category"]))] = 1
+    assert y.shape == (6, 80) and torch.allclose(y, lam * hot + (1 - lam) * hot.flip(0))

@@ -96,3 +96,13 @@ def test_cli_help_is_instant():
     r = subprocess.run([*FASTLOAD, "--help"], capture_output=True, text=True)
     assert r.returncode == 0 and "convert" in r.stdout and "bench" in r.stdout
     assert time.perf_counter() - t0 < 5
+
+
+def test_sweep_workers_reports_the_best(labelled_colors):
+    rep = run_bench([str(labelled_colors["tfrecord"])], split="train", spec="imagenet:train", backend="dali",
+                    batch_size=16, repeats=2, sweep_workers=True, progress=False, echo=lambda s: None)
+    import os
+    tried = sorted({r["workers"] for r in rep["sweep"]})
+    assert tried == sorted({1, max(1, (os.cpu_count() or 1) // 2), os.cpu_count() or 1})
+    best = max(rep["sweep"], key=lambda r: r["images_per_s"]["median"])
+    assert [r["workers"] for r in rep["results"]] == [best["workers"]]

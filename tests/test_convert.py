@@ -339,3 +339,17 @@ def test_verify_catches_truncated_beton(imagenet_dirs, tmp_path):
 
 def test_verify_on_missing_directory(tmp_path):
     assert "does not exist" in verify(tmp_path / "nothing")[0]
+
+
+def test_image_folder_with_class_subfolders(tmp_path):
+    root = tmp_path / "folder"
+    for cls, value in (("cat", 60), ("dog", 180)):
+        (root / cls).mkdir(parents=True)
+        for i in range(3):
+            Image.fromarray(np.full((16, 20, 3), value + i, np.uint8)).save(root / cls / f"{i}.png")
+    m = convert(str(root), tmp_path / "out", format="tfrecord", progress=False)
+    assert m.class_names == ["cat", "dog"] and m.split_names == ["train"]
+    r = SplitReader(m, "train")
+    means = [_decode(r.jpeg(i).tobytes()).mean() for i in range(len(r))]
+    assert [("cat" if v < 120 else "dog") for v in means] == [m.class_names[int(y)] for y in r.labels]
+    assert sorted(r.labels.tolist()) == [0, 0, 0, 1, 1, 1]
