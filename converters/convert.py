@@ -296,7 +296,8 @@ def _assemble(out: Path, format: str, schema: Schema, settings: dict, tasks, res
                 files.append({**results[t]["index"], "role": "dali_index", "for": results[t]["file"]["path"]})
         else:
             files.append(_write_split_beton(out, split, schema, split_tasks, rec, workers, max_labels))
-            offsets, sizes, heights, widths = _beton_locations(out / files[0]["path"])
+            from fastload.beton import beton_image_locations
+            offsets, sizes, heights, widths = beton_image_locations(out / files[0]["path"])
             if not (np.array_equal(sizes, rec["size"]) and np.array_equal(heights, rec["height"])):
                 raise ConversionError(f"{files[0]['path']}: image table disagrees with the prepared records")
             rec["file"], rec["offset"] = 0, offsets
@@ -364,7 +365,3 @@ def _write_split_beton(out, split, schema, split_tasks, rec, workers, max_labels
     return {"path": path.name, "size": path.stat().st_size, "sha256": sha256_file(path),
             "records": len(rec), "role": "data"}
 
-
-def _beton_locations(path):
-    from fastload.beton import beton_image_locations
-    return beton_image_locations(path)

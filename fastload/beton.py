@@ -20,7 +20,6 @@ def import_ffcv():
     threads = torch.get_num_threads()
     try:
         import ffcv  # noqa: F401
-        from ffcv.fields import rgb_image  # noqa: F401
     finally:
         torch.set_num_threads(threads)
     return ffcv

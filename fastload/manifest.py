@@ -11,7 +11,6 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 FORMAT_NAME = "fastload-dataset"
 FORMAT_VERSION = 1

@@ -9,8 +9,6 @@ external source, ``verify``, ``inspect``) slices a JPEG straight out of a memory
 from __future__ import annotations
 
 import io
-from pathlib import Path
-
 import numpy as np
 
 from .manifest import DatasetError, Manifest
@@ -90,6 +88,3 @@ class SplitReader:
     @property
     def widths(self) -> np.ndarray:
         return np.asarray(self.records["width"]).astype(np.int64)
-
-    def data_path(self, file_index: int) -> Path:
-        return self.data_files[file_index]

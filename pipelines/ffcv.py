@@ -21,7 +21,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from fastload.beton import import_ffcv
+from fastload.beton import beton_field_names, import_ffcv
 from fastload.spec import RandomCrop
 
 from .kernels import PADDING_CODES, resample_window
@@ -240,7 +240,7 @@ class FFCVPipeline:
         SpecImageDecoder, SampleIndexDecoder = _make_operations()
         threads = torch.get_num_threads()
         try:
-            pipelines = {name: None for name in _field_names(data)}
+            pipelines = {name: None for name in beton_field_names(data)}
             # explicit decoders (a decoder given as a transform would run after ffcv's default one)
             self.normalize = normalize
             chw = spec.layout == "NCHW"
@@ -305,7 +305,3 @@ def _checked(epoch_iterator):
             epoch_iterator.current_stream.wait_stream(epoch_iterator.cuda_streams[slot])
         yield result
 
-
-def _field_names(path) -> list[str]:
-    from ffcv.reader import Reader
-    return list(Reader(str(path)).handlers)

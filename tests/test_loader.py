@@ -15,7 +15,7 @@ import torch
 from conftest import ROOT, coco_dataset, color_label, needs_shared, save_splits
 from fastload import FastLoader, PreprocessSpec, convert
 from fastload.manifest import DatasetError
-from fastload.pipelines.sampling import epoch_indices, geometry_params, random_resized_crop_params
+from fastload.pipelines.sampling import epoch_indices, geometry_params
 
 STD255 = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1) * 255
 MEAN255 = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1) * 255
