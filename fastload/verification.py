@@ -18,32 +18,37 @@ def verify(root, decode_images: bool = True, progress: bool = False) -> list[str
         return [str(e)]
     problems: list[str] = []
     for split in manifest.split_names:
-        info = manifest.split(split)
-        for f in info.files:
-            path = manifest.path(f["path"])
-            if not path.exists():
-                problems.append(f"{split}: file {f['path']} is missing")
-                continue
-            size = path.stat().st_size
-            if size != f["size"]:
-                problems.append(f"{split}: file {f['path']} is {size} bytes, manifest says {f['size']} "
-                                f"({'truncated' if size < f['size'] else 'grown'})")
-            elif sha256_file(path) != f["sha256"]:
-                problems.append(f"{split}: file {f['path']} does not match its sha256 checksum (content changed)")
-        if problems:
-            continue  # structure checks below would only repeat these
-        try:
-            reader = SplitReader(manifest, split)
-        except DatasetError as e:
-            problems.append(f"{split}: {e}")
+        problems += _verify_split(manifest, split, decode_images, progress)
+    return problems
+
+
+def _verify_split(manifest: Manifest, split: str, decode_images: bool, progress: bool) -> list[str]:
+    problems: list[str] = []
+    info = manifest.split(split)
+    for f in info.files:
+        path = manifest.path(f["path"])
+        if not path.exists():
+            problems.append(f"{split}: file {f['path']} is missing")
             continue
-        if manifest.storage == "tfrecord":
-            problems += _check_tfrecords(manifest, split, reader)
-        else:
-            problems += _check_beton(manifest, split, reader)
-        problems += _check_labels(manifest, split, reader)
-        if decode_images:
-            problems += _check_images(split, reader, progress)
+        size = path.stat().st_size
+        if size != f["size"]:
+            problems.append(f"{split}: file {f['path']} is {size} bytes, manifest says {f['size']} "
+                            f"({'truncated' if size < f['size'] else 'grown'})")
+        elif sha256_file(path) != f["sha256"]:
+            problems.append(f"{split}: file {f['path']} does not match its sha256 checksum (content changed)")
+    if problems:
+        return problems  # structure checks below would only repeat these
+    try:
+        reader = SplitReader(manifest, split)
+    except DatasetError as e:
+        return [f"{split}: {e}"]
+    if manifest.storage == "tfrecord":
+        problems += _check_tfrecords(manifest, split, reader)
+    else:
+        problems += _check_beton(manifest, split, reader)
+    problems += _check_labels(manifest, split, reader)
+    if decode_images:
+        problems += _check_images(split, reader, progress)
     return problems
 
 
