@@ -161,13 +161,13 @@ def convert(source, out, format: str = "tfrecord", splits: list[str] | None = No
             raise ConversionError(f"{out} already holds a complete dataset ({MANIFEST} exists); "
                                   "pass overwrite=True (--overwrite) to replace it")
         _remove_dataset(out)
-    out.mkdir(parents=True, exist_ok=True)
-    partial = out / PARTIAL
-    partial.mkdir(exist_ok=True)
-
+    # the source and its schema first: a bad source leaves nothing behind
     data = open_source(source, splits)
     first = next(iter(data.values()))
     schema = detect_schema(first.features, label)
+    out.mkdir(parents=True, exist_ok=True)
+    partial = out / PARTIAL
+    partial.mkdir(exist_ok=True)
     settings = {"format": format, "source": str(source) if isinstance(source, (str, os.PathLike)) else "<in-memory>",
                 "splits": list(data), "max_side": max_side, "jpeg_quality": int(jpeg_quality),
                 "skip_corrupt": bool(skip_corrupt), "label": schema.target,

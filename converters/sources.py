@@ -64,7 +64,11 @@ def open_source(source, splits: list[str] | None = None):
             raise SchemaError(f"source {str(source)!r} is a file; expected a dataset folder or a hub name")
         else:
             # Hub names, parquet folders and image folders with class subfolders alike.
-            loaded = datasets.load_dataset(str(source))
+            try:
+                loaded = datasets.load_dataset(str(source))
+            except (ConnectionError, FileNotFoundError) as e:
+                kind = "local folder" if path.exists() else "hub name or local path"
+                raise SchemaError(f"source {str(source)!r} ({kind}) could not be opened: {e}") from None
         dd = {"train": loaded} if isinstance(loaded, datasets.Dataset) else dict(loaded)
     if splits:
         missing = [s for s in splits if s not in dd]

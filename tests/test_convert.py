@@ -150,6 +150,13 @@ def test_coco_multilabel_ids_survive(tmp_path):
     assert [[int(v) for v in row if v >= 0] for row in np.asarray(ids)] == expected
 
 
+def test_source_that_cannot_be_opened(tmp_path):
+    r = subprocess.run([*FASTLOAD, "convert", str(tmp_path / "nothing"), "--format", "tfrecord", "--out",
+                        str(tmp_path / "out")], capture_output=True, text=True)
+    assert r.returncode == 2 and "could not be opened" in r.stderr and "nothing" in r.stderr
+    assert not (tmp_path / "out").exists()  # nothing left behind
+
+
 def test_unknown_schema_lists_columns(tmp_path):
     import datasets
     ds = datasets.Dataset.from_dict({"picture": [b"x"], "target": [1]})
