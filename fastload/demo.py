@@ -45,8 +45,8 @@ def run_demo(source=None, out="demo-out", workers: int = 2) -> list[dict]:
         dt = time.perf_counter() - t0
         n = sum(m.split(s).num_examples for s in m.split_names)
         problems = verify(out / fmt)
-        print(f"  converted {n} images to {fmt:<8} in {dt:5.1f}s ({n / dt:5.0f} img/s); "
-              f"verify: {'OK' if not problems else problems}")
+        print(f"  converted {n} images to {fmt:<8} in {dt:5.1f}s; verify: {'OK' if not problems else problems}")
+    print("  (a sample this small measures start-up, not conversion speed: see scripts/bench_convert.py)")
     for backend, fmt in (("ffcv", "beton"), ("dali", "tfrecord"), ("reference", "tfrecord")):
         rows.append(_throughput(str(out / fmt), backend, workers))
     print(f"\n  train spec (RandomResizedCrop 224 + flip + normalize), batch 16, {workers} workers")
