@@ -140,11 +140,15 @@ def _measure_backend(directory, split, spec, backend, batch_size, batches, repea
             "peak_rss_mb": _peak_rss_mb(), "stages": stages}
 
 
-def _timed_epoch(iterable) -> tuple[float, int]:
+def _timed_epochs(make_iter, min_seconds: float = 0.5) -> tuple[float, int]:
+    """Whole epochs until at least ``min_seconds`` have passed: small datasets would otherwise
+    time mostly the per-epoch start."""
     t0, n = time.perf_counter(), 0
-    for images, _ in iterable:
-        n += images.shape[0]
-    return time.perf_counter() - t0, n
+    while True:
+        for images, _ in make_iter():
+            n += images.shape[0]
+        if time.perf_counter() - t0 >= min_seconds:
+            return time.perf_counter() - t0, n
 
 
 def _stage_breakdown(loader, H, W, OUT_H, OUT_W) -> dict:
@@ -163,11 +167,10 @@ def _stage_breakdown(loader, H, W, OUT_H, OUT_W) -> dict:
     results = {}
     for name, pipeline, p in (("decode", _decode_only_pipeline(loader), decode_only),
                               ("geometry", loader.pipeline, params)):
-        _timed_epoch(pipeline.run_epoch(order, p))  # warm-up: pipeline build, caches
-        dt, n = _timed_epoch(pipeline.run_epoch(order, p))
+        _timed_epochs(lambda: pipeline.run_epoch(order, p), 0.0)  # warm-up: pipeline build, caches
+        dt, n = _timed_epochs(lambda: pipeline.run_epoch(order, p))
         results[name] = dt / n
-    _timed_epoch(loader)
-    dt, n = _timed_epoch(loader)
+    dt, n = _timed_epochs(lambda: iter(loader))
     full = dt / n
     ms = {"read": read * 1e3, "decode": max(0.0, results["decode"] - read) * 1e3,
           "geometry": (results["geometry"] - results["decode"]) * 1e3,

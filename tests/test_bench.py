@@ -19,7 +19,7 @@ def report(labelled_colors, tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
     lines = []
     rep = run_bench([str(labelled_colors["beton"]), str(labelled_colors["tfrecord"])], split="train",
-                    spec="imagenet:train", batch_size=16, repeats=3, workers=2, json_out=out / "b.json",
+                    spec="imagenet:train", batch_size=16, batches=24, repeats=3, workers=2, json_out=out / "b.json",
                     plot=out / "b.png", progress=False, echo=lines.append)
     return rep, out, "\n".join(lines)
 
@@ -29,6 +29,7 @@ def test_report_schema_and_table(report):
     on_disk = json.loads((out / "b.json").read_text())
     assert on_disk == json.loads(json.dumps(rep))
     assert rep["format"] == "fastload-bench/1" and rep["images"] == 120
+    assert all(r["images_per_repeat"] == 3 * 120 for r in rep["results"])  # 24 batches of 16 = 3 epochs
     lim = rep["decode_limit"]
     assert lim["limit_images_per_s"] == pytest.approx(lim["per_core_images_per_s"] * lim["cores"])
     assert {r["backend"] for r in rep["results"]} == {"ffcv", "dali", "reference"}
