@@ -110,7 +110,6 @@ def _endless(loader):
 def _measure_backend(directory, split, spec, backend, batch_size, batches, repeats, workers, device) -> dict:
     import torch
     from .loader import FastLoader
-    from .pipelines.sampling import H, OUT_H, OUT_W, W
     t0 = time.perf_counter()
     loader = FastLoader(directory, split, batch_size=batch_size, spec=spec, backend=backend, device=device,
                         num_workers=workers, drop_last=False, order="random", distributed=False)
@@ -132,7 +131,7 @@ def _measure_backend(directory, split, spec, backend, batch_size, batches, repea
         rates.append(n / dt)
         cpu.append((_cpu_seconds() - c0) / n)
     del first
-    stages = _stage_breakdown(loader, H, W, OUT_H, OUT_W)
+    stages = _stage_breakdown(loader)
     return {"backend": backend, "workers": workers, "batch_size": batch_size, "images_per_repeat": n,
             "images_per_s": {"median": statistics.median(rates), "min": min(rates), "max": max(rates),
                              "all": rates},
@@ -140,19 +139,21 @@ def _measure_backend(directory, split, spec, backend, batch_size, batches, repea
             "peak_rss_mb": _peak_rss_mb(), "stages": stages}
 
 
-def _timed_epochs(make_iter, min_seconds: float = 0.5) -> tuple[float, int]:
-    """Whole epochs until at least ``min_seconds`` have passed: small datasets would otherwise
-    time mostly the per-epoch start."""
-    t0, n = time.perf_counter(), 0
+def timed_epochs(make_iter, epochs: int = 1, min_seconds: float = 0.0) -> tuple[float, int]:
+    """(seconds, images) of at least ``epochs`` whole epochs of ``make_iter()``, continuing until
+    ``min_seconds`` have passed (small datasets would otherwise time mostly the epoch start)."""
+    t0, n, done = time.perf_counter(), 0, 0
     while True:
         for images, _ in make_iter():
             n += images.shape[0]
-        if time.perf_counter() - t0 >= min_seconds:
+        done += 1
+        if done >= epochs and time.perf_counter() - t0 >= min_seconds:
             return time.perf_counter() - t0, n
 
 
-def _stage_breakdown(loader, H, W, OUT_H, OUT_W) -> dict:
-    """ms per image of each stage, from one epoch of each truncated pipeline over the same order."""
+def _stage_breakdown(loader) -> dict:
+    """ms per image of each stage, from at least 0.5 s of each truncated pipeline over the same order."""
+    from .pipelines.sampling import H, OUT_H, OUT_W, W
     order, params = loader.epoch_plan(loader.epoch)
     reader = loader.reader
     t0 = time.perf_counter()
@@ -167,10 +168,10 @@ def _stage_breakdown(loader, H, W, OUT_H, OUT_W) -> dict:
     results = {}
     for name, pipeline, p in (("decode", _decode_only_pipeline(loader), decode_only),
                               ("geometry", loader.pipeline, params)):
-        _timed_epochs(lambda: pipeline.run_epoch(order, p), 0.0)  # warm-up: pipeline build, caches
-        dt, n = _timed_epochs(lambda: pipeline.run_epoch(order, p))
+        timed_epochs(lambda: pipeline.run_epoch(order, p))  # warm-up: pipeline build, caches
+        dt, n = timed_epochs(lambda: pipeline.run_epoch(order, p), min_seconds=0.5)
         results[name] = dt / n
-    dt, n = _timed_epochs(lambda: iter(loader))
+    dt, n = timed_epochs(lambda: iter(loader), min_seconds=0.5)
     full = dt / n
     ms = {"read": read * 1e3, "decode": max(0.0, results["decode"] - read) * 1e3,
           "geometry": (results["geometry"] - results["decode"]) * 1e3,
@@ -190,23 +191,26 @@ def _decode_only_pipeline(loader):
     return loader.pipeline
 
 
-def _child(queue, kwargs):
+def _call_into_queue(queue, fn, args):
     try:
-        queue.put(("ok", _measure_backend(**kwargs)))
-    except BaseException as e:  # report, never hang the parent
+        queue.put(("ok", fn(*args)))
+    except BaseException as e:  # report, never leave the parent waiting
         queue.put(("error", f"{type(e).__name__}: {e}"))
 
 
-def _run_isolated(kwargs) -> dict:
-    # spawn, not fork: a fork of a process whose ffcv/DALI/TBB threads hold locks can deadlock
-    ctx = mp.get_context("spawn")
+def run_in_process(fn, *args, context: str = "spawn"):
+    """``fn(*args)`` in a child process of its own; its result, or RuntimeError with its error.
+
+    spawn by default: a fork of a process whose ffcv/DALI/TBB threads hold locks can deadlock
+    (callers need an ``if __name__ == "__main__":`` guard). fork suits a parent with no loader."""
+    ctx = mp.get_context(context)
     q = ctx.Queue()
-    p = ctx.Process(target=_child, args=(q, kwargs))
+    p = ctx.Process(target=_call_into_queue, args=(q, fn, args))
     p.start()
     status, payload = q.get()
     p.join()
     if status == "error":
-        raise BenchError(f"backend {kwargs['backend']!r} failed: {payload}")
+        raise RuntimeError(payload)
     return payload
 
 
@@ -241,8 +245,11 @@ def run_bench(directories, split="train", spec=None, backend="all", batch_size=6
     for d, b in plan:
         for w in worker_list:
             bar.set_postfix_str(f"{b} x{w}")
-            runs.append(_run_isolated(dict(directory=d, split=split, spec=spec, backend=b, batch_size=batch_size,
-                                           batches=batches, repeats=repeats, workers=w, device=device)))
+            try:
+                runs.append(run_in_process(_measure_backend, d, split, spec, b, batch_size, batches, repeats, w,
+                                           device))
+            except RuntimeError as e:
+                raise BenchError(f"backend {b!r} failed: {e}") from None
             bar.update(1)
     bar.close()
     best = {}

@@ -12,20 +12,16 @@ SAMPLE = Path(__file__).parent / "sample" / "imagenet-sample"
 
 
 def _throughput(path: str, backend: str, workers: int, epochs: int = 3) -> dict:
+    from .bench import timed_epochs
     from .loader import FastLoader
     t0 = time.perf_counter()
     loader = FastLoader(path, "validation", batch_size=16, spec="imagenet:train", backend=backend,
                         num_workers=workers, drop_last=False)
-    first = None
-    n = 0
-    for images, labels in loader:  # warm-up epoch: includes ffcv's JIT compile
-        first = first or time.perf_counter() - t0
-        n += images.shape[0]
-    t1, n = time.perf_counter(), 0
-    for _ in range(epochs):
-        for images, labels in loader:
-            n += images.shape[0]
-    rate = n / (time.perf_counter() - t1)
+    images = next(iter(loader))[0]  # first batch: includes ffcv's JIT compile
+    first = time.perf_counter() - t0
+    timed_epochs(lambda: iter(loader))  # rest of the warm-up
+    dt, n = timed_epochs(lambda: iter(loader), epochs)
+    rate = n / dt
     return {"backend": backend, "first_batch_s": first, "images_per_s": rate,
             "batch": tuple(images.shape), "dtype": str(images.dtype).replace("torch.", "")}
 

@@ -10,11 +10,11 @@ median of repeats.
 from __future__ import annotations
 
 import argparse
-import multiprocessing as mp
 import statistics
 import sys
-import time
 from pathlib import Path
+
+from fastload.bench import run_in_process, timed_epochs
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -33,27 +33,16 @@ def configs():
     }
 
 
-def run(path, backend, name, workers, bs, epochs, repeats, queue):
-    try:
-        import torch
-        from fastload import FastLoader, PreprocessSpec
-        torch.set_num_threads(workers)
-        spec = PreprocessSpec.preset("imagenet", train=True).replace(**configs()[name])
-        loader = FastLoader(path, "validation", batch_size=bs, spec=spec, backend=backend, num_workers=workers,
-                            drop_last=False, distributed=False)
-        for _ in range(2):
-            for _ in loader:
-                pass
-        rates = []
-        for _ in range(repeats):
-            t0, n = time.perf_counter(), 0
-            for _ in range(epochs):
-                for x, _y in loader:
-                    n += x.shape[0]
-            rates.append(n / (time.perf_counter() - t0))
-        queue.put(statistics.median(rates))
-    except BaseException as e:  # noqa: BLE001
-        queue.put(e)
+def run(path, backend, name, workers, bs, epochs, repeats):
+    import torch
+    from fastload import FastLoader, PreprocessSpec
+    torch.set_num_threads(workers)
+    spec = PreprocessSpec.preset("imagenet", train=True).replace(**configs()[name])
+    loader = FastLoader(path, "validation", batch_size=bs, spec=spec, backend=backend, num_workers=workers,
+                        drop_last=False, distributed=False)
+    timed_epochs(lambda: iter(loader), 2)  # warm-up
+    return statistics.median(n / dt for dt, n in (timed_epochs(lambda: iter(loader), epochs)
+                                                  for _ in range(repeats)))
 
 
 def main():
@@ -74,19 +63,10 @@ def main():
         dirs[fmt] = str(d)
     backends = args.backends.split(",")
     print(f"{'images/s, ' + str(args.workers) + ' workers':<36}" + "".join(f"{b:>11}" for b in backends), flush=True)
-    ctx = mp.get_context("fork")
     for name in configs():
-        row = []
-        for b in backends:
-            q = ctx.Queue()
-            p = ctx.Process(target=run, args=(dirs["beton" if b == "ffcv" else "tfrecord"], b, name, args.workers,
-                                              args.batch_size, args.epochs, args.repeats, q))
-            p.start()
-            r = q.get()
-            p.join()
-            if isinstance(r, BaseException):
-                raise r
-            row.append(r)
+        row = [run_in_process(run, dirs["beton" if b == "ffcv" else "tfrecord"], b, name, args.workers,
+                              args.batch_size, args.epochs, args.repeats, context="fork")  # parent runs no loader
+               for b in backends]
         print(f"{name:<36}" + "".join(f"{r:>11.0f}" for r in row), flush=True)
     return 0
 

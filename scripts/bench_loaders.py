@@ -7,30 +7,22 @@ Converts the sample at original resolution (cached under .cache/bench), then for
 train spec (RRC 224 + flip + normalize, float32) and the eval spec (Resize 256 +
 CenterCrop 224 + normalize) prints images/s of: FastLoader on each backend, plain ffcv,
 plain DALI (CPU), and the reference (PIL + torch DataLoader). Each configuration runs in
-its own forked process; warm-up epochs are excluded; figures are medians of repeats.
+its own process; warm-up epochs are excluded; figures are medians of repeats.
 """
 from __future__ import annotations
 
 import argparse
-import multiprocessing as mp
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 
+from fastload.bench import run_in_process, timed_epochs
+
 ROOT = Path(__file__).resolve().parents[1]
 MEAN = np.array([0.485, 0.456, 0.406]) * 255
 STD = np.array([0.229, 0.224, 0.225]) * 255
-
-
-def timed(make_iter, epochs):
-    t0, n = time.perf_counter(), 0
-    for _ in range(epochs):
-        for x, _y in make_iter():
-            n += x.shape[0]
-    return n / (time.perf_counter() - t0)
 
 
 def fastload_iter(path, backend, spec, bs, workers):
@@ -98,34 +90,19 @@ def plain_dali_iter(path, train, bs, workers):
     return epoch
 
 
-def run_config(kind, backend, path, train, bs, workers, epochs, repeats, queue):
-    try:
-        import torch
-        torch.set_num_threads(workers)
-        spec = "imagenet:train" if train else "imagenet:eval"
-        if kind == "fastload":
-            make = fastload_iter(path, backend, spec, bs, workers)
-        elif backend == "ffcv":
-            make = plain_ffcv_iter(path, train, bs, workers)
-        else:
-            make = plain_dali_iter(path, train, bs, workers)
-        timed(make, 2)  # warm-up: JIT compile, pipeline build, page cache
-        rates = [timed(make, epochs) for _ in range(repeats)]
-        queue.put((statistics.median(rates), min(rates), max(rates)))
-    except BaseException as e:  # noqa: BLE001
-        queue.put(e)
-
-
-def measure(*args):
-    ctx = mp.get_context("fork")
-    q = ctx.Queue()
-    p = ctx.Process(target=run_config, args=(*args, q))
-    p.start()
-    out = q.get()
-    p.join()
-    if isinstance(out, BaseException):
-        raise out
-    return out
+def run_config(kind, backend, path, train, bs, workers, epochs, repeats):
+    import torch
+    torch.set_num_threads(workers)
+    spec = "imagenet:train" if train else "imagenet:eval"
+    if kind == "fastload":
+        make = fastload_iter(path, backend, spec, bs, workers)
+    elif backend == "ffcv":
+        make = plain_ffcv_iter(path, train, bs, workers)
+    else:
+        make = plain_dali_iter(path, train, bs, workers)
+    timed_epochs(make, 2)  # warm-up: JIT compile, pipeline build, page cache
+    rates = [n / dt for dt, n in (timed_epochs(make, epochs) for _ in range(repeats))]
+    return statistics.median(rates), min(rates), max(rates)
 
 
 def main():
@@ -150,8 +127,9 @@ def main():
         for kind, backend, fmt in (("fastload", "ffcv", "beton"), ("plain", "ffcv", "beton"),
                                    ("fastload", "dali", "tfrecord"), ("plain", "dali", "tfrecord"),
                                    ("fastload", "reference", "tfrecord")):
-            med, lo, hi = measure(kind, backend, dirs[fmt], train, args.batch_size, args.workers, args.epochs,
-                                  args.repeats)
+            # fork: this parent runs no loader itself
+            med, lo, hi = run_in_process(run_config, kind, backend, dirs[fmt], train, args.batch_size, args.workers,
+                                         args.epochs, args.repeats, context="fork")
             rows.append((name, f"{kind} {backend}", med, lo, hi))
             print(f"{name:<26} {kind + ' ' + backend:<20} {med:8.0f} img/s  (min {lo:.0f}, max {hi:.0f})", flush=True)
     print()
