@@ -39,17 +39,14 @@ class BatchTransform:
         self.labels = torch.from_numpy(np.ascontiguousarray(labels).astype(np.int64))
         self.num_classes = num_classes
         self.multi_label = multi_label
-        mean, std = spec.normalize.resolve(dataset_stats)
-        # x_norm = x * scale - shift, x in 0..255
-        std_t = torch.tensor(std, dtype=torch.float32, device=device)
-        self.scale = (1.0 / (255.0 * std_t)).view(1, 3, 1, 1)
-        self.shift = (torch.tensor(mean, dtype=torch.float32, device=device) / std_t).view(1, 3, 1, 1)
+        mean, std = (np.asarray(v, np.float64) for v in spec.normalize.resolve(dataset_stats))
+        # x_norm = x * scale - shift, x in 0..255; numpy for backends that fuse it, torch for us
+        self.normalize_params = ((1.0 / (255.0 * std)).astype(np.float32), (mean / std).astype(np.float32))
+        self.scale, self.shift = (torch.from_numpy(v).to(device).view(1, 3, 1, 1) for v in self.normalize_params)
         self.augment = BatchAugment(spec) if (spec.color_jitter or spec.auto_augment) else None
         self.float_dtype = torch.float16 if spec.dtype == "float16" else torch.float32
         # A backend may normalize inside its own kernels when nothing needs the 0..255 levels
         self.backend_may_normalize = self.augment is None and spec.dtype != "uint8"
-        self.normalize_params = ((1.0 / (255.0 * np.asarray(std))).astype(np.float32),
-                                 (np.asarray(mean) / np.asarray(std)).astype(np.float32))
 
     def make_labels(self, index: np.ndarray) -> torch.Tensor:
         raw = self.labels[torch.from_numpy(np.asarray(index, np.int64))]

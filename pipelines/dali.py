@@ -109,20 +109,21 @@ class DALIPipeline:
             jpegs, index = outputs[0], outputs[-1]
             arg = dict(zip(fields, outputs[1:-1]))
             decoder = "mixed" if gpu else "cpu"
-            size = fn.constant(fdata=[float(th), float(tw)])
+
+            def window(images):  # the output window, zero padding outside the image
+                return fn.slice(images, arg["window"], fn.constant(fdata=[float(th), float(tw)]), axes=[0, 1],
+                                normalized_anchor=False, normalized_shape=False, out_of_bounds_policy="pad",
+                                fill_values=0)
+
             if self.decode_only:
-                images = fn.decoders.image(jpegs, device=decoder, output_type=types.RGB)
-                images = fn.slice(images, arg["window"], size, axes=[0, 1], normalized_anchor=False,
-                                  normalized_shape=False, out_of_bounds_policy="pad", fill_values=0)
-                return images, index
+                return window(fn.decoders.image(jpegs, device=decoder, output_type=types.RGB)), index
             images = fn.decoders.image_slice(jpegs, arg["box_anchor"], arg["box_shape"], axes=[0, 1],
                                              normalized_anchor=False, normalized_shape=False,
                                              device=decoder, output_type=types.RGB)
             images = fn.resize(images, resize_y=arg["out_h"], resize_x=arg["out_w"], antialias=True,
                                interp_type=types.INTERP_LINEAR, subpixel_scale=False)
             if "window" in arg:
-                images = fn.slice(images, arg["window"], size, axes=[0, 1], normalized_anchor=False,
-                                  normalized_shape=False, out_of_bounds_policy="pad", fill_values=0)
+                images = window(images)
             flip = arg["flip"]
             if self.normalize is None:
                 images = fn.flip(images, horizontal=flip)
