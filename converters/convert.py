@@ -8,6 +8,7 @@ shard is done are the final files assembled and ``manifest.json`` written, last.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import multiprocessing as mp
@@ -70,12 +71,14 @@ def _run_shard(task: ShardTask) -> dict:
     # Raw bytes: we decide passthrough vs re-encode ourselves.
     ds = ds.cast_column(schema.image_column, datasets.Image(decode=False))
     tmp = Path(task.path).with_name(f".{Path(task.path).name}.tmp")
+    final = settings["format"] == "tfrecord"  # beton staging is temporary: no fsync, no checksum
     hist = np.zeros((3, 256), np.int64)
     rows, skipped, index_entries = [], [], []
     passthrough = 0
     pos = 0
     pending = 0
-    with open(tmp, "wb") as f:
+    with open(tmp, "wb") as raw:
+        f = _HashingWriter(raw)  # checksum while writing: no second read of the shard
         for offset in range(task.start, task.stop, 256):
             batch = ds[offset:min(task.stop, offset + 256)]
             n = len(batch[schema.image_column])
@@ -102,7 +105,7 @@ def _run_shard(task: ShardTask) -> dict:
                 ex = tfrecord.encode_example({IMAGE_FEATURE: img.jpeg}, ints)
                 size = tfrecord.write_record(f, ex.data)
                 index_entries.append((pos, size))
-                rows.append([pos + 12 + ex.image_offset, len(img.jpeg), img.height, img.width, index,
+                rows.append([pos + tfrecord.RECORD_HEADER + ex.image_offset, len(img.jpeg), img.height, img.width, index,
                              labels[schema.target], [labels[c][0] for c in schema.extra_labels]])
                 pos += size
                 hist += img.histogram
@@ -111,22 +114,34 @@ def _run_shard(task: ShardTask) -> dict:
                 if pending >= 16:
                     progress.put(pending)
                     pending = 0
-        f.flush()
-        if settings["format"] == "tfrecord":  # final files are made durable; beton staging is rebuilt anyway
-            os.fsync(f.fileno())
+        raw.flush()
+        if final:
+            os.fsync(raw.fileno())
     progress.put(pending)
     idx_path = Path(task.path).with_suffix(".idx")
-    atomic_write_bytes(idx_path, tfrecord.format_index(index_entries).encode())
+    index_bytes = tfrecord.format_index(index_entries).encode()
+    atomic_write_bytes(idx_path, index_bytes)
     os.replace(tmp, task.path)
-    final = settings["format"] == "tfrecord"  # staged shards of a .beton need no checksum
     done = {"split": task.split, "shard": task.shard, "count": len(rows), "passthrough": passthrough,
             "skipped": skipped, "histogram": hist.tolist(), "rows": rows,
-            "file": {"path": Path(task.path).name, "size": os.path.getsize(task.path),
-                     "sha256": sha256_file(Path(task.path)) if final else None, "records": len(rows)},
-            "index": {"path": idx_path.name, "size": idx_path.stat().st_size,
-                      "sha256": sha256_file(idx_path) if final else None}}
+            "file": {"path": Path(task.path).name, "size": f.size,
+                     "sha256": f.sha256.hexdigest() if final else None, "records": len(rows)},
+            "index": {"path": idx_path.name, "size": len(index_bytes),
+                      "sha256": hashlib.sha256(index_bytes).hexdigest() if final else None}}
     atomic_write_bytes(Path(task.done_path), json.dumps(done).encode())
     return done
+
+
+class _HashingWriter:
+    """A file's ``write`` that also keeps its sha256 and size."""
+
+    def __init__(self, f):
+        self.f, self.sha256, self.size = f, hashlib.sha256(), 0
+
+    def write(self, data) -> None:
+        self.f.write(data)
+        self.sha256.update(data)
+        self.size += len(data)
 
 
 def _check_labels(labels: dict, schema: Schema, split: str, index: int) -> None:

@@ -150,7 +150,8 @@ def decode_example(data: bytes | memoryview) -> tuple[dict[str, bytes], dict[str
 
 
 # --------------------------------------------------------------------------- framing
-RECORD_OVERHEAD = 16  # 8 length + 4 crc(length) + 4 crc(data)
+RECORD_HEADER = 12    # 8 length + 4 crc(length), before the data
+RECORD_OVERHEAD = 16  # header + 4 crc(data)
 
 
 def write_record(f: BinaryIO, data: bytes) -> int:
@@ -176,10 +177,10 @@ def read_records(buf: bytes | memoryview, check_crc: bool = True) -> Iterator[tu
         (len_crc,) = _U32.unpack(view[pos + 8:pos + 12])
         if check_crc and masked_crc32c(length_bytes) != len_crc:
             raise TFRecordError(f"record {index} at byte {pos}: length checksum mismatch")
-        end = pos + 12 + length + 4
+        end = pos + RECORD_HEADER + length + 4
         if end > len(view):
             raise TFRecordError(f"record {index} at byte {pos}: truncated data ({length} bytes announced)")
-        data = view[pos + 12:pos + 12 + length]
+        data = view[pos + RECORD_HEADER:pos + RECORD_HEADER + length]
         (data_crc,) = _U32.unpack(view[end - 4:end])
         if check_crc and masked_crc32c(data) != data_crc:
             raise TFRecordError(f"record {index} at byte {pos}: data checksum mismatch")
