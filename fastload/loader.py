@@ -118,10 +118,8 @@ class FastLoader:
     @property
     def num_samples(self) -> int:
         """Samples this rank sees per epoch (before drop_last on the final batch)."""
-        n = len(self.reader)
-        if self.world_size == 1:
-            return n
-        return n // self.world_size if self.drop_last else math.ceil(n / self.world_size)
+        from fastload.pipelines.sampling import rank_share
+        return rank_share(len(self.reader), self.world_size, self.drop_last)
 
     def __len__(self) -> int:
         n = self.num_samples

@@ -27,6 +27,13 @@ def rng_for(seed: int, epoch: int, stream: int) -> np.random.Generator:
     return np.random.default_rng([int(seed), int(epoch), stream])
 
 
+def rank_share(n: int, world_size: int, drop_last: bool) -> int:
+    """Samples per rank per epoch under the remainder rule of :func:`epoch_indices`."""
+    if world_size == 1:
+        return n
+    return n // world_size if drop_last else math.ceil(n / world_size)
+
+
 def epoch_indices(n: int, *, shuffle: bool, seed: int, epoch: int, rank: int = 0, world_size: int = 1,
                   drop_last: bool = False) -> np.ndarray:
     """This rank's sample indices for one epoch, with ``DistributedSampler``'s remainder rule:
@@ -35,14 +42,10 @@ def epoch_indices(n: int, *, shuffle: bool, seed: int, epoch: int, rank: int = 0
     ``ceil(n / world_size)`` (up to ``world_size - 1`` samples appear twice in an epoch)."""
     order = rng_for(seed, epoch, _ORDER_STREAM).permutation(n) if shuffle else np.arange(n)
     if world_size > 1:
-        if drop_last:
-            total = (n // world_size) * world_size
-            order = order[:total]
-        else:
-            total = math.ceil(n / world_size) * world_size
-            if total > n:
-                order = np.concatenate([order, np.resize(order, total - n)])
-        order = order[rank::world_size]
+        total = rank_share(n, world_size, drop_last) * world_size
+        if total > n:  # pad with the order's own first samples
+            order = np.concatenate([order, np.resize(order, total - n)])
+        order = order[:total][rank::world_size]
     return order.astype(np.int64)
 
 
