@@ -7,7 +7,7 @@ STAMP := $(VENV)/.fastload-setup-done
 
 setup: $(STAMP)
 
-$(STAMP): scripts/setup.sh pyproject.toml constraints.txt
+$(STAMP): scripts/setup.sh pyproject.toml constraints.txt pipelines/_jpeg.c
 	bash scripts/setup.sh
 
 demo: $(STAMP)

@@ -24,7 +24,6 @@ import numpy as np
 from .manifest import DatasetError, Manifest
 from .records import SplitReader
 
-STORAGE_BACKENDS = {"beton": ("ffcv", "reference"), "tfrecord": ("dali", "reference")}
 STAGES = ("read", "decode", "geometry", "batch_ops")
 
 
@@ -151,44 +150,53 @@ def timed_epochs(make_iter, epochs: int = 1, min_seconds: float = 0.0) -> tuple[
             return time.perf_counter() - t0, n
 
 
-def _stage_breakdown(loader) -> dict:
-    """ms per image of each stage, from at least 0.5 s of each truncated pipeline over the same order."""
-    from .pipelines.sampling import H, OUT_H, OUT_W, W
+def _stage_breakdown(loader, repeats: int = 3) -> dict:
+    """ms per image of each stage, from truncated pipelines over the same order (each timed for at
+    least 0.3 s, interleaved, median of ``repeats``): read (touch the JPEG bytes), decode (the
+    backend's ``decode_stage``: decode, cut the window), geometry (the backend: + resample, flip,
+    fused normalization), batch ops (the full FastLoader: + labels, augmentations, transfer).
+
+    Stages are differences of cumulative times. Each cumulative time is capped by the full
+    pipeline's and is at least the previous one's, so stages are >= 0 and add up to the full
+    pipeline; a stage that measured below 0 is reported as 0 and named in ``notes`` (its work is
+    fused into the stage before it, or smaller than the timing noise)."""
     order, params = loader.epoch_plan(loader.epoch)
     reader = loader.reader
-    t0 = time.perf_counter()
-    total = 0
-    for i in order:
-        total += int(reader.jpeg(int(i)).sum(dtype=np.uint64) & 1)  # touch every byte
-    read = (time.perf_counter() - t0) / len(order)
-    decode_only = params.copy()
-    decode_only[:] = 0
-    decode_only[:, H], decode_only[:, W] = reader.heights, reader.widths
-    decode_only[:, OUT_H], decode_only[:, OUT_W] = reader.heights, reader.widths  # no resampling
-    results = {}
-    for name, pipeline, p in (("decode", _decode_only_pipeline(loader), decode_only),
-                              ("geometry", loader.pipeline, params)):
-        timed_epochs(lambda: pipeline.run_epoch(order, p))  # warm-up: pipeline build, caches
-        dt, n = timed_epochs(lambda: pipeline.run_epoch(order, p), min_seconds=0.5)
-        results[name] = dt / n
-    dt, n = timed_epochs(lambda: iter(loader), min_seconds=0.5)
-    full = dt / n
-    ms = {"read": read * 1e3, "decode": max(0.0, results["decode"] - read) * 1e3,
-          "geometry": (results["geometry"] - results["decode"]) * 1e3,
-          "batch_ops": (full - results["geometry"]) * 1e3}
-    return {"ms_per_image": ms, "full_ms_per_image": full * 1e3,
-            "rates": {"decode": 1 / results["decode"], "decode+geometry": 1 / results["geometry"], "full": 1 / full}}
+    decode_stage = loader.pipeline.decode_stage()
 
+    def read():
+        total = 0
+        for i in order:
+            total += int(reader.jpeg(int(i)).sum(dtype=np.uint64) & 1)  # touch every byte
+        yield np.zeros((len(order), 1)), None
 
-def _decode_only_pipeline(loader):
-    """A pipeline that decodes and cuts the output window without resampling. ffcv and the
-    reference do that from identity geometry rows; DALI's graph always resizes, so it gets a
-    truncated graph of its own."""
-    if loader.backend == "dali":
-        from .pipelines.dali import DALIPipeline
-        return DALIPipeline(loader.reader, loader.spec, loader.batch_size, loader.num_workers, False,
-                            device=loader.device, decode_only=True)
-    return loader.pipeline
+    runs = {"read": read, "decode": lambda: decode_stage.run_epoch(order, params),
+            "geometry": lambda: loader.pipeline.run_epoch(order, params), "batch_ops": lambda: iter(loader)}
+    for make in runs.values():
+        timed_epochs(make)  # warm-up: pipeline builds, caches
+    seconds = {name: [] for name in runs}
+    for _ in range(repeats):
+        for name, make in runs.items():
+            dt, n = timed_epochs(make, min_seconds=0.3)
+            seconds[name].append(dt / n)
+    decode_stage.close()
+    measured = {name: statistics.median(v) for name, v in seconds.items()}
+    full = measured["batch_ops"]
+    cumulative, notes, previous = {}, [], 0.0
+    for name in STAGES:
+        t = max(previous, min(measured[name], full))
+        if measured[name] < previous:
+            notes.append(f"{name} measured below the stage before it: reported as 0 ms "
+                         "(fused into it, or within the timing noise)")
+        cumulative[name], previous = t, t
+    ms, previous = {}, 0.0
+    for name in STAGES:
+        ms[name] = (cumulative[name] - previous) * 1e3
+        previous = cumulative[name]
+    return {"ms_per_image": ms, "full_ms_per_image": full * 1e3, "notes": notes,
+            "measured_ms_per_image": {k: v * 1e3 for k, v in measured.items()},
+            "rates": {"decode": 1 / measured["decode"], "decode+geometry": 1 / measured["geometry"],
+                      "full": 1 / full}}
 
 
 def _call_into_queue(queue, fn, args):
@@ -219,25 +227,29 @@ def run_bench(directories, split="train", spec=None, backend="all", batch_size=6
               workers=None, sweep_workers=False, device="cpu", json_out=None, plot=None, progress=True,
               echo=print) -> dict:
     from tqdm.auto import tqdm
+    from .pipelines import registry
+    from .spec import resolve_spec
     if isinstance(directories, (str, os.PathLike)):
         directories = [directories]
-    if backend not in ("all", "ffcv", "dali", "reference"):
-        raise BenchError(f"backend={backend!r} is unknown: allowed 'all', 'ffcv', 'dali', 'reference'")
+    if backend != "all" and backend not in registry.backend_names():
+        raise BenchError(f"backend={backend!r} is unknown: allowed 'all' or one of {registry.backend_names()}")
     readers = {}
     for d in directories:
         try:
             m = Manifest.read(d)
             readers[d] = SplitReader(m, split)
-        except DatasetError as e:
+            resolve_spec(spec, m.preset, train=split == "train")  # a bad spec fails here, before any backend
+        except (DatasetError, ValueError) as e:
             raise BenchError(str(e)) from None
-    plan = []  # (directory, backend)
+    plan = []  # (directory, backend): each backend once, on the first directory it reads
     for d, r in readers.items():
-        for b in STORAGE_BACKENDS[r.manifest.storage]:
+        for b in registry.backends_for(r.manifest.storage):
             if (backend == "all" or backend == b) and not any(b == pb for _, pb in plan):
                 plan.append((d, b))
     if not plan:
         stores = {str(d): r.manifest.storage for d, r in readers.items()}
-        raise BenchError(f"backend {backend!r} cannot read {stores}: ffcv reads beton, dali reads tfrecord")
+        reads = {b: registry.entry(b).storages for b in registry.backend_names()}
+        raise BenchError(f"backend {backend!r} cannot read {stores}: backends read {reads}")
     cores = os.cpu_count() or 1
     worker_list = sorted({1, max(1, cores // 2), cores}) if sweep_workers else [workers or cores]
     runs = []
@@ -290,6 +302,9 @@ def format_table(report: dict) -> str:
                      f"{r['cpu_s_per_image'] * 1e3:>12.2f}{r['peak_rss_mb']:>9.0f}{r['time_to_first_batch_s']:>12.1f}"
                      f"{100 * r['fraction_of_decode_limit']:>8.0f}%{(f'{sp:.2f}x' if sp else '-'):>8}   "
                      + " / ".join(f"{st[s]:.2f}" for s in STAGES))
+    for r in report["results"]:
+        for note in r["stages"].get("notes", []):
+            lines.append(f"  note ({r['backend']}): {note}")
     return "\n".join(lines)
 
 
@@ -310,7 +325,7 @@ def plot_report(report: dict, path) -> None:
     ax1.legend()
     bottom = np.zeros(len(results))
     for stage in STAGES:
-        vals = np.array([max(0.0, r["stages"]["ms_per_image"][stage]) for r in results])
+        vals = np.array([r["stages"]["ms_per_image"][stage] for r in results])  # >= 0, add up to full
         ax2.bar(names, vals, bottom=bottom, label=stage)
         bottom += vals
     ax2.set_ylabel("ms / image (wall, at the run's parallelism)")

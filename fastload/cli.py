@@ -5,6 +5,8 @@ import sys
 
 import click
 
+from fastload.pipelines.registry import backend_names  # light: names only, no backend imported
+
 
 def _fail(message: str) -> None:
     click.echo(f"error: {message}", err=True)
@@ -75,7 +77,7 @@ def verify(directory, no_decode):
 @click.option("--split", default="train", show_default=True)
 @click.option("--spec", default=None, help="Preset name ('imagenet', 'imagenet:eval'), or a .json/.yaml spec file.")
 @click.option("--backend", default="all", show_default=True,
-              type=click.Choice(["all", "ffcv", "dali", "reference"]))
+              type=click.Choice(["all", *backend_names()]))
 @click.option("--batch-size", default=64, show_default=True, type=click.IntRange(1))
 @click.option("--batches", default=None, type=click.IntRange(1), help="Batches per repeat (default: one epoch).")
 @click.option("--repeats", default=3, show_default=True, type=click.IntRange(1))
@@ -102,7 +104,7 @@ def bench(directories, split, spec, backend, batch_size, batches, repeats, worke
 @click.argument("directory", type=click.Path())
 @click.option("--split", default="train", show_default=True)
 @click.option("--spec", default=None, help="Preset name or .json/.yaml spec file (default: the dataset's preset).")
-@click.option("--backend", default="auto", show_default=True, type=click.Choice(["auto", "ffcv", "dali", "reference"]))
+@click.option("--backend", default="auto", show_default=True, type=click.Choice(["auto", *backend_names()]))
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="PNG file to write.")
 @click.option("--n", default=16, show_default=True, type=click.IntRange(1, 256))
 @click.option("--seed", default=0, show_default=True)

@@ -6,19 +6,16 @@ and geometry rows (shared, seeded) -> the backend's decode + geometry -> shared 
 """
 from __future__ import annotations
 
-import math
 import os
 from typing import Iterator
 
 import numpy as np
 import torch
 
-from .manifest import DatasetError, Manifest
+from .manifest import Manifest
+from .pipelines import registry
 from .records import SplitReader
 from .spec import PreprocessSpec, resolve_spec
-
-BACKENDS = ("auto", "ffcv", "dali", "reference")
-STORAGE_BACKEND = {"beton": "ffcv", "tfrecord": "dali"}
 
 
 def resolve_device(device) -> torch.device:
@@ -71,8 +68,8 @@ class FastLoader:
             raise ValueError(f"batch_size={batch_size!r} is invalid: allowed an int >= 1")
         if order not in ("random", "sequential"):
             raise ValueError(f"order={order!r} is invalid: allowed 'random' or 'sequential'")
-        if backend not in BACKENDS:
-            raise ValueError(f"backend={backend!r} is invalid: allowed {BACKENDS}")
+        if backend != "auto":
+            registry.entry(backend)  # an unknown name fails before the dataset is opened
         self.manifest = Manifest.read(path)
         self.split = split
         self.reader = SplitReader(self.manifest, split)
@@ -85,30 +82,17 @@ class FastLoader:
         self.num_workers = num_workers if num_workers is not None else max(1, (os.cpu_count() or 1))
         self.rank, self.world_size = distributed_rank_world(distributed)
         self.epoch = 0
-        self.backend = STORAGE_BACKEND[self.manifest.storage] if backend == "auto" else backend
-        if self.backend == "ffcv" and self.manifest.storage != "beton":
-            raise DatasetError(f"backend='ffcv' needs a .beton dataset; {self.manifest.root} was converted to "
-                               f"{self.manifest.storage!r} (use backend='dali' or 'auto', or convert with --format beton)")
-        if self.backend == "dali" and self.manifest.storage != "tfrecord":
-            raise DatasetError(f"backend='dali' needs a TFRecord dataset; {self.manifest.root} was converted to "
-                               f"{self.manifest.storage!r} (use backend='ffcv' or 'auto', or convert with --format tfrecord)")
+        entry = registry.resolve_backend(backend, self.manifest.storage, self.manifest.root)
+        self.backend = entry.name
+        from fastload.pipelines.base import BackendOptions
         from fastload.pipelines.batch_ops import BatchTransform
         self.transform = BatchTransform(self.spec, self.reader.labels, self.manifest.num_classes,
                                         self.manifest.multi_label, self.reader.info.stats, self.device)
-        self.pipeline = self._make_pipeline()
-
-    def _make_pipeline(self):
-        args = (self.reader, self.spec, self.batch_size, self.num_workers, self.drop_last)
-        # ffcv and DALI fuse normalization into their last pass when no op needs 0..255 levels
+        # backends that fuse normalization do it in their last pass when no op needs 0..255 levels
         fused = self.transform.normalize_params if self.transform.backend_may_normalize else None
-        if self.backend == "ffcv":
-            from fastload.pipelines.ffcv import FFCVPipeline
-            return FFCVPipeline(*args, normalize=fused)
-        if self.backend == "dali":
-            from fastload.pipelines.dali import DALIPipeline
-            return DALIPipeline(*args, device=self.device, seed=self.seed, normalize=fused)
-        from fastload.pipelines.reference import ReferencePipeline
-        return ReferencePipeline(*args)
+        options = BackendOptions(batch_size=batch_size, num_workers=self.num_workers, drop_last=self.drop_last,
+                                 device=self.device, seed=self.seed, normalize=fused)
+        self.pipeline = entry.load()(self.reader, self.spec, options)
 
     # ------------------------------------------------------------------ torch-like surface
     def set_epoch(self, epoch: int) -> None:
@@ -122,8 +106,8 @@ class FastLoader:
         return rank_share(len(self.reader), self.world_size, self.drop_last)
 
     def __len__(self) -> int:
-        n = self.num_samples
-        return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
+        from fastload.pipelines.sampling import num_batches
+        return num_batches(self.num_samples, self.batch_size, self.drop_last)
 
     def epoch_plan(self, epoch: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(this rank's sample order, per-sample geometry rows) of an epoch: pure functions of the seed."""
@@ -136,24 +120,25 @@ class FastLoader:
         return order, params
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        from fastload.pipelines.sampling import augment_rng
         epoch = self.epoch
         order, params = self.epoch_plan(epoch)
-        rng = np.random.default_rng([self.seed, epoch, 2, self.rank])
+        rng = augment_rng(self.seed, epoch, self.rank)
         threads = torch.get_num_threads()
         # ffcv/DALI decode on their own worker threads; on CPU, torch's intra-op threads in light
         # batch ops only fight them for cores (measured: -10..40% on 2 cores). Augmentations on
         # CPU are heavy enough to be the bottleneck: they keep the caller's threads.
         light = self.transform.augment is None and not self.spec.mixup.mixes
         batch_threads = 1 if (self.device.type == "cpu" and self.backend != "reference" and light) else threads
-        try:
-            for images, index in self.pipeline.run_epoch(order, params):
-                torch.set_num_threads(batch_threads)
+        for images, index in self.pipeline.run_epoch(order, params):
+            # restored before the yield: a generator left suspended there (a `break`, then exit)
+            # has nothing to undo when the interpreter closes it
+            torch.set_num_threads(batch_threads)
+            try:
                 batch = self.transform(images, index, rng)
+            finally:
                 torch.set_num_threads(threads)
-                yield batch
-        finally:
-            if torch.get_num_threads() != threads:
-                torch.set_num_threads(threads)
+            yield batch
         self.epoch = epoch + 1  # a completed pass moves on, as ffcv's Loader does
 
     def __repr__(self) -> str:

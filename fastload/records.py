@@ -13,6 +13,10 @@ import numpy as np
 
 from .manifest import DatasetError, Manifest
 
+class SampleDecodeError(DatasetError):
+    """A stored sample that does not decode at load time; names the split, index and data file."""
+
+
 RECORD_FIELDS = [("file", "<u2"), ("offset", "<u8"), ("size", "<u4"),
                  ("height", "<u4"), ("width", "<u4"), ("source_index", "<i8")]
 
@@ -73,9 +77,18 @@ class SplitReader:
     def image(self, i: int):
         """The stored image decoded by PIL (RGB): what the reference pipeline sees."""
         from PIL import Image
-        im = Image.open(io.BytesIO(self.jpeg(i).tobytes()))
-        im.load()
+        try:
+            im = Image.open(io.BytesIO(self.jpeg(i).tobytes()))
+            im.load()
+        except (OSError, SyntaxError, ValueError) as e:  # PIL's errors for bad image data
+            raise self.sample_error(i, f"{type(e).__name__}: {e}") from None
         return im.convert("RGB") if im.mode != "RGB" else im
+
+    def sample_error(self, i: int, problem: str) -> SampleDecodeError:
+        data = self.data_files[int(self.records[i]["file"])]
+        return SampleDecodeError(f"split {self.split!r} sample {i} (in {data}) does not decode: {problem}. "
+                                 f"Run `fastload verify {self.manifest.root}`; reconvert with --skip-corrupt "
+                                 "to leave such images out")
 
     @property
     def labels(self) -> np.ndarray:

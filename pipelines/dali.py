@@ -13,6 +13,7 @@ the window (constant padding), ``flip``.
 from __future__ import annotations
 
 import warnings
+from collections import deque
 from typing import Iterator
 
 import numpy as np
@@ -20,7 +21,8 @@ import torch
 
 from fastload.spec import RandomCrop, RandomResizedCrop
 
-from .sampling import FLIP, H, LEFT, OUT_H, OUT_W, TOP, W, X0, Y0
+from .base import Backend, BackendOptions
+from .sampling import FLIP, H, LEFT, OUT_H, OUT_W, TOP, W, X0, Y0, epoch_batches
 
 
 class _EpochSource:
@@ -37,37 +39,32 @@ class _EpochSource:
         self.fields = fields
         self.order = np.zeros(0, np.int64)
         self.params = None
+        self.fed = deque()  # index arrays handed to DALI and not yet returned (to name a failing sample)
 
     def __iter__(self):
-        order, params, bs = self.order, self.params, self.batch_size
-        stop = len(order) - (len(order) % bs if self.drop_last else 0)
-        for start in range(0, stop, bs):
-            idx = order[start:start + bs]
-            p = params[idx]
+        self.fed.clear()
+        for idx in epoch_batches(self.order, self.batch_size, self.drop_last):
+            self.fed.append(idx)
+            p = self.params[idx]
             columns = [np.ascontiguousarray(p[:, self.COLUMNS[f][0]], self.COLUMNS[f][1]) for f in self.fields]
             yield ([self.reader.jpeg(int(i)) for i in idx], *columns, np.ascontiguousarray(idx, np.int64))
 
 
-def cuda_available() -> bool:
-    return torch.cuda.is_available()
-
-
-class DALIPipeline:
+class DALIBackend(Backend):
+    """``normalize`` fused: flip, normalize and layout run in DALI's ``crop_mirror_normalize``."""
     name = "dali"
+    storages = ("tfrecord",)
+    fuses_normalization = True
 
-    def __init__(self, reader, spec, batch_size: int, num_workers: int, drop_last: bool,
-                 device: torch.device, seed: int = 0, normalize=None, decode_only: bool = False):
-        """``normalize``: None (yield uint8 NHWC) or (scale[3], shift[3]): flip, normalize and
-        layout then run fused in DALI's ``crop_mirror_normalize`` (float32, NCHW or NHWC).
-        ``decode_only``: a truncated graph for ``fastload bench`` (decode, then cut the window)."""
+    def __init__(self, reader, spec, options: BackendOptions, decode_only: bool = False):
+        """``decode_only``: the truncated graph of ``fastload bench``'s decode stage (decode, cut the window)."""
         if isinstance(spec.geometry, RandomCrop) and spec.geometry.padding_mode != "constant":
             raise ValueError(f"random_crop.padding_mode={spec.geometry.padding_mode!r} is not supported by "
                              "backend 'dali' (its slice pads with a constant only): use 'constant' or "
                              "backend='ffcv'/'reference'")
-        self.reader, self.spec = reader, spec
-        self.batch_size, self.num_workers, self.seed = batch_size, max(1, num_workers), seed
-        self.device = device
-        self.normalize = normalize
+        super().__init__(reader, spec, options)
+        self.batch_size, self.num_workers, self.seed = options.batch_size, max(1, options.num_workers), options.seed
+        self.device = options.device
         self.decode_only = decode_only
         if decode_only:
             fields = ("window",)
@@ -75,13 +72,16 @@ class DALIPipeline:
             fields = ("box_anchor", "box_shape", "out_h", "out_w", "flip")
         else:
             fields = ("box_anchor", "box_shape", "out_h", "out_w", "window", "flip")
-        self.source = _EpochSource(reader, batch_size, drop_last, fields)
+        self.source = _EpochSource(reader, options.batch_size, options.drop_last, fields)
         self.pipe = None
         self.decode_device = "cpu"
         self._epoch_finished = True
 
+    def decode_stage(self) -> "DALIBackend":
+        return DALIBackend(self.reader, self.spec, self.options, decode_only=True)
+
     def _build(self):
-        want_gpu = cuda_available()
+        want_gpu = torch.cuda.is_available()
         if want_gpu:
             try:
                 self.pipe = self._make(gpu=True)
@@ -155,8 +155,22 @@ class DALIPipeline:
                 images, index = self.pipe.run()
             except StopIteration:
                 break
+            except RuntimeError as e:
+                self._epoch_finished = False
+                raise self._sample_error() or e
+            self.source.fed.popleft()
             yield self._to_torch(images), np.asarray(index.as_array()).reshape(-1)
         self._epoch_finished = True
+
+    def _sample_error(self):
+        """DALI names a failing sample by its place in a batch: find it among the batches in flight."""
+        for idx in self.source.fed:
+            for i in idx:
+                try:
+                    self.reader.image(int(i))
+                except Exception as e:  # the reader names split, index and file
+                    return e
+        return None
 
     def _to_torch(self, images) -> torch.Tensor:
         if self.decode_device == "cpu":

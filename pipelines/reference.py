@@ -16,9 +16,8 @@ from PIL import Image
 
 from fastload.spec import RandomCrop
 
-from .sampling import FLIP, H, LEFT, OUT_H, OUT_W, TOP, W, X0, Y0
-
-_NP_PAD = {"constant": "constant", "edge": "edge", "reflect": "reflect"}
+from .base import Backend, BackendOptions
+from .sampling import FLIP, H, LEFT, OUT_H, OUT_W, TOP, W, X0, Y0, epoch_batches, num_batches
 
 
 def apply_geometry(image: Image.Image, p: np.ndarray, size: tuple[int, int], padding_mode: str = "constant") -> np.ndarray:
@@ -32,10 +31,10 @@ def apply_geometry(image: Image.Image, p: np.ndarray, size: tuple[int, int], pad
         image = image.resize((out_w, out_h), Image.BILINEAR)
     if 0 <= top and 0 <= left and top + th <= out_h and left + tw <= out_w:
         window = np.array(image.crop((left, top, left + tw, top + th)))  # writable, for torch
-    else:  # RandomCrop's padding
+    else:  # RandomCrop's padding (numpy's mode names are the spec's)
         arr = np.asarray(image)
         pad = max(-top, -left, top + th - out_h, left + tw - out_w)
-        padded = np.pad(arr, ((pad, pad), (pad, pad), (0, 0)), mode=_NP_PAD[padding_mode])
+        padded = np.pad(arr, ((pad, pad), (pad, pad), (0, 0)), mode=padding_mode)
         window = padded[top + pad:top + pad + th, left + pad:left + pad + tw]
     # RandomHorizontalFlip comes after the geometry, as in torchvision's pipelines
     return np.ascontiguousarray(window[:, ::-1]) if p[FLIP] else window
@@ -65,25 +64,26 @@ class _EpochBatches:
         self.order, self.params = np.zeros(0, np.int64), None
 
     def __len__(self):
-        n = len(self.order)
-        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+        return num_batches(len(self.order), self.batch_size, self.drop_last)
 
     def __iter__(self):
-        for b in range(len(self)):
-            idx = self.order[b * self.batch_size:(b + 1) * self.batch_size]
+        for idx in epoch_batches(self.order, self.batch_size, self.drop_last):
             yield [(int(i), self.params[i]) for i in idx]
 
 
-class ReferencePipeline:
+class ReferenceBackend(Backend):
     name = "reference"
+    storages = ("beton", "tfrecord")
 
-    def __init__(self, reader, spec, batch_size: int, num_workers: int, drop_last: bool):
+    def __init__(self, reader, spec, options: BackendOptions):
+        super().__init__(reader, spec, options)
         padding_mode = spec.geometry.padding_mode if isinstance(spec.geometry, RandomCrop) else "constant"
-        self.batches = _EpochBatches(batch_size, drop_last)
+        workers = options.num_workers
+        self.batches = _EpochBatches(options.batch_size, options.drop_last)
         self.loader = torch.utils.data.DataLoader(
             _SampleDataset(reader, spec.size, padding_mode), batch_sampler=self.batches,
-            num_workers=num_workers, persistent_workers=num_workers > 0,
-            multiprocessing_context="fork" if num_workers > 0 else None)
+            num_workers=workers, persistent_workers=workers > 0,
+            multiprocessing_context="fork" if workers > 0 else None)
 
     def run_epoch(self, order: np.ndarray, params: np.ndarray) -> Iterator[tuple[torch.Tensor, np.ndarray]]:
         self.batches.order, self.batches.params = order, params

@@ -20,11 +20,16 @@ from fastload.spec import RandomCrop, RandomResizedCrop, ResizeCenterCrop
 PARAM_COLUMNS = ("y0", "x0", "h", "w", "out_h", "out_w", "top", "left", "flip")
 Y0, X0, H, W, OUT_H, OUT_W, TOP, LEFT, FLIP = range(len(PARAM_COLUMNS))
 
-_ORDER_STREAM, _GEOMETRY_STREAM, _AUGMENT_STREAM = 0, 1, 2
+ORDER_STREAM, GEOMETRY_STREAM, AUGMENT_STREAM = 0, 1, 2  # independent random streams per (seed, epoch)
 
 
 def rng_for(seed: int, epoch: int, stream: int) -> np.random.Generator:
     return np.random.default_rng([int(seed), int(epoch), stream])
+
+
+def augment_rng(seed: int, epoch: int, rank: int) -> np.random.Generator:
+    """The batch ops' generator (augmentations, MixUp/CutMix) of one rank in one epoch."""
+    return np.random.default_rng([int(seed), int(epoch), AUGMENT_STREAM, int(rank)])
 
 
 def rank_share(n: int, world_size: int, drop_last: bool) -> int:
@@ -34,13 +39,23 @@ def rank_share(n: int, world_size: int, drop_last: bool) -> int:
     return n // world_size if drop_last else math.ceil(n / world_size)
 
 
+def num_batches(num_samples: int, batch_size: int, drop_last: bool) -> int:
+    """Batches in an epoch of ``num_samples``: the last one partial, or dropped with ``drop_last``."""
+    return num_samples // batch_size if drop_last else -(-num_samples // batch_size)
+
+
+def epoch_batches(order: np.ndarray, batch_size: int, drop_last: bool) -> list[np.ndarray]:
+    """The epoch's order cut into batches: the one batching rule every backend follows."""
+    return [order[b * batch_size:(b + 1) * batch_size] for b in range(num_batches(len(order), batch_size, drop_last))]
+
+
 def epoch_indices(n: int, *, shuffle: bool, seed: int, epoch: int, rank: int = 0, world_size: int = 1,
                   drop_last: bool = False) -> np.ndarray:
     """This rank's sample indices for one epoch, with ``DistributedSampler``'s remainder rule:
     ``drop_last`` drops the last ``n % world_size`` samples of the (shuffled) order so shares stay
     disjoint; otherwise the order is padded with its own first samples so every rank gets
     ``ceil(n / world_size)`` (up to ``world_size - 1`` samples appear twice in an epoch)."""
-    order = rng_for(seed, epoch, _ORDER_STREAM).permutation(n) if shuffle else np.arange(n)
+    order = rng_for(seed, epoch, ORDER_STREAM).permutation(n) if shuffle else np.arange(n)
     if world_size > 1:
         total = rank_share(n, world_size, drop_last) * world_size
         if total > n:  # pad with the order's own first samples
@@ -68,7 +83,7 @@ def geometry_params(geometry, hflip: float, heights: np.ndarray, widths: np.ndar
     n = len(heights)
     h = np.asarray(heights, np.int64)
     w = np.asarray(widths, np.int64)
-    rng = rng_for(seed, epoch, _GEOMETRY_STREAM)
+    rng = rng_for(seed, epoch, GEOMETRY_STREAM)
     p = np.zeros((n, len(PARAM_COLUMNS)), np.int32)
     th, tw = geometry.size
     if isinstance(geometry, RandomResizedCrop):

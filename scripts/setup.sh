@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-APT_PACKAGES=(pkg-config libturbojpeg0-dev libopencv-dev)
+APT_PACKAGES=(pkg-config libturbojpeg0-dev libjpeg62-turbo-dev libopencv-dev)
 PYTHON=${PYTHON:-python3}
 VENV=.venv
 

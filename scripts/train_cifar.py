@@ -59,7 +59,8 @@ def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description="Train a small CNN on CIFAR-10 through FastLoader.")
     ap.add_argument("--data", default=str(ROOT.parent / "shared/data/cifar10-sample"))
     ap.add_argument("--cache", default=str(ROOT / ".cache" / "train_cifar"))
-    ap.add_argument("--backend", default="ffcv", choices=["ffcv", "dali", "reference"])
+    from fastload.pipelines.registry import backend_names, entry
+    ap.add_argument("--backend", default="ffcv", choices=backend_names())
     ap.add_argument("--epochs", type=int, default=12)
     ap.add_argument("--train-images", type=int, default=9000)
     ap.add_argument("--holdout", type=int, default=1000)
@@ -76,7 +77,7 @@ def main(argv=None) -> dict:
     rank = torch.distributed.get_rank() if distributed else 0
     torch.manual_seed(args.seed)
 
-    fmt = "beton" if args.backend == "ffcv" else "tfrecord"
+    fmt = entry(args.backend).storages[0]
     cache = Path(args.cache)
     cache.mkdir(parents=True, exist_ok=True)
     if rank == 0:

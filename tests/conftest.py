@@ -1,7 +1,7 @@
 """Shared fixtures: real data from ../shared/data, converted once per session, and small
 synthetic datasets with the hub's exact schemas (cifar100, COCO) or pixels that encode labels.
 
-ffcv compiles each new loader for seconds: tests that need one share session-scoped loaders.
+Loaders are cheap to build (kernels are cached on disk); DALI pipelines still take a moment.
 """
 from __future__ import annotations
 

@@ -262,7 +262,8 @@ def test_mixing_multilabel_batches(tmp_path):
     spec = PreprocessSpec.preset("coco", train=True).replace(mixup=Mixup(mixup_alpha=1.0))
     loader = FastLoader(tmp_path / "out", "train", batch_size=6, spec=spec, backend="reference", num_workers=0,
                         order="sequential", drop_last=True)
-    rng = np.random.default_rng([0, 0, 2, 0])  # FastLoader's stream for (seed 0, epoch 0, rank 0)
+    from fastload.pipelines.sampling import augment_rng
+    rng = augment_rng(seed=0, epoch=0, rank=0)  # FastLoader's stream for (seed 0, epoch 0, rank 0)
     _, lam, _ = sample_mix(rng, spec.mixup, 224, 224)
     (x, y), _ = list(loader)
     hot = torch.zeros(6, 80)

@@ -1,0 +1,110 @@
+/* Region-of-interest JPEG decoding for the ffcv backend, called through ctypes (the GIL is
+ * released for the call). libjpeg's accurate integer DCT (JDCT_ISLOW) with fancy upsampling:
+ * what PIL decodes, bit for bit. Only the rows a crop needs are decoded (jpeg_skip_scanlines
+ * above, stop below) and, within them, the iMCU columns that cover it (jpeg_crop_scanline).
+ *
+ * Built as an extension module only so that pip compiles and installs it; Python never
+ * imports it (fastload/pipelines/jpeg.py loads it with ctypes).
+ */
+#include <Python.h>
+#include <setjmp.h>
+#include <stdio.h>
+#include <string.h>
+#include <jpeglib.h>
+
+struct error_state {
+    struct jpeg_error_mgr pub;
+    jmp_buf jump;
+    char message[JMSG_LENGTH_MAX];
+};
+
+static void on_error(j_common_ptr cinfo) {
+    struct error_state *e = (struct error_state *)cinfo->err;
+    (*cinfo->err->format_message)(cinfo, e->message);
+    longjmp(e->jump, 1);
+}
+
+/* Warnings (corrupt data, premature end) are counted, not printed: the caller refuses them. */
+static void on_message(j_common_ptr cinfo, int level) {
+    if (level < 0) {
+        struct error_state *e = (struct error_state *)cinfo->err;
+        if (e->pub.num_warnings == 0) (*cinfo->err->format_message)(cinfo, e->message);
+        e->pub.num_warnings++;
+    }
+}
+
+/* Read the header only: 0 and height/width, or 1 and a message. */
+int fl_jpeg_size(const unsigned char *data, unsigned long size, int *height, int *width,
+                 char *message, int message_len) {
+    struct jpeg_decompress_struct d;
+    struct error_state e;
+    d.err = jpeg_std_error(&e.pub);
+    e.pub.error_exit = on_error;
+    e.pub.emit_message = on_message;
+    e.message[0] = 0;
+    if (setjmp(e.jump)) {
+        snprintf(message, message_len, "%s", e.message);
+        jpeg_destroy_decompress(&d);
+        return 1;
+    }
+    jpeg_create_decompress(&d);
+    jpeg_mem_src(&d, data, size);
+    jpeg_read_header(&d, TRUE);
+    *height = (int)d.image_height;
+    *width = (int)d.image_width;
+    jpeg_destroy_decompress(&d);
+    return 0;
+}
+
+/* Decode rows [y0, y1) and at least columns [x0, x1) of a JPEG as RGB into `out` (row pitch
+ * `stride` bytes, room for y1 - y0 rows of the full image width). On success returns 0 and the
+ * first decoded column in *col0 (<= x0). Returns 1 with a message on an error or a warning. */
+int fl_jpeg_decode_region(const unsigned char *data, unsigned long size, int y0, int y1, int x0, int x1,
+                          unsigned char *out, int stride, int *col0, char *message, int message_len) {
+    struct jpeg_decompress_struct d;
+    struct error_state e;
+    d.err = jpeg_std_error(&e.pub);
+    e.pub.error_exit = on_error;
+    e.pub.emit_message = on_message;
+    e.message[0] = 0;
+    if (setjmp(e.jump)) {
+        snprintf(message, message_len, "%s", e.message);
+        jpeg_destroy_decompress(&d);
+        return 1;
+    }
+    jpeg_create_decompress(&d);
+    jpeg_mem_src(&d, data, size);
+    jpeg_read_header(&d, TRUE);
+    d.out_color_space = JCS_RGB;
+    d.dct_method = JDCT_ISLOW;
+    jpeg_start_decompress(&d);
+    if (y0 < 0 || x0 < 0 || y1 > (int)d.output_height || x1 > (int)d.output_width || y0 >= y1 || x0 >= x1) {
+        snprintf(message, message_len, "region rows %d..%d, columns %d..%d is outside the %dx%d image",
+                 y0, y1, x0, x1, (int)d.output_height, (int)d.output_width);
+        jpeg_destroy_decompress(&d);
+        return 1;
+    }
+    /* One column of margin each side: with fancy upsampling, the edge columns of a cropped
+     * scanline can differ from a full decode (measured on real photos); one more is exact. */
+    int cx0 = x0 > 0 ? x0 - 1 : 0, cx1 = x1 < (int)d.output_width ? x1 + 1 : (int)d.output_width;
+    JDIMENSION xoffset = (JDIMENSION)cx0, width = (JDIMENSION)(cx1 - cx0);
+    if (cx0 > 0 || cx1 < (int)d.output_width) jpeg_crop_scanline(&d, &xoffset, &width);
+    *col0 = (int)xoffset;
+    if (y0 > 0) jpeg_skip_scanlines(&d, (JDIMENSION)y0);
+    for (int r = y0; r < y1; r++) {
+        JSAMPROW row = out + (size_t)(r - y0) * (size_t)stride;
+        jpeg_read_scanlines(&d, &row, 1);
+    }
+    int warnings = (int)e.pub.num_warnings;
+    jpeg_abort_decompress(&d);
+    jpeg_destroy_decompress(&d);
+    if (warnings) {
+        snprintf(message, message_len, "%s", e.message);
+        return 1;
+    }
+    return 0;
+}
+
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_jpeg", "ctypes-only helpers", -1, NULL};
+
+PyMODINIT_FUNC PyInit__jpeg(void) { return PyModule_Create(&module); }

@@ -1,0 +1,78 @@
+"""The backend contract: what FastLoader, ``fastload bench`` and the CLI may ask of a backend.
+
+A backend turns (this epoch's sample order, per-sample geometry rows) into batches of
+``(images, sample indices)``. It owns decode and geometry (crop, resize, flip, padding) and,
+when it declares ``fuses_normalization``, normalization too; everything after that (labels,
+augmentations, MixUp/CutMix, dtype, device) is the shared batch ops' job. Batching follows
+:func:`~fastload.pipelines.sampling.epoch_batches`, so ``len(loader)`` is the same for all.
+
+Add a backend: subclass :class:`Backend` in ``pipelines/<name>.py`` and add one line to
+:mod:`fastload.pipelines.registry` (or call ``register_backend`` from your own code).
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import ClassVar, Iterator
+
+import numpy as np
+import torch
+
+
+@dataclass(frozen=True)
+class BackendOptions:
+    batch_size: int
+    num_workers: int
+    drop_last: bool
+    device: torch.device
+    seed: int = 0
+    # None: yield uint8 NHWC. (scale[3], shift[3]): a backend that fuses normalization yields
+    # float32 ``level * scale - shift``, NCHW when the spec's layout is NCHW, else NHWC.
+    normalize: tuple[np.ndarray, np.ndarray] | None = None
+
+
+class Backend(ABC):
+    """One decode + geometry engine over one split of a dataset directory."""
+
+    name: ClassVar[str]
+    storages: ClassVar[tuple[str, ...]]       # manifest storages it reads: 'beton', 'tfrecord'
+    fuses_normalization: ClassVar[bool] = False
+
+    def __init__(self, reader, spec, options: BackendOptions):
+        """``reader``: a :class:`~fastload.records.SplitReader`; ``spec``: a PreprocessSpec.
+        Refuse what the backend cannot do here, by name (e.g. a padding mode)."""
+        self.reader, self.spec, self.options = reader, spec, options
+
+    @property
+    def normalize(self):
+        return self.options.normalize if self.fuses_normalization else None
+
+    @abstractmethod
+    def run_epoch(self, order: np.ndarray, params: np.ndarray) -> Iterator[tuple[torch.Tensor, np.ndarray]]:
+        """Batches of (images, sample indices) for ``order``; ``params[i]`` is sample i's geometry
+        row (:data:`~fastload.pipelines.sampling.PARAM_COLUMNS`). The caller owns each batch.
+        Closing the generator early must release the epoch's threads and buffers."""
+
+    def decode_stage(self) -> "Backend":
+        """For ``fastload bench``'s stage breakdown: a backend that decodes what this one decodes
+        and cuts the output window without resampling or normalizing. The default serves backends
+        that decode whole images: this backend run on identity geometry rows."""
+        return _IdentityGeometry(self)
+
+    def close(self) -> None:
+        """Release threads and pipelines (idempotent)."""
+
+
+class _IdentityGeometry(Backend):
+    name = "decode-only"
+    storages = ()
+
+    def __init__(self, inner: Backend):
+        self.inner = inner
+
+    def run_epoch(self, order, params):
+        from .sampling import H, OUT_H, OUT_W, W
+        identity = np.zeros_like(params)
+        identity[:, H] = identity[:, OUT_H] = self.inner.reader.heights
+        identity[:, W] = identity[:, OUT_W] = self.inner.reader.widths
+        return self.inner.run_epoch(order, identity)

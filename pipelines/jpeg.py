@@ -1,0 +1,85 @@
+"""Region-of-interest JPEG decoding (``_jpeg.c`` through ctypes; the GIL is released per call).
+
+Pixels are PIL's: libjpeg's accurate DCT with fancy upsampling, bit-exact with
+``Image.open(...).convert('RGB')`` on the stored RGB baseline JPEGs, whether the whole image
+or a region is decoded (tests/test_kernels.py checks both on real photos).
+"""
+from __future__ import annotations
+
+import ctypes
+import importlib.util
+import threading
+
+import numpy as np
+
+_MESSAGE_LEN = 200
+
+
+class JPEGDecodeError(ValueError):
+    """A stored JPEG that libjpeg refuses or warns about (corrupt or truncated data)."""
+
+
+def _load():
+    spec = importlib.util.find_spec("fastload.pipelines._jpeg")
+    if spec is None or not spec.origin:
+        raise ImportError("fastload's JPEG region decoder (fastload.pipelines._jpeg) is not built: reinstall "
+                          "fastload with a C compiler and libjpeg headers (Debian: apt install libjpeg62-turbo-dev)")
+    lib = ctypes.CDLL(spec.origin)
+    c_int_p = ctypes.POINTER(ctypes.c_int)
+    lib.fl_jpeg_decode_region.argtypes = [ctypes.c_void_p, ctypes.c_ulong, ctypes.c_int, ctypes.c_int, ctypes.c_int,
+                                          ctypes.c_int, ctypes.c_void_p, ctypes.c_int, c_int_p, ctypes.c_char_p,
+                                          ctypes.c_int]
+    lib.fl_jpeg_decode_region.restype = ctypes.c_int
+    lib.fl_jpeg_size.argtypes = [ctypes.c_void_p, ctypes.c_ulong, c_int_p, c_int_p, ctypes.c_char_p, ctypes.c_int]
+    lib.fl_jpeg_size.restype = ctypes.c_int
+    return lib
+
+
+_LIB = _load()
+
+
+class RegionDecoder:
+    """Decodes regions into a scratch buffer of its own; one per thread (not thread-safe)."""
+
+    def __init__(self):
+        self.scratch = np.empty(0, np.uint8)
+        self.col0 = ctypes.c_int()
+        self.message = ctypes.create_string_buffer(_MESSAGE_LEN)
+
+    def decode(self, jpeg: np.ndarray, width: int, y0: int, y1: int, x0: int, x1: int) -> tuple[np.ndarray, int]:
+        """Rows [y0, y1) of an image ``width`` pixels wide, at least columns [x0, x1) decoded:
+        (an array [y1 - y0, width, 3] whose decoded columns start at the returned column, that column).
+        The array is a view of the scratch buffer, valid until the next call."""
+        need = (y1 - y0) * width * 3
+        if self.scratch.size < need:
+            self.scratch = np.empty(max(need, 2 * self.scratch.size), np.uint8)
+        if _LIB.fl_jpeg_decode_region(jpeg.ctypes.data, jpeg.size, y0, y1, x0, x1, self.scratch.ctypes.data, width * 3,
+                                      ctypes.byref(self.col0), self.message, _MESSAGE_LEN):
+            raise JPEGDecodeError(self.message.value.decode(errors="replace") or "undecodable JPEG")
+        return self.scratch[:need].reshape(y1 - y0, width, 3), self.col0.value
+
+
+_local = threading.local()
+
+
+def thread_decoder() -> RegionDecoder:
+    """This thread's decoder (scratch buffers stay per thread, so threads never share one)."""
+    decoder = getattr(_local, "decoder", None)
+    if decoder is None:
+        decoder = _local.decoder = RegionDecoder()
+    return decoder
+
+
+def decode_rgb(jpeg: np.ndarray) -> np.ndarray:
+    """The whole image, HWC uint8 (a copy)."""
+    h, w = jpeg_size(jpeg)
+    region, _ = thread_decoder().decode(jpeg, w, 0, h, 0, w)
+    return region.copy()
+
+
+def jpeg_size(jpeg: np.ndarray) -> tuple[int, int]:
+    h, w = ctypes.c_int(), ctypes.c_int()
+    message = ctypes.create_string_buffer(_MESSAGE_LEN)
+    if _LIB.fl_jpeg_size(jpeg.ctypes.data, jpeg.size, ctypes.byref(h), ctypes.byref(w), message, _MESSAGE_LEN):
+        raise JPEGDecodeError(message.value.decode(errors="replace") or "undecodable JPEG header")
+    return h.value, w.value

@@ -1,0 +1,70 @@
+"""The one list of backends: FastLoader, ``fastload bench``, the CLI and the scripts read it.
+
+Built-in backends are named by import path, so listing them (``--help``, choices) imports no
+ffcv, DALI or numba; a backend's module loads when it is first used.
+"""
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class BackendEntry:
+    name: str
+    storages: tuple[str, ...]     # what it reads; the first backend listed for a storage is its default
+    target: str | type            # 'module:Class', or the class itself
+
+    def load(self) -> type:
+        if isinstance(self.target, type):
+            return self.target
+        module, _, cls = self.target.partition(":")
+        return getattr(importlib.import_module(module), cls)
+
+
+_REGISTRY: dict[str, BackendEntry] = {}
+STORAGE_NAMES = {"beton": ".beton", "tfrecord": "TFRecord"}  # as users call them
+
+
+def register_backend(name: str, storages, target) -> None:
+    """Add (or replace) a backend: ``target`` is a :class:`~fastload.pipelines.base.Backend`
+    subclass or its 'module:Class' path."""
+    if name == "auto":
+        raise ValueError("backend name 'auto' is reserved (it picks the storage's default)")
+    _REGISTRY[name] = BackendEntry(name, tuple(storages), target)
+
+
+register_backend("ffcv", ("beton",), "fastload.pipelines.ffcv:FFCVBackend")
+register_backend("dali", ("tfrecord",), "fastload.pipelines.dali:DALIBackend")
+register_backend("reference", ("beton", "tfrecord"), "fastload.pipelines.reference:ReferenceBackend")
+
+
+def backend_names() -> tuple[str, ...]:
+    return tuple(_REGISTRY)
+
+
+def entry(name: str) -> BackendEntry:
+    if name not in _REGISTRY:
+        raise ValueError(f"backend={name!r} is invalid: allowed 'auto' or one of {backend_names()}")
+    return _REGISTRY[name]
+
+
+def backends_for(storage: str) -> tuple[str, ...]:
+    return tuple(n for n, e in _REGISTRY.items() if storage in e.storages)
+
+
+def resolve_backend(name: str, storage: str, root) -> BackendEntry:
+    """The entry for ``name`` ('auto': the storage's default), checked against the storage."""
+    from fastload.manifest import DatasetError
+    if name == "auto":
+        names = backends_for(storage)
+        if not names:
+            raise DatasetError(f"no backend reads storage {storage!r} ({root})")
+        return _REGISTRY[names[0]]
+    e = entry(name)
+    if storage not in e.storages:
+        readers = ", ".join(f"backend={n!r}" for n in backends_for(storage)) or "none"
+        wanted = " or ".join(STORAGE_NAMES.get(s, s) for s in e.storages)
+        raise DatasetError(f"backend={name!r} needs a {wanted} dataset; {root} was converted to "
+                           f"{storage!r} (use {readers} or 'auto', or convert with --format {e.storages[0]})")
+    return e
