@@ -17,7 +17,7 @@ test: $(STAMP)
 	$(PY) -m pytest
 
 bench: $(STAMP)
-	$(PY) scripts/bench_loaders.py
+	$(PY) scripts/bench_peers.py
 
 bench-augment: $(STAMP)
 	$(PY) scripts/bench_augment.py

@@ -8,6 +8,7 @@ shard is done are the final files assembled and ``manifest.json`` written, last.
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import math
@@ -27,15 +28,13 @@ from fastload.manifest import FORMAT_NAME, FORMAT_VERSION, MANIFEST, Manifest, a
 from fastload.records import records_dtype, records_filename
 
 from .images import CorruptImageError, prepare_image, source_bytes, stats_from_histograms
-from .sources import Schema, detect_schema, guess_preset, open_source
+from .jobs import (ConversionError, OutputLock, check_free_space, children_die_with_parent, die_with_parent,
+                   disk_full_error)
+from .sources import Schema, SchemaError, detect_schema, guess_preset, open_source, source_fingerprint
 
 PARTIAL = ".partial"
 FORMATS = ("beton", "tfrecord")
 IMAGE_FEATURE = "image/encoded"
-
-
-class ConversionError(RuntimeError):
-    """The conversion stopped; nothing final was written."""
 
 
 @dataclass(frozen=True)
@@ -59,10 +58,21 @@ _WORKER: dict = {}
 
 def _init_worker(datasets_by_split, schema: Schema, settings: dict, progress_queue) -> None:
     # fork start: the datasets (memory-mapped Arrow) are inherited, not pickled
+    die_with_parent()  # a kill -9 of the job takes its workers with it
     _WORKER.update(datasets=datasets_by_split, schema=schema, settings=settings, progress=progress_queue)
 
 
 def _run_shard(task: ShardTask) -> dict:
+    try:
+        return _write_shard(task)
+    except OSError as e:
+        Path(task.path).with_name(f".{Path(task.path).name}.tmp").unlink(missing_ok=True)
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise disk_full_error(Path(task.path).parent, e) from None
+        raise
+
+
+def _write_shard(task: ShardTask) -> dict:
     import datasets
     ds = _WORKER["datasets"][task.split]
     schema: Schema = _WORKER["schema"]
@@ -96,7 +106,10 @@ def _run_shard(task: ShardTask) -> dict:
                                                 "in the manifest") from None
                     skipped.append({"index": index, "error": str(e)})
                     continue
-                labels = schema.labels_of(row)
+                try:
+                    labels = schema.labels_of(row)
+                except SchemaError as e:
+                    raise ConversionError(f"split {task.split!r} index {index}: {e}") from None
                 _check_labels(labels, schema, task.split, index)
                 ints = {"image/height": [img.height], "image/width": [img.width],
                         "image/class/label": labels[schema.target], "image/source_index": [index]}
@@ -171,22 +184,37 @@ def convert(source, out, format: str = "tfrecord", splits: list[str] | None = No
     if workers < 1:
         raise ValueError(f"workers={workers!r} is invalid: allowed >= 1")
     out = Path(out)
-    if (out / MANIFEST).exists():
-        if not overwrite:
-            raise ConversionError(f"{out} already holds a complete dataset ({MANIFEST} exists); "
-                                  "pass overwrite=True (--overwrite) to replace it")
-        _remove_dataset(out)
-    # the source and its schema first: a bad source leaves nothing behind
+    if (out / MANIFEST).exists() and not overwrite:
+        raise ConversionError(f"{out} already holds a complete dataset ({MANIFEST} exists); "
+                              "pass overwrite=True (--overwrite) to replace it")
+    # the source and its schema first: a bad source leaves nothing behind, and deletes nothing
     data = open_source(source, splits)
     first = next(iter(data.values()))
     schema = detect_schema(first.features, label)
-    out.mkdir(parents=True, exist_ok=True)
+    empty = [s for s, d in data.items() if len(d) == 0]
+    if empty:
+        raise ConversionError(f"split(s) {empty} of source {source!r} hold no rows: nothing to convert "
+                              "(choose other splits with --split)")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConversionError(f"cannot create {out} ({e.strerror}): choose a writable --out") from None
+    with OutputLock(out):
+        if (out / MANIFEST).exists():
+            _remove_dataset(out)  # overwrite, now that the source is known to be good
+        return _convert_locked(source, out, data, schema, format, workers, max_side, jpeg_quality, skip_corrupt,
+                               shard_size, preset, progress)
+
+
+def _convert_locked(source, out, data, schema, format, workers, max_side, jpeg_quality, skip_corrupt, shard_size,
+                    preset, progress) -> Manifest:
     partial = out / PARTIAL
     partial.mkdir(exist_ok=True)
     settings = {"format": format, "source": str(source) if isinstance(source, (str, os.PathLike)) else "<in-memory>",
                 "splits": list(data), "max_side": max_side, "jpeg_quality": int(jpeg_quality),
                 "skip_corrupt": bool(skip_corrupt), "label": schema.target,
-                "sizes": {s: len(d) for s, d in data.items()}}
+                "sizes": {s: len(d) for s, d in data.items()},
+                "fingerprint": source_fingerprint(data, schema)}
     plan = _load_or_make_plan(partial, settings, data, shard_size, workers)
 
     staging = out if format == "tfrecord" else partial
@@ -203,10 +231,16 @@ def convert(source, out, format: str = "tfrecord", splits: list[str] | None = No
     if done_count:
         print(f"resuming: {done_count} of {len(tasks)} shards already done, {len(todo)} to go")
 
-    _run_tasks(todo, data, schema, settings, workers, progress)
-
-    results = {t: json.loads(Path(t.done_path).read_text()) for t in tasks}
-    manifest = _assemble(out, format, schema, settings, tasks, results, workers, preset or guess_preset(schema))
+    with children_die_with_parent():
+        _run_tasks(todo, data, schema, settings, workers, progress)
+        results = {t: json.loads(Path(t.done_path).read_text()) for t in tasks}
+        try:
+            manifest = _assemble(out, format, schema, settings, tasks, results, workers,
+                                 preset or guess_preset(schema), progress)
+        except OSError as e:
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise disk_full_error(out, e) from None
+            raise
     shutil.rmtree(partial, ignore_errors=True)
     return manifest
 
@@ -225,6 +259,18 @@ def _load_or_make_plan(partial: Path, settings: dict, data, shard_size, workers)
     path = partial / "plan.json"
     if path.exists():
         plan = json.loads(path.read_text())
+        if plan["settings"].get("fingerprint") != settings["fingerprint"]:
+            # same path, different data: finished shards hold the old rows, so none can be kept
+            print(f"the source changed since the unfinished conversion in {partial.parent} started (its rows "
+                  "differ): starting over")
+            shutil.rmtree(partial)
+            partial.mkdir()
+            for stale in partial.parent.glob("*.tfrecord"):
+                stale.unlink()
+            return _load_or_make_plan(partial, settings, data, shard_size, workers)
+        if plan["settings"].get("skip_corrupt") is False and settings["skip_corrupt"]:
+            plan["settings"]["skip_corrupt"] = True  # the advised retry: keep the shards already written
+            atomic_write_bytes(path, json.dumps(plan, indent=2).encode())
         for key, value in settings.items():
             if plan["settings"].get(key) != value:
                 raise ConversionError(
@@ -283,7 +329,8 @@ def _drain(q, bar) -> None:
             return
 
 
-def _assemble(out: Path, format: str, schema: Schema, settings: dict, tasks, results, workers, preset) -> Manifest:
+def _assemble(out: Path, format: str, schema: Schema, settings: dict, tasks, results, workers, preset,
+              progress: bool) -> Manifest:
     splits_meta = {}
     for split in settings["splits"]:
         split_tasks = [t for t in tasks if t.split == split]
@@ -310,7 +357,8 @@ def _assemble(out: Path, format: str, schema: Schema, settings: dict, tasks, res
                 files.append({**results[t]["file"], "role": "data"})
                 files.append({**results[t]["index"], "role": "dali_index", "for": results[t]["file"]["path"]})
         else:
-            files.append(_write_split_beton(out, split, schema, split_tasks, rec, workers, max_labels))
+            files.append(_write_split_beton(out, split, schema, split_tasks, rec, workers, max_labels,
+                                            progress))
             from fastload.beton import beton_image_locations
             offsets, sizes, heights, widths = beton_image_locations(out / files[0]["path"])
             if not (np.array_equal(sizes, rec["size"]) and np.array_equal(heights, rec["height"])):
@@ -366,16 +414,20 @@ class _StagedSplit:
         return ((jpeg, int(r["height"]), int(r["width"])), *labels)
 
 
-def _write_split_beton(out, split, schema, split_tasks, rec, workers, max_labels) -> dict:
-    from fastload.beton import write_beton
+def _write_split_beton(out, split, schema, split_tasks, rec, workers, max_labels, show_progress) -> dict:
+    from tqdm.auto import tqdm
+    from fastload.beton import BETON_PAGE_BYTES, write_beton
     path = out / f"{split}.beton"
     tmp = out / PARTIAL / f"{split}.beton.tmp"
     tmp.unlink(missing_ok=True)
+    # images, a part-filled page per worker, ~64 bytes of metadata per sample
+    check_free_space(out, int(rec["size"].sum()) + (workers + 2) * BETON_PAGE_BYTES + 64 * len(rec))
     label_fields = {"label": ("ids", max_labels) if schema.kind == "multi" else ("int", 0)}
     for col in schema.extra_labels:
         label_fields[col] = ("int", 0)
-    write_beton(tmp, _StagedSplit(split_tasks, rec, schema.label_columns, schema.kind == "multi"),
-                label_fields, workers)
+    with tqdm(total=len(rec), unit="img", desc=f"write {path.name}", disable=not show_progress) as bar:
+        write_beton(tmp, _StagedSplit(split_tasks, rec, schema.label_columns, schema.kind == "multi"),
+                    label_fields, workers, progress=bar.update)
     os.replace(tmp, path)
     return {"path": path.name, "size": path.stat().st_size, "sha256": sha256_file(path),
             "records": len(rec), "role": "data"}

@@ -57,6 +57,7 @@ def prepare_image(raw: bytes, max_side: int | None, quality: int) -> PreparedIma
         raise CorruptImageError(f"image does not decode ({type(e).__name__}: {e})") from None
     if orientation not in (1, None):
         im = ImageOps.exif_transpose(im)  # what datasets' Image feature shows users
+    im = to_8bit(im)
     too_big = max_side is not None and max(im.size) > max_side
     passthrough = (fmt == "JPEG" and im.mode == "RGB" and not progressive
                    and orientation in (1, None) and not too_big)
@@ -74,6 +75,22 @@ def prepare_image(raw: bytes, max_side: int | None, quality: int) -> PreparedIma
         im.save(buf, format="JPEG", quality=quality, progressive=False, optimize=False)
         jpeg = buf.getvalue()
     return PreparedImage(jpeg=jpeg, height=im.height, width=im.width, passthrough=passthrough, histogram=hist)
+
+
+def to_8bit(im: Image.Image) -> Image.Image:
+    """16-bit grayscale (PIL modes I;16*, or I holding 0..65535, as 16-bit PNGs open) scaled to
+    8 bits (v / 257, rounded: 65535 -> 255), where PIL's own ``convert('RGB')`` would clip every
+    level above 255 to white. Float images are refused by name."""
+    if im.mode.startswith("I;16") or im.mode == "I":
+        levels = np.asarray(im, dtype=np.int64)
+        if levels.size and (levels.min() < 0 or levels.max() > 65535):
+            raise CorruptImageError(f"{im.mode} image with levels outside 0..65535 is not supported: "
+                                    "convert it to 8 or 16 bits per channel first")
+        return Image.fromarray(((levels + 128) // 257).astype(np.uint8), mode="L")
+    if im.mode == "F":
+        raise CorruptImageError("32-bit float images (PIL mode F) are not supported: convert them to 8 or 16 "
+                                "bits per channel first")
+    return im
 
 
 def stats_from_histograms(hist: np.ndarray) -> dict:

@@ -45,7 +45,14 @@ class Schema:
         """Label values of one source row, as lists (one id, or the multi-label ids)."""
         if self.kind == "multi":
             cats = row[self.objects_column]["category"]
+            if any(c is None for c in cats):
+                raise SchemaError(f"a category in {self.objects_column!r} is empty (None): fill it or drop the row "
+                                  "(datasets' filter) before converting")
             return {self.target: sorted(set(int(c) for c in cats))}
+        empty = [col for col in self.label_columns if row[col] is None]
+        if empty:
+            raise SchemaError(f"label column(s) {empty} are empty (None): fill them or drop those rows (e.g. "
+                              f"ds.filter(lambda r: r[{empty[0]!r}] is not None)) before converting")
         return {col: [int(row[col])] for col in self.label_columns}
 
 
@@ -136,3 +143,25 @@ def guess_preset(schema: Schema) -> str:
     if schema.image_column == "img" and schema.num_classes == 10:
         return "cifar10"
     return "imagenet"
+
+
+def source_fingerprint(data: dict, schema: Schema) -> str:
+    """A digest of what a conversion reads, so that a resumed job can prove it continues the same
+    source: per split, its row count, the bytes of its label columns, and either ``datasets``' own
+    fingerprint of the Arrow files (which changes with the files and with every transform) or,
+    for an in-memory dataset, the bytes of every column."""
+    import hashlib
+    h = hashlib.sha256()
+    label_columns = [schema.objects_column] if schema.kind == "multi" else schema.label_columns
+    for split, ds in data.items():
+        h.update(f"{split}:{len(ds)}:".encode())
+        on_disk = bool(ds.cache_files)
+        if on_disk:
+            h.update(str(ds._fingerprint).encode())
+        table = ds.data.table if hasattr(ds.data, "table") else ds.data
+        for col in (label_columns if on_disk else table.column_names):
+            for chunk in table.column(col).chunks:
+                for buf in chunk.buffers():
+                    if buf is not None:
+                        h.update(memoryview(buf))
+    return h.hexdigest()

@@ -73,15 +73,13 @@ def decode_limit(reader: SplitReader, max_images: int = 128) -> dict:
     jpegs = [np.array(reader.jpeg(i)) for i in range(n)]
     sizes = [(int(reader.records[i]["height"]), int(reader.records[i]["width"])) for i in range(n)]
     try:
-        from .beton import import_ffcv
-        import_ffcv()
-        from ffcv.libffcv import imdecode
-        buf = np.empty(max(h * w for h, w in sizes) * 3, np.uint8)
+        from .pipelines.jpeg import thread_decoder
+        region = thread_decoder()
 
         def decode(i):
             h, w = sizes[i]
-            imdecode(jpegs[i], buf, h, w, h, w, 0, 0, 1, 1, False, False)
-        decoder = "libjpeg-turbo (ffcv imdecode, fast DCT)"
+            region.decode(jpegs[i], w, 0, h, 0, w)
+        decoder = "libjpeg-turbo full decode, accurate DCT"
     except ImportError:
         import io
         from PIL import Image
@@ -106,9 +104,12 @@ def _endless(loader):
         yield from loader
 
 
-def _measure_backend(directory, split, spec, backend, batch_size, batches, repeats, workers, device) -> dict:
+def _measure_backend(directory, split, spec, entry, batch_size, batches, repeats, workers, device) -> dict:
     import torch
     from .loader import FastLoader
+    from .pipelines import registry
+    registry.register_backend(entry.name, entry.storages, entry.target)  # as registered in the parent
+    backend = entry.name
     t0 = time.perf_counter()
     loader = FastLoader(directory, split, batch_size=batch_size, spec=spec, backend=backend, device=device,
                         num_workers=workers, drop_last=False, order="random", distributed=False)
@@ -258,8 +259,8 @@ def run_bench(directories, split="train", spec=None, backend="all", batch_size=6
         for w in worker_list:
             bar.set_postfix_str(f"{b} x{w}")
             try:
-                runs.append(run_in_process(_measure_backend, d, split, spec, b, batch_size, batches, repeats, w,
-                                           device))
+                runs.append(run_in_process(_measure_backend, d, split, spec, registry.entry(b), batch_size, batches,
+                                           repeats, w, device))
             except RuntimeError as e:
                 raise BenchError(f"backend {b!r} failed: {e}") from None
             bar.update(1)

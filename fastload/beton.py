@@ -1,21 +1,42 @@
-"""Writing and indexing FFCV ``.beton`` files (imports ffcv lazily: only converters need it).
+"""Writing and indexing FFCV ``.beton`` files: the one module that reaches into ffcv.
 
-ffcv's ``RGBImageField`` re-encodes every image at quality 90. fastload writes the
-already-prepared JPEG bytes into that field's storage directly (mode 'jpg', the same
-metadata ffcv's own encoder writes), so the file reads with stock ffcv decoders and
-passthrough JPEGs stay byte for byte what the source held.
+Only converters and ``verify`` import ffcv (loading a ``.beton`` needs no ffcv: see
+``pipelines/ffcv.py``). ffcv's ``RGBImageField`` re-encodes every image at quality 90.
+fastload writes the already-prepared JPEG bytes into that field's storage directly (mode
+'jpg', the same metadata ffcv's own encoder writes), so the file reads with stock ffcv
+decoders and passthrough JPEGs stay byte for byte what the source held.
+
+ffcv internals used here, checked against the installed version by :func:`import_ffcv`:
+``RGBImageField.encode``'s signature and ``IMAGE_MODES``; in ``ffcv.writer``, the module
+globals ``worker_job_indexed_dataset``, ``sleep`` and ``tqdm`` (its worker, its polling
+loop and its bar); ``Reader.alloc_table`` and ``Reader.metadata`` field names.
 """
 from __future__ import annotations
 
+import os
 import types
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
+FFCV_TESTED = ("1.0.2",)
+BETON_PAGE_BYTES = 4 * 2**20  # ffcv's DatasetWriter page size (its default)
+
 
 def import_ffcv():
-    """Import ffcv without letting it change torch's thread count (it sets 1 at import)."""
+    """Import ffcv (a tested version), without letting it change torch's thread count (it sets 1
+    at import)."""
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        installed = version("ffcv")
+    except PackageNotFoundError:
+        raise ImportError("ffcv is not installed: `pip install 'fastload[ffcv]'` (ffcv==1.0.2) to write .beton "
+                          "files") from None
+    if installed not in FFCV_TESTED and not os.environ.get("FASTLOAD_FFCV_UNTESTED"):
+        raise ImportError(f"ffcv {installed} is installed; fastload's .beton writer uses ffcv internals tested "
+                          f"with {', '.join(FFCV_TESTED)} only: `pip install ffcv==1.0.2`, or set "
+                          "FASTLOAD_FFCV_UNTESTED=1 to try anyway (then run `fastload verify` on the output)")
     import torch
     threads = torch.get_num_threads()
     try:
@@ -45,28 +66,70 @@ def passthrough_image_field():
     return field
 
 
-def write_beton(path: Path, dataset, label_fields: dict[str, tuple[str, int]], num_workers: int) -> None:
+def write_beton(path: Path, dataset, label_fields: dict[str, tuple[str, int]], num_workers: int,
+                progress=None) -> None:
     """Write ``dataset[i] -> ((jpeg, h, w), label, extra labels...)`` to ``path``.
 
     ``label_fields`` maps field name -> ('int', 0) or ('ids', K) for padded multi-label ids.
+    ``progress(n)`` is called with the samples written since the last call.
+
+    ffcv's writer waits for its workers by polling a counter: a worker that dies (a full disk,
+    a bad sample) used to leave it waiting forever. Here a worker's error is recorded in shared
+    memory, the polling loop raises it, and the remaining workers are killed.
     """
-    import_ffcv()
-    from ffcv.fields import IntField, NDArrayField
-    from ffcv.writer import DatasetWriter
+    import ctypes
+    import errno
+    import multiprocessing as mp
+    import time
     import torch
+    import_ffcv()
+    import ffcv.writer
+    from ffcv.fields import IntField, NDArrayField
     fields = {"image": passthrough_image_field()}
     for name, (kind, width) in label_fields.items():
         fields[name] = IntField() if kind == "int" else NDArrayField(np.dtype("<i2"), (width,))
-    import ffcv.writer
-    from tqdm import tqdm
+    failure = mp.get_context("fork").Array(ctypes.c_char, 512, lock=False)
+    work, poll, bar = ffcv.writer.worker_job_indexed_dataset, ffcv.writer.sleep, ffcv.writer.tqdm
+
+    def worker_reporting_errors(*args):
+        try:
+            work(*args)
+        except BaseException as e:  # recorded for the parent; no traceback on the user's terminal
+            failure.value = f"{type(e).__name__}: {e}".encode(errors="replace")[:511]
+            os._exit(1)
+
+    def poll_watching_workers(seconds):
+        if failure.value:
+            message = failure.value.decode(errors="replace")
+            raise OSError(errno.ENOSPC if "No space left" in message else errno.EIO,
+                          f"ffcv's writer failed: {message}")
+        poll(seconds)
+
+    class Bar:  # ffcv's bar, reported to fastload's instead of drawn
+        def __init__(self, *a, **k):
+            pass
+
+        def update(self, n):
+            if progress is not None:
+                progress(n)
+
+        def close(self):
+            pass
+
+    before = set(mp.active_children())
     threads = torch.get_num_threads()
-    bar = ffcv.writer.tqdm
-    ffcv.writer.tqdm = lambda *a, **k: tqdm(*a, **{**k, "disable": True})  # fastload shows its own bar
+    ffcv.writer.worker_job_indexed_dataset = worker_reporting_errors
+    ffcv.writer.sleep, ffcv.writer.tqdm = poll_watching_workers, Bar
     try:
-        writer = DatasetWriter(str(path), fields, num_workers=max(1, num_workers))
+        writer = ffcv.writer.DatasetWriter(str(path), fields, num_workers=max(1, num_workers))
         writer.from_indexed_dataset(dataset, chunksize=64)
+    except BaseException:
+        for child in set(mp.active_children()) - before:  # blocked waiting for a page that never comes
+            child.kill()
+            child.join()
+        raise
     finally:
-        ffcv.writer.tqdm = bar
+        ffcv.writer.worker_job_indexed_dataset, ffcv.writer.sleep, ffcv.writer.tqdm = work, poll, bar
         torch.set_num_threads(threads)
 
 

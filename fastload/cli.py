@@ -2,13 +2,14 @@
 from __future__ import annotations
 
 import sys
+from typing import NoReturn
 
 import click
 
 from fastload.pipelines.registry import backend_names  # light: names only, no backend imported
 
 
-def _fail(message: str) -> None:
+def _fail(message: str) -> NoReturn:
     click.echo(f"error: {message}", err=True)
     sys.exit(2)
 
@@ -49,6 +50,9 @@ def convert(source, fmt, out, splits, workers, max_side, jpeg_quality, skip_corr
                 preset=preset, overwrite=overwrite)
     except (ConversionError, CorruptImageError, SchemaError, ValueError) as e:
         _fail(str(e))
+    except OSError as e:  # the environment, not a bug: a read-only or vanished path
+        _fail(f"cannot write {e.filename or out} ({e.strerror}): check that --out is on a writable disk "
+              "with room, then rerun the same command (finished shards are kept)")
     dt = time.perf_counter() - t0
     total = sum(m.split(s).num_examples for s in m.split_names)
     for s in m.split_names:

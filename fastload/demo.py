@@ -17,7 +17,7 @@ def _throughput(path: str, backend: str, workers: int, epochs: int = 3) -> dict:
     t0 = time.perf_counter()
     loader = FastLoader(path, "validation", batch_size=16, spec="imagenet:train", backend=backend,
                         num_workers=workers, drop_last=False)
-    images = next(iter(loader))[0]  # first batch: includes ffcv's JIT compile
+    images = next(iter(loader))[0]  # first batch: includes loading cached kernels
     first = time.perf_counter() - t0
     timed_epochs(lambda: iter(loader))  # rest of the warm-up
     dt, n = timed_epochs(lambda: iter(loader), epochs)

@@ -40,7 +40,15 @@ def distributed_rank_world(distributed) -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     if "WORLD_SIZE" in os.environ and "RANK" in os.environ:
-        return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        raw = os.environ["RANK"], os.environ["WORLD_SIZE"]
+        try:
+            rank, world = int(raw[0]), int(raw[1])
+        except ValueError:
+            rank = world = -1
+        if not (world >= 1 and 0 <= rank < world):
+            raise ValueError(f"RANK={raw[0]!r}, WORLD_SIZE={raw[1]!r} is invalid: allowed WORLD_SIZE >= 1 and "
+                             "0 <= RANK < WORLD_SIZE (as torchrun sets them); unset both for one process")
+        return rank, world
     if distributed is True:
         raise RuntimeError("distributed=True but no torch.distributed process group is initialized and "
                            "RANK/WORLD_SIZE are not set (run under torchrun)")

@@ -9,6 +9,8 @@ external source, ``verify``, ``inspect``) slices a JPEG straight out of a memory
 from __future__ import annotations
 
 import io
+import threading
+
 import numpy as np
 
 from .manifest import DatasetError, Manifest
@@ -39,7 +41,11 @@ def records_filename(split: str) -> str:
 
 
 class SplitReader:
-    """Read-only view of one split: ``len``, ``jpeg(i)``, ``image(i)``, labels, sizes."""
+    """Read-only view of one split: ``len``, ``jpeg(i)``, ``image(i)``, labels, sizes.
+
+    Opening checks what is cheap (every listed file present at its recorded size, row count,
+    labels in range) and raises :class:`DatasetError` naming the problem; checksums and a
+    decode of every image are ``fastload verify``'s job."""
 
     def __init__(self, manifest: Manifest, split: str):
         self.manifest = manifest
@@ -48,14 +54,34 @@ class SplitReader:
         index = self.info.files_with_role("records")
         if not index:
             raise DatasetError(f"split {split!r} of {manifest.root} lists no records index")
+        remedy = f"run `fastload verify {manifest.root}`, then convert again"
+        for f in self.info.files:
+            p = manifest.path(f["path"])
+            if not p.exists():
+                raise DatasetError(f"{p} is missing (listed in {manifest.root / 'manifest.json'}): {remedy}")
+            if f.get("size") is not None and p.stat().st_size != f["size"]:
+                size = p.stat().st_size
+                raise DatasetError(f"{p} is {size} bytes, the manifest says {f['size']} "
+                                   f"({'truncated' if size < f['size'] else 'grown'}): {remedy}")
         path = manifest.path(index[0]["path"])
-        if not path.exists():
-            raise DatasetError(f"{path} is missing (listed in {manifest.root / 'manifest.json'})")
         self.records = np.load(path, mmap_mode="r")
         self.data_files = [manifest.path(f["path"]) for f in self.info.files_with_role("data")]
         self._maps: list[np.memmap | None] = [None] * len(self.data_files)
+        self._bases = None
+        self._lock = threading.Lock()  # maps are made once: a replaced map would unmap memory in use
         if len(self.records) != self.info.num_examples:
             raise DatasetError(f"{path}: {len(self.records)} rows, manifest says {self.info.num_examples}")
+        bad = self.labels_out_of_range()
+        if len(bad):
+            raise DatasetError(f"{path}: split {split!r} has labels outside 0..{manifest.num_classes - 1} at "
+                               f"index(es) {bad[:10].tolist()}: {remedy}")
+
+    def labels_out_of_range(self) -> np.ndarray:
+        """Indices of samples whose label is not a class id (multi-label rows: -1 pads)."""
+        labels, n = self.labels, self.manifest.num_classes
+        if self.manifest.multi_label:
+            return np.nonzero(((labels < -1) | (labels >= n)).any(axis=1))[0]
+        return np.nonzero((labels < 0) | (labels >= n))[0]
 
     def __len__(self) -> int:
         return len(self.records)
@@ -63,16 +89,27 @@ class SplitReader:
     def _map(self, file_index: int) -> np.memmap:
         m = self._maps[file_index]
         if m is None:
-            path = self.data_files[file_index]
-            if not path.exists():
-                raise DatasetError(f"data file {path} is missing (listed in the manifest)")
-            m = self._maps[file_index] = np.memmap(path, dtype=np.uint8, mode="r")
+            with self._lock:
+                m = self._maps[file_index]
+                if m is None:
+                    path = self.data_files[file_index]
+                    if not path.exists():
+                        raise DatasetError(f"data file {path} is missing (listed in the manifest)")
+                    m = self._maps[file_index] = np.memmap(path, dtype=np.uint8, mode="r")
         return m
 
     def jpeg(self, i: int) -> np.ndarray:
         r = self.records[i]
         off = int(r["offset"])
         return self._map(int(r["file"]))[off:off + int(r["size"])]
+
+    def jpeg_addresses(self, index: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(memory address, size) of samples' JPEG bytes in the mapped data files, for native
+        readers; valid while this reader lives."""
+        if self._bases is None:
+            self._bases = np.array([self._map(f).ctypes.data for f in range(len(self.data_files))], np.uint64)
+        r = self.records[index]
+        return self._bases[r["file"]] + r["offset"].astype(np.uint64), r["size"].astype(np.uint64)
 
     def image(self, i: int):
         """The stored image decoded by PIL (RGB): what the reference pipeline sees."""

@@ -14,7 +14,7 @@ import json
 import math
 import re
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, NoReturn
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -26,8 +26,19 @@ PADDING_MODES = ("constant", "edge", "reflect")
 AUTOAUGMENT_POLICIES = ("imagenet",)
 
 
-def _fail(field_name: str, value: Any, allowed: str) -> None:
+def _fail(field_name: str, value: Any, allowed: str) -> NoReturn:
     raise ValueError(f"{field_name}={value!r} is invalid: allowed {allowed}")
+
+
+def _real(value, field_name: str, allow_inf: bool = False) -> float:
+    """A float; NaN (and inf unless allowed) is refused here, where it is given."""
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        _fail(field_name, value, "a number")
+    if math.isnan(v) or (math.isinf(v) and not allow_inf):
+        _fail(field_name, value, "a finite number")
+    return v
 
 
 def _pair(value, field_name: str) -> tuple[int, int]:
@@ -44,14 +55,14 @@ def _pair(value, field_name: str) -> tuple[int, int]:
 def _float_pair(value, field_name: str) -> tuple[float, float]:
     if not isinstance(value, (tuple, list)) or len(value) != 2:
         _fail(field_name, value, "a (min, max) pair")
-    lo, hi = float(value[0]), float(value[1])
+    lo, hi = _real(value[0], field_name), _real(value[1], field_name)
     if lo > hi:
         _fail(field_name, value, "min <= max")
     return (lo, hi)
 
 
 def _probability(value, field_name: str) -> float:
-    value = float(value)
+    value = _real(value, field_name)
     if not 0.0 <= value <= 1.0:
         _fail(field_name, value, "a probability in [0, 1]")
     return value
@@ -146,13 +157,14 @@ class ColorJitter:
 
     def __post_init__(self):
         for name in ("brightness", "contrast", "saturation"):
-            v = float(getattr(self, name))
+            v = _real(getattr(self, name), f"color_jitter.{name}")
             if v < 0:
                 _fail(f"color_jitter.{name}", v, "a value >= 0")
             object.__setattr__(self, name, v)
-        if not 0.0 <= float(self.hue) <= 0.5:
+        hue = _real(self.hue, "color_jitter.hue")
+        if not 0.0 <= hue <= 0.5:
             _fail("color_jitter.hue", self.hue, "a value in [0, 0.5]")
-        object.__setattr__(self, "hue", float(self.hue))
+        object.__setattr__(self, "hue", hue)
 
     @property
     def enabled(self) -> bool:
@@ -186,9 +198,9 @@ class RandAugment:
     def __post_init__(self):
         if not isinstance(self.num_ops, int) or self.num_ops < 0:
             _fail("auto_augment.num_ops", self.num_ops, "an int >= 0")
-        if not 0 <= float(self.magnitude) <= self.num_magnitude_bins - 1:
+        if not 0 <= _real(self.magnitude, "auto_augment.magnitude") <= self.num_magnitude_bins - 1:
             _fail("auto_augment.magnitude", self.magnitude, f"a value in [0, {self.num_magnitude_bins - 1}]")
-        if float(self.magnitude_std) < 0 and float(self.magnitude_std) != float("inf"):
+        if _real(self.magnitude_std, "auto_augment.magnitude_std", allow_inf=True) < 0:
             _fail("auto_augment.magnitude_std", self.magnitude_std, "a value >= 0 (or inf)")
 
 
@@ -238,7 +250,6 @@ def parse_auto_augment(text: str) -> Policy:
         return RandAugment(**kw)
     _fail("auto_augment", text,
           "'rand-m<M>[-n<N>][-mstd<S>][-inc<0|1>]', 'original' (AutoAugment ImageNet), 'trivialaugment'")
-    raise AssertionError  # unreachable
 
 
 def policy_to_string(policy: Policy) -> str:
@@ -266,13 +277,13 @@ class Mixup:
 
     def __post_init__(self):
         for name in ("mixup_alpha", "cutmix_alpha"):
-            v = float(getattr(self, name))
+            v = _real(getattr(self, name), f"mixup.{name}")
             if v < 0:
                 _fail(f"mixup.{name}", v, "a value >= 0 (0 disables)")
             object.__setattr__(self, name, v)
         object.__setattr__(self, "prob", _probability(self.prob, "mixup.prob"))
         object.__setattr__(self, "switch_prob", _probability(self.switch_prob, "mixup.switch_prob"))
-        ls = float(self.label_smoothing)
+        ls = _real(self.label_smoothing, "mixup.label_smoothing")
         if not 0.0 <= ls < 1.0:
             _fail("mixup.label_smoothing", ls, "a value in [0, 1)")
         object.__setattr__(self, "label_smoothing", ls)
@@ -302,7 +313,7 @@ class Normalize:
             else:
                 if not isinstance(v, (tuple, list)) or len(v) != 3:
                     _fail(f"normalize.{name}", v, "'imagenet', 'dataset' or three floats")
-                v = tuple(float(x) for x in v)
+                v = tuple(_real(x, f"normalize.{name}") for x in v)
                 if name == "std" and min(v) <= 0:
                     _fail("normalize.std", v, "values > 0")
                 object.__setattr__(self, name, v)
@@ -364,11 +375,6 @@ class PreprocessSpec:
     @property
     def train(self) -> bool:
         return not isinstance(self.geometry, ResizeCenterCrop)
-
-    @property
-    def augments(self) -> bool:
-        """Photometric/policy/mixing ops that run as shared batch ops after the backend."""
-        return self.color_jitter is not None or self.auto_augment is not None or self.mixup.soft_labels
 
     def replace(self, **changes) -> "PreprocessSpec":
         return dataclasses.replace(self, **changes)
@@ -560,4 +566,3 @@ def resolve_spec(spec: "PreprocessSpec | str | None", preset: str, train: bool) 
             _fail("spec", spec, "'<preset>', '<preset>:train' or '<preset>:eval'")
         return PreprocessSpec.preset(name, train=train if not variant else variant == "train")
     _fail("spec", spec, "a PreprocessSpec, a preset name or None")
-    raise AssertionError

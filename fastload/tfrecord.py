@@ -170,11 +170,11 @@ def read_records(buf: bytes | memoryview, check_crc: bool = True) -> Iterator[tu
     pos = 0
     index = 0
     while pos < len(view):
-        if pos + 12 > len(view):
+        if pos + RECORD_HEADER > len(view):
             raise TFRecordError(f"record {index} at byte {pos}: truncated header")
         length_bytes = view[pos:pos + 8]
         (length,) = _U64.unpack(length_bytes)
-        (len_crc,) = _U32.unpack(view[pos + 8:pos + 12])
+        (len_crc,) = _U32.unpack(view[pos + 8:pos + RECORD_HEADER])
         if check_crc and masked_crc32c(length_bytes) != len_crc:
             raise TFRecordError(f"record {index} at byte {pos}: length checksum mismatch")
         end = pos + RECORD_HEADER + length + 4

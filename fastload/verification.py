@@ -46,7 +46,6 @@ def _verify_split(manifest: Manifest, split: str, decode_images: bool, progress:
         problems += _check_tfrecords(manifest, split, reader)
     else:
         problems += _check_beton(manifest, split, reader)
-    problems += _check_labels(manifest, split, reader)
     if decode_images:
         problems += _check_images(split, reader, progress)
     return problems
@@ -102,18 +101,6 @@ def _check_beton(manifest: Manifest, split: str, reader: SplitReader) -> list[st
         if not manifest.multi_label and not np.array_equal(np.asarray(labels).reshape(-1), reader.labels):
             problems.append(f"{split}: labels in {reader.data_files[0].name} differ from the records index")
     return problems
-
-
-def _check_labels(manifest: Manifest, split: str, reader: SplitReader) -> list[str]:
-    labels = reader.labels
-    n = manifest.num_classes
-    if manifest.multi_label:
-        bad = np.nonzero(((labels < -1) | (labels >= n)).any(axis=1))[0]
-    else:
-        bad = np.nonzero((labels < 0) | (labels >= n))[0]
-    if len(bad):
-        return [f"{split}: label out of range 0..{n - 1} at index(es) {bad[:10].tolist()}"]
-    return []
 
 
 def _check_images(split: str, reader: SplitReader, progress: bool) -> list[str]:

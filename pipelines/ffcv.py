@@ -7,16 +7,17 @@ several seconds per loader, had to be patched in five private places (thread cou
 traversal order, buffer allocation, error reporting), decoded with the fast DCT (1 level
 off PIL), and kept an abandoned epoch's thread and buffers alive.
 
-Per sample, on ``num_workers`` threads (each takes whole batches; the GIL is released in
-both native calls):
+Per sample, on ``num_workers`` threads (each takes whole batches, in chunks of ~1 MB of
+pixels; the GIL is released in both native calls):
 1. decode only the source rows and columns the output window reads (``kernels.source_window``),
-   with libjpeg's accurate DCT (``jpeg.py``): PIL's pixels, bit for bit;
+   with libjpeg's accurate DCT (``_jpeg.c``): PIL's pixels, bit for bit;
 2. resample that region with PIL's antialiased bilinear filter, flip, and (fused) normalize
    straight into the batch (``kernels.resample_window``, numba, cached on disk).
-Batches are fresh tensors the caller owns.
+Batches are tensors the caller owns (``buffers.py``: reused only once nothing holds them).
 """
 from __future__ import annotations
 
+import threading
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor, wait
 from typing import Iterator
@@ -27,11 +28,13 @@ import torch
 from fastload.spec import RandomCrop
 
 from .base import Backend, BackendOptions
-from .jpeg import JPEGDecodeError, thread_decoder
-from .kernels import PADDING_CODES, resample_window, source_window
-from .sampling import FLIP, H, LEFT, OUT_H, OUT_W, TOP, W, X0, Y0, epoch_batches
+from .buffers import BatchBuffers
+from .jpeg import decode_regions
+from .kernels import PADDING_CODES, batch_source_windows, resample_chunk
+from .sampling import epoch_batches
 
 _NO_NORMALIZE = (np.ones(3, np.float32), np.zeros(3, np.float32))
+CHUNK_BYTES = 1 << 20  # decoded pixels per native call: about what stays in L2 until resampled
 
 
 class FFCVBackend(Backend):
@@ -52,7 +55,9 @@ class FFCVBackend(Backend):
         self.shape = (3, h, w) if self.chw else (h, w, 3)
         self.dtype = torch.float32 if self.fused else torch.uint8
         self.workers = ThreadPoolExecutor(max(1, options.num_workers), thread_name_prefix="fastload-ffcv")
-        self.heights, self.widths = reader.heights, reader.widths
+        self.widths = reader.widths
+        self._local = threading.local()
+        self.buffers = BatchBuffers(capacity=options.num_workers + 4)  # in flight, ready, and the caller's
 
     def decode_stage(self) -> "FFCVBackend":
         return FFCVBackend(self.reader, self.spec, self.options, resample=False)
@@ -73,35 +78,40 @@ class FFCVBackend(Backend):
             wait([f for f, _ in in_flight])
 
     def _batch(self, index: np.ndarray, rows: np.ndarray) -> torch.Tensor:
-        out = torch.empty((len(index), *self.shape), dtype=self.dtype)
+        """One batch on one worker thread, in chunks of about ``CHUNK_BYTES`` of decoded pixels: one
+        native decode call and one resample call per chunk (per-call costs are paid per chunk, not
+        per image, and a chunk's pixels are still in cache when they are resampled)."""
+        out = self.buffers.empty((len(index), *self.shape), self.dtype)
         array = out.numpy()
-        for k in range(len(index)):
-            try:
-                self._sample(int(index[k]), rows[k], array[k])
-            except JPEGDecodeError as e:
-                raise self.reader.sample_error(int(index[k]), str(e)) from None
+        dh, dw = self.spec.size
+        rows = np.ascontiguousarray(rows, np.int64)
+        regions = batch_source_windows(rows, dh, dw)
+        widths = self.widths[index].astype(np.int32)
+        nbytes = np.maximum(regions[:, 1] - regions[:, 0], 0).astype(np.int64) * widths * 3
+        addresses, sizes = self.reader.jpeg_addresses(index)
+        col0 = np.empty(len(index), np.int32)
+        start = 0
+        while start < len(index):
+            # at least one image; then as many as fit in CHUNK_BYTES
+            stop = start + max(1, int(np.searchsorted(np.cumsum(nbytes[start:]), CHUNK_BYTES, side="right")))
+            offsets = np.concatenate([[0], np.cumsum(nbytes[start:stop])[:-1]])
+            scratch = self._scratch(int(nbytes[start:stop].sum()))
+            failed, message = decode_regions(addresses[start:stop], sizes[start:stop], regions[start:stop],
+                                             widths[start:stop], scratch, offsets, col0[start:stop])
+            if failed >= 0:
+                raise self.reader.sample_error(int(index[start + failed]), message)
+            resample_chunk(scratch, offsets, regions[start:stop], col0[start:stop], widths[start:stop],
+                           rows[start:stop], self.resample, self.pad_mode, array[start:stop], dh, dw, self.chw,
+                           self.fused, self.scale, self.shift)
+            start = stop
         return out
 
-    def _sample(self, i: int, p: np.ndarray, dst: np.ndarray) -> None:
-        dh, dw = self.spec.size
-        y0, x0, h, w = int(p[Y0]), int(p[X0]), int(p[H]), int(p[W])
-        out_h, out_w, top, left = int(p[OUT_H]), int(p[OUT_W]), int(p[TOP]), int(p[LEFT])
-        r0, r1, c0, c1 = source_window(h, w, out_h, out_w, top, left, dh, dw)
-        if r1 <= r0 or c1 <= c0:  # the window is all padding
-            region, oy, ox = np.zeros((1, 1, 3), np.uint8), 0, 0
-        else:
-            region, col0 = thread_decoder().decode(self.reader.jpeg(i), int(self.widths[i]),
-                                                   y0 + r0, y0 + r1, x0 + c0, x0 + c1)
-            oy, ox = -r0, x0 - col0  # box pixel (y, x) is region[oy + y, ox + x]
-        if not self.resample:  # decode stage: the decoded window, no resampling
-            h, w, out_h, out_w, top, left, oy, ox = r1 - r0, c1 - c0, r1 - r0, c1 - c0, 0, 0, 0, c0 + ox
-        resample_window(region, oy, ox, h, w, out_h, out_w, top, left, bool(p[FLIP]), self.pad_mode, dst, dh, dw,
-                        self.chw, self.fused, self.scale, self.shift)
+    def _scratch(self, nbytes: int) -> np.ndarray:
+        """This thread's decode buffer, grown as needed."""
+        buf = getattr(self._local, "scratch", None)
+        if buf is None or buf.size < nbytes:
+            buf = self._local.scratch = np.empty(max(nbytes, CHUNK_BYTES), np.uint8)
+        return buf
 
     def close(self) -> None:
         self.workers.shutdown(wait=True, cancel_futures=True)
-
-    def __del__(self):
-        workers = getattr(self, "workers", None)
-        if workers is not None:
-            workers.shutdown(wait=False, cancel_futures=True)

@@ -15,7 +15,7 @@ import torch
 from conftest import ROOT, coco_dataset, color_label, needs_shared, save_splits
 from fastload import FastLoader, PreprocessSpec, convert
 from fastload.manifest import DatasetError
-from fastload.pipelines.sampling import epoch_indices, geometry_params
+from fastload.pipelines.sampling import FLIP, H, TOP, W, X0, Y0, epoch_indices, geometry_params
 
 STD255 = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1) * 255
 MEAN255 = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1) * 255
@@ -92,8 +92,8 @@ def test_crop_sampling_follows_torchvision_get_params():
     widths = rng.integers(200, 600, n)
     spec = PreprocessSpec.preset("imagenet", train=True)
     p = geometry_params(spec.geometry, 0.5, heights, widths, seed=1, epoch=0)
-    ours_area = p[:, 2] * p[:, 3] / (heights * widths)
-    ours_ratio = np.log(p[:, 3] / p[:, 2])
+    ours_area = p[:, H] * p[:, W] / (heights * widths)
+    ours_ratio = np.log(p[:, W] / p[:, H])
     py = random.Random(5)
     ref_area, ref_ratio = [], []
     for h, w in zip(heights.tolist(), widths.tolist()):
@@ -103,9 +103,9 @@ def test_crop_sampling_follows_torchvision_get_params():
         ref_ratio.append(math.log(cw / ch))
     assert ks_2samp_pvalue(ours_area, np.array(ref_area)) > 0.01
     assert ks_2samp_pvalue(ours_ratio, np.array(ref_ratio)) > 0.01
-    assert (p[:, 0] >= 0).all() and (p[:, 0] + p[:, 2] <= heights).all()
-    assert (p[:, 1] >= 0).all() and (p[:, 1] + p[:, 3] <= widths).all()
-    flips = p[:, 8].mean()
+    assert (p[:, Y0] >= 0).all() and (p[:, Y0] + p[:, H] <= heights).all()
+    assert (p[:, X0] >= 0).all() and (p[:, X0] + p[:, W] <= widths).all()
+    flips = p[:, FLIP].mean()
     assert abs(flips - 0.5) <= 3 * math.sqrt(0.25 / n)
     # a deliberately wrong sampler is caught by the same test
     wrong = rng.uniform(0.3, 1.0, n)
@@ -299,7 +299,7 @@ def test_cifar_preset_random_crop_padding(cifar_dirs, backend):
     px, prx = (x + t.shift) / t.scale, (rx + t.shift) / t.scale  # back to 0..255 with the dataset's stats
     assert (px - prx).abs().mean() < 2.0
     order, params = loaders[backend].epoch_plan(0)
-    pads = [k for k in range(100) if params[order[k], 6] < 0]  # window starts in the top padding
+    pads = [k for k in range(100) if params[order[k], TOP] < 0]  # window starts in the top padding
     assert pads and all(float(prx[k, :, 0, :].abs().max()) < 0.5 for k in pads)  # zero padding rows
 
 

@@ -1,0 +1,100 @@
+"""What a long conversion job needs around its work: one writer per output directory, workers
+that do not outlive the job, and a clear word when the disk fills up."""
+from __future__ import annotations
+
+import ctypes
+import fcntl
+import os
+import shutil
+import signal
+import time
+from pathlib import Path
+
+LOCK = ".lock"
+_PR_SET_PDEATHSIG = 1
+
+
+class ConversionError(RuntimeError):
+    """The conversion stopped; nothing final was written."""
+
+
+def die_with_parent() -> None:
+    """Ask Linux to SIGKILL this process when its parent dies (a ``kill -9`` of the job would
+    otherwise leave its workers blocked on a pipe forever)."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):  # not Linux: nothing to ask
+        pass
+
+
+_in_job = False
+
+
+def _after_fork_in_child() -> None:
+    if _in_job:
+        die_with_parent()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+class children_die_with_parent:
+    """Every process forked in this block (ffcv's writer workers too) dies with this process."""
+
+    def __enter__(self):
+        global _in_job
+        _in_job = True
+        return self
+
+    def __exit__(self, *exc):
+        global _in_job
+        _in_job = False
+        return False
+
+
+class OutputLock:
+    """An exclusive lock on an output directory, held for the whole conversion.
+
+    ``flock`` on ``<out>/.lock``: the kernel releases it when the holder dies (kill -9 included),
+    so there is no stale lock to clean up; the file holds the owner's pid for the message."""
+
+    def __init__(self, out: Path):
+        self.path = Path(out) / LOCK
+        self.fd = None
+
+    def __enter__(self):
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            owner = os.pread(fd, 200, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise ConversionError(f"{self.path.parent} is being written by another conversion ({owner}): wait for "
+                                  "it to finish or stop it, or choose another --out") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode(), 0)
+        self.fd = fd
+        return self
+
+    def __exit__(self, *exc):
+        self.path.unlink(missing_ok=True)
+        os.close(self.fd)
+        return False
+
+
+def disk_full_error(directory: Path, error: OSError) -> ConversionError:
+    try:
+        free = f"{shutil.disk_usage(directory).free / 2**20:.0f} MB free"
+    except OSError:
+        free = "free space unknown"
+    return ConversionError(f"the disk holding {directory} is full ({error.strerror}; {free}): free some space or "
+                           "choose another --out, then rerun the same command (finished shards are kept)")
+
+
+def check_free_space(directory: Path, needed: int) -> None:
+    """Refuse before writing ``needed`` bytes into ``directory`` when they cannot fit."""
+    free = shutil.disk_usage(directory).free
+    if needed > free:
+        raise ConversionError(f"{directory} needs about {needed / 2**20:.0f} MB for the next file and the disk has "
+                              f"{free / 2**20:.0f} MB free: free some space or choose another --out, then rerun the "
+                              "same command (finished shards are kept)")

@@ -1,0 +1,354 @@
+"""Faults injected on real data: each ends in a clear error (or a correct result), never in a hang,
+silently wrong data, a lost dataset or an orphaned process."""
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import CIFAR10, IMAGENET, jpeg_bytes, needs_shared, save_splits
+from fastload import FastLoader, Manifest, PreprocessSpec, convert, verify
+from fastload.converters.convert import ConversionError
+from fastload.manifest import DatasetError
+from fastload.records import SampleDecodeError, SplitReader
+
+FASTLOAD = [sys.executable, "-m", "fastload.cli"]
+BACKEND_FORMAT = {"ffcv": "beton", "dali": "tfrecord", "reference": "tfrecord"}
+
+
+def _one_line_error(r: subprocess.CompletedProcess, *needles: str) -> None:
+    """A user error: exit code 2, one line on stderr naming the problem, no traceback."""
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip() and not ln.startswith(("Map", "Saving", "Generating"))]
+    assert r.returncode == 2, (r.returncode, r.stderr[-2000:])
+    assert "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert len(lines) == 1 and lines[0].startswith("error: "), lines
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+
+
+@contextmanager
+def small_disk(path: Path, size: str):
+    """A real filesystem of ``size`` (tmpfs), to fill up for real. Needs root (CI runs as root)."""
+    path.mkdir(parents=True, exist_ok=True)
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a small tmpfs here (needs root)")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], capture_output=True)
+
+
+def _children(pid: int) -> set[int]:
+    kids = set()
+    for f in Path(f"/proc/{pid}/task").glob("*/children"):
+        try:
+            kids |= {int(k) for k in f.read_text().split()}
+        except OSError:
+            pass
+    return kids
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def _small_imagenet(tmp_path: Path, n: int = 40) -> Path:
+    import datasets
+    ds = datasets.load_dataset(str(IMAGENET), split="validation").select(range(n))
+    return save_splits(tmp_path / "src", train=ds)
+
+
+# --------------------------------------------------------------------------- loading
+@needs_shared
+@pytest.mark.parametrize("backend", ["ffcv", "dali", "reference"])
+def test_abandoned_epochs_leak_nothing(imagenet_dirs, backend):
+    """`break` after two batches, again and again: threads and memory stay flat."""
+    import resource
+    loader = FastLoader(imagenet_dirs[BACKEND_FORMAT[backend]], "validation", batch_size=32, backend=backend,
+                        num_workers=2, spec="imagenet:train")
+
+    def abandon():
+        for k, _ in enumerate(loader):
+            if k == 1:
+                break
+    abandon()
+    abandon()
+    threads, rss = threading.active_count(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    for _ in range(12):
+        abandon()
+    assert threading.active_count() <= threads
+    grown_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss) / 1024
+    assert grown_mb < 150, grown_mb  # main used to gain ~160 MB per abandoned ffcv epoch
+
+
+@needs_shared
+@pytest.mark.parametrize("backend", ["ffcv", "dali", "reference"])
+def test_undecodable_sample_is_named_in_every_backend(imagenet_dirs, tmp_path, backend):
+    fmt = BACKEND_FORMAT[backend]
+    d = tmp_path / fmt
+    shutil.copytree(imagenet_dirs[fmt], d)
+    reader = SplitReader(Manifest.read(d), "validation")
+    r = reader.records[5]
+    path = reader.data_files[int(r["file"])]
+    with open(path, "r+b") as f:  # same size: only `verify`'s checksums can see it at open time
+        f.seek(int(r["offset"]))
+        f.write(b"\0" * 64)  # the JPEG header is gone
+    loader = FastLoader(d, "validation", batch_size=16, backend=backend, num_workers=2, order="sequential",
+                        spec="imagenet:eval")
+    with pytest.raises(SampleDecodeError, match=rf"split 'validation' sample 5 \(in .*{path.name}\) does not decode"):
+        for _ in loader:
+            pass
+
+
+@needs_shared
+@pytest.mark.parametrize("fmt", ["beton", "tfrecord"])
+def test_truncated_or_missing_data_file_is_refused_at_open(imagenet_dirs, tmp_path, fmt):
+    d = tmp_path / fmt
+    shutil.copytree(imagenet_dirs[fmt], d)
+    data = sorted(p for p in d.iterdir() if p.suffix in (".beton", ".tfrecord"))[0]
+    with open(data, "r+b") as f:
+        f.truncate(data.stat().st_size - 100)
+    with pytest.raises(DatasetError, match=rf"{data.name} is \d+ bytes, the manifest says \d+ \(truncated\)"):
+        FastLoader(d, "validation")
+    data.unlink()
+    with pytest.raises(DatasetError, match=rf"{data.name} is missing"):
+        FastLoader(d, "validation")
+
+
+@needs_shared
+def test_labels_out_of_range_are_refused_at_open(imagenet_dirs, tmp_path):
+    d = tmp_path / "copy"
+    shutil.copytree(imagenet_dirs["tfrecord"], d)
+    records = np.load(d / "validation.records.npy")
+    records["label"][7] = 1000  # ImageNet has 1000 classes: 0..999
+    np.save(d / "validation.records.npy", records)  # same size: a bit flip in the labels
+    with pytest.raises(DatasetError, match=r"labels outside 0\.\.999 at index\(es\) \[7\]"):
+        FastLoader(d, "validation")
+
+
+@pytest.mark.parametrize("rank, world", [("2", "2"), ("-1", "2"), ("0", "0"), ("x", "2")])
+def test_bad_rank_environment_is_refused(labelled_colors, monkeypatch, rank, world):
+    monkeypatch.setenv("RANK", rank)
+    monkeypatch.setenv("WORLD_SIZE", world)
+    with pytest.raises(ValueError, match=rf"RANK='{rank}', WORLD_SIZE='{world}' is invalid"):
+        FastLoader(labelled_colors["tfrecord"], "train")
+
+
+@pytest.mark.parametrize("make", [
+    lambda: PreprocessSpec.preset("imagenet").replace(hflip=float("nan")),
+    lambda: PreprocessSpec.from_dict({"mixup": {"mixup_alpha": float("inf")}}),
+    lambda: PreprocessSpec.from_json('{"normalize": {"mean": [0.5, NaN, 0.5], "std": "imagenet"}}'),
+    lambda: PreprocessSpec.from_dict({"color_jitter": {"brightness": float("nan")}}),
+    lambda: PreprocessSpec.from_dict({"geometry": {"kind": "random_resized_crop", "ratio": [0.75, float("inf")]}}),
+])
+def test_non_finite_spec_values_are_refused(make):
+    with pytest.raises(ValueError, match="is invalid: allowed a finite number"):
+        make()
+
+
+# --------------------------------------------------------------------------- converting
+@needs_shared
+def test_overwrite_with_a_bad_source_keeps_the_dataset(tmp_path):
+    src = _small_imagenet(tmp_path, 20)
+    out = tmp_path / "done"
+    convert(str(src), out, format="tfrecord", progress=False)
+    r = subprocess.run([*FASTLOAD, "convert", str(tmp_path / "typo"), "--format", "tfrecord", "--out", str(out),
+                        "--overwrite"], capture_output=True, text=True)
+    _one_line_error(r, "typo")
+    assert verify(out) == []  # still complete, still sound
+
+
+@needs_shared
+def test_full_disk_tfrecord_is_one_line_and_leaves_no_temp_files(tmp_path):
+    src = _small_imagenet(tmp_path, 60)  # about 6 MB of JPEGs
+    with small_disk(tmp_path / "disk", "2m") as disk:
+        out = disk / "out"
+        r = subprocess.run([*FASTLOAD, "convert", str(src), "--format", "tfrecord", "--out", str(out),
+                            "--shard-size", "8"], capture_output=True, text=True, timeout=120)
+        _one_line_error(r, "is full", "rerun the same command")
+        assert not list(out.glob(".*.tmp")) and not list(out.glob("*.tmp"))
+
+
+@needs_shared
+def test_full_disk_beton_fails_fast_instead_of_hanging(tmp_path):
+    """Too little room: refused before writing. Room that runs out while ffcv's writer works (its
+    worker dies of ENOSPC): an error within seconds, and no writer process left behind."""
+    from fastload.beton import write_beton
+    src = _small_imagenet(tmp_path, 60)
+    with small_disk(tmp_path / "disk", "3m") as disk:
+        r = subprocess.run([*FASTLOAD, "convert", str(src), "--format", "beton", "--out", str(disk / "out")],
+                           capture_output=True, text=True, timeout=120)
+        _one_line_error(r, "full")
+        shutil.rmtree(disk / "out", ignore_errors=True)
+        reader = SplitReader(Manifest.read(_converted(tmp_path, src)), "train")
+
+        class Samples:
+            def __len__(self):
+                return len(reader)
+
+            def __getitem__(self, i):
+                return (np.array(reader.jpeg(i)), int(reader.heights[i]), int(reader.widths[i])), int(reader.labels[i])
+        t0 = time.time()
+        with pytest.raises(OSError, match="No space left"):
+            write_beton(disk / "x.beton", Samples(), {"label": ("int", 0)}, num_workers=2)
+        assert time.time() - t0 < 60
+        import multiprocessing
+        assert not multiprocessing.active_children()
+
+
+def _converted(tmp_path: Path, src: Path) -> Path:
+    out = tmp_path / "staged"
+    if not (out / "manifest.json").exists():
+        convert(str(src), out, format="tfrecord", progress=False)
+    return out
+
+
+def test_read_only_output_is_one_line(tmp_path):
+    src = save_splits(tmp_path / "src", train=_tiny_dataset(4))
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(ro)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a read-only tmpfs here (needs root)")
+    try:
+        r = subprocess.run([*FASTLOAD, "convert", str(src), "--format", "tfrecord", "--out", str(ro / "out")],
+                           capture_output=True, text=True)
+        _one_line_error(r, "writable")
+    finally:
+        subprocess.run(["umount", "-l", str(ro)])
+
+
+def _tiny_dataset(n: int, labels=None, images=None):
+    """n small JPEGs (or the given encoded images) with 3 classes."""
+    import datasets
+    feats = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=["a", "b", "c"])})
+    images = images or [jpeg_bytes(np.full((24, 24, 3), 90, np.uint8))] * n
+    labels = labels if labels is not None else [i % 3 for i in range(n)]
+    return datasets.Dataset.from_dict({"image": [{"bytes": b, "path": None} for b in images], "label": labels},
+                                      features=feats)
+
+
+def test_user_errors_on_the_cli_are_one_line(tmp_path):
+    import datasets
+    cases = []
+    cases.append((tmp_path / "nowhere", "could not be opened"))
+    save_splits(tmp_path / "empty", train=_tiny_dataset(0))
+    cases.append((tmp_path / "empty", "hold no rows"))
+    nolabel = datasets.Dataset.from_dict({"image": [{"bytes": jpeg_bytes(np.zeros((8, 8, 3), np.uint8)),
+                                                     "path": None}]},
+                                         features=datasets.Features({"image": datasets.Image()}))
+    save_splits(tmp_path / "nolabel", train=nolabel)
+    cases.append((tmp_path / "nolabel", "no label column"))
+    feats = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=["a", "b"])})
+    none = datasets.Dataset.from_dict({"image": [{"bytes": jpeg_bytes(np.zeros((8, 8, 3), np.uint8)), "path": None}] * 3,
+                                       "label": [0, None, 1]}, features=feats)
+    save_splits(tmp_path / "none", train=none)
+    cases.append((tmp_path / "none", "index 1: label column(s) ['label'] are empty (None)"))
+    for k, (src, needle) in enumerate(cases):
+        r = subprocess.run([*FASTLOAD, "convert", str(src), "--format", "tfrecord", "--out", str(tmp_path / f"o{k}")],
+                           capture_output=True, text=True)
+        _one_line_error(r, needle)
+
+
+def test_resume_proves_it_continues_the_same_source(tmp_path, capsys):
+    """Interrupted, then the source changes labels (same path, same rows): the rerun starts over
+    instead of mixing stale shards with new ones."""
+    good = jpeg_bytes(np.full((24, 24, 3), 90, np.uint8))
+    rows = 40
+    images = [good] * (rows - 1) + [good[:60]]  # the last one is cut short: the job stops there
+    labels_a = [i % 3 for i in range(rows)]
+    src = save_splits(tmp_path / "src", train=_tiny_dataset(rows, labels_a, images))
+    out = tmp_path / "out"
+    with pytest.raises(Exception, match="index 39"):
+        convert(str(src), out, format="tfrecord", shard_size=8, workers=1, progress=False)
+    assert len(list((out / ".partial").glob("train-*.json"))) == 4  # 4 of 5 shards done
+    labels_b = [(v + 1) % 3 for v in labels_a]
+    shutil.rmtree(src)
+    save_splits(src, train=_tiny_dataset(rows, labels_b, images))
+    m = convert(str(src), out, format="tfrecord", shard_size=8, workers=1, skip_corrupt=True, progress=False)
+    assert "source changed" in capsys.readouterr().out
+    assert SplitReader(m, "train").labels.tolist() == labels_b[:rows - 1]
+    assert verify(out) == []
+
+
+def test_skip_corrupt_retry_keeps_finished_shards(tmp_path, capsys):
+    good = jpeg_bytes(np.full((24, 24, 3), 90, np.uint8))
+    src = save_splits(tmp_path / "src", train=_tiny_dataset(24, images=[good] * 20 + [good[:50]] * 4))
+    out = tmp_path / "out"
+    with pytest.raises(Exception, match="--skip-corrupt"):
+        convert(str(src), out, format="tfrecord", shard_size=8, workers=1, progress=False)
+    done = {p.name: p.stat().st_mtime_ns for p in (out / ".partial").glob("train-*.json")}
+    assert len(done) == 2
+    m = convert(str(src), out, format="tfrecord", shard_size=8, workers=1, skip_corrupt=True, progress=False)
+    assert "resuming: 2 of 3 shards already done" in capsys.readouterr().out
+    assert m.split("train").num_examples == 20 and len(m.split("train").skipped) == 4
+
+
+def test_sixteen_bit_png_is_scaled_not_white(tmp_path):
+    import datasets
+    levels = np.linspace(0, 65535, 48 * 64).reshape(48, 64).astype(np.uint16)
+    buf = io.BytesIO()
+    Image.fromarray(levels).save(buf, format="PNG")
+    feats = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=["a"])})
+    ds = datasets.Dataset.from_dict({"image": [{"bytes": buf.getvalue(), "path": None}], "label": [0]}, features=feats)
+    m = convert(str(save_splits(tmp_path / "src", train=ds)), tmp_path / "out", format="tfrecord", progress=False)
+    stored = np.asarray(SplitReader(m, "train").image(0).convert("L")).astype(float)
+    want = np.round(levels / 257.0)
+    assert (stored >= 250).mean() < 0.05  # it used to be 93-97% pure white
+    assert np.abs(stored - want).mean() < 1.5  # the JPEG's own error
+
+
+@needs_shared
+def test_second_conversion_into_the_same_directory_refuses_at_once(tmp_path):
+    out = tmp_path / "out"
+    first = subprocess.Popen([*FASTLOAD, "convert", str(CIFAR10), "--format", "tfrecord", "--out", str(out),
+                              "--workers", "1", "--shard-size", "500"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline = time.time() + 60
+        while time.time() < deadline and not (out / ".lock").exists():
+            time.sleep(0.05)
+        t0 = time.time()
+        r = subprocess.run([*FASTLOAD, "convert", str(CIFAR10), "--format", "tfrecord", "--out", str(out)],
+                           capture_output=True, text=True, timeout=60)
+        _one_line_error(r, "being written by another conversion", f"pid {first.pid}")
+        assert time.time() - t0 < 30
+    finally:
+        first.kill()
+        first.wait()
+
+
+@needs_shared
+def test_kill9_of_a_conversion_takes_its_workers_with_it(tmp_path):
+    out = tmp_path / "out"
+    proc = subprocess.Popen([*FASTLOAD, "convert", str(CIFAR10), "--format", "tfrecord", "--out", str(out),
+                             "--workers", "2", "--shard-size", "200"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.time() + 60
+    workers: set[int] = set()
+    while time.time() < deadline and len(workers) < 2:
+        workers = {k for k in _children(proc.pid)}
+        time.sleep(0.05)
+    assert len(workers) >= 2, "the workers must have started"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    deadline = time.time() + 10
+    while time.time() < deadline and any(_alive(w) for w in workers):
+        time.sleep(0.1)
+    assert not any(_alive(w) for w in workers)

@@ -1,0 +1,100 @@
+"""The ffcv backend's native pieces on real photos: decode and resample are PIL's, bit for bit."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from fastload import Manifest
+from fastload.pipelines.jpeg import JPEGDecodeError, decode_rgb, jpeg_size, thread_decoder
+from fastload.pipelines.kernels import resample_window, source_window
+from fastload.pipelines.sampling import random_resized_crop_params
+from fastload.records import SplitReader
+
+NO_NORM = (np.ones(3, np.float32), np.zeros(3, np.float32))
+
+
+@pytest.fixture(scope="module")
+def photos(imagenet_dirs):
+    reader = SplitReader(Manifest.read(imagenet_dirs["tfrecord"]), "validation")
+    return reader, [np.array(reader.jpeg(i)) for i in range(len(reader))]
+
+
+def test_full_decode_is_pils(photos):
+    """Accurate DCT + fancy upsampling: PIL's pixels exactly, on every stored image (the
+    re-encoded grayscale/CMYK ones included)."""
+    reader, jpegs = photos
+    for i, jpeg in enumerate(jpegs):
+        assert jpeg_size(jpeg) == (reader.heights[i], reader.widths[i])
+        assert np.array_equal(decode_rgb(jpeg), np.asarray(reader.image(i))), i
+
+
+def test_region_decode_is_the_full_decodes_region(photos):
+    """Decoding only some rows and iMCU columns gives exactly those pixels of the full decode
+    (chroma-subsampled photos included: most of these are 4:2:0)."""
+    reader, jpegs = photos
+    rng = np.random.default_rng(0)
+    decoder = thread_decoder()
+    for i, jpeg in enumerate(jpegs):
+        full = decode_rgb(jpeg)
+        h, w, _ = full.shape
+        for _ in range(4):
+            ch, cw = int(rng.integers(1, h + 1)), int(rng.integers(1, w + 1))
+            y0, x0 = int(rng.integers(0, h - ch + 1)), int(rng.integers(0, w - cw + 1))
+            region, col0 = decoder.decode(jpeg, w, y0, y0 + ch, x0, x0 + cw)
+            assert col0 <= x0
+            assert np.array_equal(region[:, x0 - col0:x0 - col0 + cw], full[y0:y0 + ch, x0:x0 + cw]), (i, y0, x0)
+
+
+def _pil_two_pass(image: np.ndarray, out_h: int, out_w: int) -> np.ndarray:
+    """Pillow's bilinear resize as Pillow <= 12 runs it: horizontal pass, round, vertical pass."""
+    im = Image.fromarray(image)
+    if out_w != im.width:
+        im = im.resize((out_w, im.height), Image.BILINEAR)
+    if out_h != im.height:
+        im = im.resize((out_w, out_h), Image.BILINEAR)
+    return np.asarray(im)
+
+
+def test_resample_is_pils_on_random_resized_crops(photos):
+    """RandomResizedCrop boxes of real photos, resampled from the decoded region only: exactly
+    Pillow's two-pass result, and within 1 level of a one-call ``Image.resize`` (Pillow 13 may
+    run the vertical pass first, which rounds differently)."""
+    reader, jpegs = photos
+    h, w = reader.heights, reader.widths
+    y, x, ch, cw = random_resized_crop_params(np.random.default_rng(1), h, w, (0.08, 1.0), (3 / 4, 4 / 3))
+    decoder = thread_decoder()
+    for i in range(0, len(jpegs), 3):
+        full = decode_rgb(jpegs[i])
+        box = np.ascontiguousarray(full[y[i]:y[i] + ch[i], x[i]:x[i] + cw[i]])
+        r0, r1, c0, c1 = source_window(int(ch[i]), int(cw[i]), 224, 224, 0, 0, 224, 224)
+        region, col0 = decoder.decode(jpegs[i], int(w[i]), int(y[i]) + r0, int(y[i]) + r1, int(x[i]) + c0,
+                                      int(x[i]) + c1)
+        out = np.empty((224, 224, 3), np.uint8)
+        resample_window(region, -r0, int(x[i]) - col0, int(ch[i]), int(cw[i]), 224, 224, 0, 0, False, 0, out,
+                        224, 224, False, False, *NO_NORM)
+        assert np.array_equal(out, _pil_two_pass(box, 224, 224)), i
+        one_call = np.asarray(Image.fromarray(box).resize((224, 224), Image.BILINEAR))
+        assert np.abs(out.astype(int) - one_call).max() <= 1
+
+
+def test_fused_normalization_flip_and_layout(photos):
+    reader, jpegs = photos
+    image = decode_rgb(jpegs[0])
+    h, w, _ = image.shape
+    plain = np.empty((200, 150, 3), np.uint8)
+    resample_window(image, 0, 0, h, w, 256, 300, 10, 20, False, 0, plain, 200, 150, False, False, *NO_NORM)
+    scale, shift = np.float32([0.1, 0.2, 0.3]), np.float32([1.0, 2.0, 3.0])
+    chw = np.empty((3, 200, 150), np.float32)
+    resample_window(image, 0, 0, h, w, 256, 300, 10, 20, True, 0, chw, 200, 150, True, True, scale, shift)
+    want = plain[:, ::-1].astype(np.float32) * scale - shift
+    assert np.allclose(chw.transpose(1, 2, 0), want, atol=1e-5)
+
+
+def test_corrupt_jpeg_is_refused(photos):
+    _, jpegs = photos
+    with pytest.raises(JPEGDecodeError):
+        decode_rgb(np.frombuffer(b"not a jpeg at all", np.uint8))
+    cut = jpegs[0][:len(jpegs[0]) // 2]  # truncated: libjpeg warns and fills gray; we refuse
+    with pytest.raises(JPEGDecodeError):
+        decode_rgb(cut)
