@@ -65,17 +65,19 @@ def open_source(source, splits: list[str] | None = None):
         dd = dict(source)
     else:
         path = Path(str(source))
-        if path.is_dir() and ((path / "dataset_dict.json").exists() or (path / "state.json").exists()):
-            loaded = datasets.load_from_disk(str(path))
-        elif path.exists() and not path.is_dir():
+        if path.exists() and not path.is_dir():
             raise SchemaError(f"source {str(source)!r} is a file; expected a dataset folder or a hub name")
-        else:
-            # Hub names, parquet folders and image folders with class subfolders alike.
-            try:
+        try:
+            if path.is_dir() and ((path / "dataset_dict.json").exists() or (path / "state.json").exists()):
+                loaded = datasets.load_from_disk(str(path))
+            else:  # hub names, parquet folders and image folders with class subfolders alike
                 loaded = datasets.load_dataset(str(source))
-            except (ConnectionError, FileNotFoundError) as e:
-                kind = "local folder" if path.exists() else "hub name or local path"
-                raise SchemaError(f"source {str(source)!r} ({kind}) could not be opened: {e}") from None
+        except (ConnectionError, FileNotFoundError) as e:
+            kind = "local folder" if path.exists() else "hub name or local path"
+            raise SchemaError(f"source {str(source)!r} ({kind}) could not be opened: {e}") from None
+        except (ValueError, IndexError) as e:  # what datasets raises for a source without rows
+            raise SchemaError(f"source {str(source)!r} could not be read ({type(e).__name__}: {e}); a source "
+                              "that holds no rows has nothing to convert") from None
         dd = {"train": loaded} if isinstance(loaded, datasets.Dataset) else dict(loaded)
     if splits:
         missing = [s for s in splits if s not in dd]

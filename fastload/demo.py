@@ -43,8 +43,9 @@ def run_demo(source=None, out="demo-out", workers: int = 2) -> list[dict]:
         problems = verify(out / fmt)
         print(f"  converted {n} images to {fmt:<8} in {dt:5.1f}s; verify: {'OK' if not problems else problems}")
     print("  (a sample this small measures start-up, not conversion speed: see scripts/bench_convert.py)")
-    for backend, fmt in (("ffcv", "beton"), ("dali", "tfrecord"), ("reference", "tfrecord")):
-        rows.append(_throughput(str(out / fmt), backend, workers))
+    from .pipelines.registry import backend_names, entry
+    for backend in backend_names():
+        rows.append(_throughput(str(out / entry(backend).storages[0]), backend, workers))
     print(f"\n  train spec (RandomResizedCrop 224 + flip + normalize), batch 16, {workers} workers")
     print(f"  {'backend':<10} {'images/s':>9} {'first batch s':>14}  batch shape")
     for r in rows:

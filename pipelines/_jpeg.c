@@ -34,23 +34,31 @@ static void on_message(j_common_ptr cinfo, int level) {
     }
 }
 
+static void init_errors(struct jpeg_decompress_struct *d, struct error_state *e) {
+    d->err = jpeg_std_error(&e->pub);
+    e->pub.error_exit = on_error;
+    e->pub.emit_message = on_message;
+    e->message[0] = 0;
+}
+
+static void open_jpeg(struct jpeg_decompress_struct *d, const unsigned char *data, unsigned long size) {
+    jpeg_create_decompress(d);
+    jpeg_mem_src(d, data, size);
+    jpeg_read_header(d, TRUE);
+}
+
 /* Read the header only: 0 and height/width, or 1 and a message. */
 int fl_jpeg_size(const unsigned char *data, unsigned long size, int *height, int *width,
                  char *message, int message_len) {
     struct jpeg_decompress_struct d;
     struct error_state e;
-    d.err = jpeg_std_error(&e.pub);
-    e.pub.error_exit = on_error;
-    e.pub.emit_message = on_message;
-    e.message[0] = 0;
-    if (setjmp(e.jump)) {
+    init_errors(&d, &e);
+    if (setjmp(e.jump)) { /* here, not in a helper: the jump needs this frame */
         snprintf(message, message_len, "%s", e.message);
         jpeg_destroy_decompress(&d);
         return 1;
     }
-    jpeg_create_decompress(&d);
-    jpeg_mem_src(&d, data, size);
-    jpeg_read_header(&d, TRUE);
+    open_jpeg(&d, data, size);
     *height = (int)d.image_height;
     *width = (int)d.image_width;
     jpeg_destroy_decompress(&d);
@@ -64,18 +72,13 @@ int fl_jpeg_decode_region(const unsigned char *data, unsigned long size, int y0,
                           unsigned char *out, int stride, int *col0, char *message, int message_len) {
     struct jpeg_decompress_struct d;
     struct error_state e;
-    d.err = jpeg_std_error(&e.pub);
-    e.pub.error_exit = on_error;
-    e.pub.emit_message = on_message;
-    e.message[0] = 0;
-    if (setjmp(e.jump)) {
+    init_errors(&d, &e);
+    if (setjmp(e.jump)) { /* here, not in a helper: the jump needs this frame */
         snprintf(message, message_len, "%s", e.message);
         jpeg_destroy_decompress(&d);
         return 1;
     }
-    jpeg_create_decompress(&d);
-    jpeg_mem_src(&d, data, size);
-    jpeg_read_header(&d, TRUE);
+    open_jpeg(&d, data, size);
     d.out_color_space = JCS_RGB;
     d.dct_method = JDCT_ISLOW;
     jpeg_start_decompress(&d);

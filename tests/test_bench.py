@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 
 import pytest
 from PIL import Image
@@ -56,6 +57,11 @@ def test_stage_costs_add_up_to_the_full_pipeline(report):
         measured = 1e3 / r["images_per_s"]["median"]
         assert abs(total - measured) / measured < 0.5, (r["backend"], stages, measured)
         assert stages["read"] > 0 and stages["decode"] > 0
+        assert min(stages.values()) >= 0  # never negative: a stage below noise is 0 with a note
+        measured_stages = r["stages"]["measured_ms_per_image"]
+        for note in r["stages"]["notes"]:
+            name = note.split()[0]
+            assert stages[name] == 0 and name in measured_stages
 
 
 def test_plot_png(report):
@@ -71,6 +77,10 @@ def test_bench_errors(labelled_colors, tmp_path):
         run_bench([str(labelled_colors["beton"])], backend="tpu", progress=False)
     with pytest.raises(BenchError, match="backend 'dali' cannot read"):
         run_bench([str(labelled_colors["beton"])], backend="dali", progress=False)
+    t0 = time.perf_counter()  # a bad spec fails before any backend process starts
+    with pytest.raises(BenchError, match="preset=.* is unknown|'imagenet:foo' is invalid"):
+        run_bench([str(labelled_colors["beton"])], spec="imagenet:foo", progress=False)
+    assert time.perf_counter() - t0 < 2
     r = subprocess.run([*FASTLOAD, "bench", str(tmp_path / "missing")], capture_output=True, text=True)
     assert r.returncode == 2 and "does not exist" in r.stderr
     r = subprocess.run([*FASTLOAD, "bench", str(labelled_colors["beton"]), "--backend", "tpu"], capture_output=True,

@@ -31,7 +31,7 @@ BACKEND_FORMAT = {"ffcv": "beton", "dali": "tfrecord", "reference": "tfrecord"}
 
 def _one_line_error(r: subprocess.CompletedProcess, *needles: str) -> None:
     """A user error: exit code 2, one line on stderr naming the problem, no traceback."""
-    lines = [ln for ln in r.stderr.splitlines() if ln.strip() and not ln.startswith(("Map", "Saving", "Generating"))]
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip() and "%|" not in ln]  # progress bars aside
     assert r.returncode == 2, (r.returncode, r.stderr[-2000:])
     assert "Traceback" not in r.stderr, r.stderr[-2000:]
     assert len(lines) == 1 and lines[0].startswith("error: "), lines
@@ -81,7 +81,7 @@ def _small_imagenet(tmp_path: Path, n: int = 40) -> Path:
 @pytest.mark.parametrize("backend", ["ffcv", "dali", "reference"])
 def test_abandoned_epochs_leak_nothing(imagenet_dirs, backend):
     """`break` after two batches, again and again: threads and memory stay flat."""
-    import resource
+    import gc
     loader = FastLoader(imagenet_dirs[BACKEND_FORMAT[backend]], "validation", batch_size=32, backend=backend,
                         num_workers=2, spec="imagenet:train")
 
@@ -89,14 +89,18 @@ def test_abandoned_epochs_leak_nothing(imagenet_dirs, backend):
         for k, _ in enumerate(loader):
             if k == 1:
                 break
-    abandon()
-    abandon()
-    threads, rss = threading.active_count(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    for _ in range(12):
+        gc.collect()
+
+    def rss_mb():  # current resident memory, not the peak
+        return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    for _ in range(10):  # allocators and DALI's memory pools settle first
+        abandon()
+    threads, rss = threading.active_count(), rss_mb()
+    for _ in range(20):
         abandon()
     assert threading.active_count() <= threads
-    grown_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss) / 1024
-    assert grown_mb < 150, grown_mb  # main used to gain ~160 MB per abandoned ffcv epoch
+    # a leak grows with every epoch: ffcv's loader used to keep ~160 MB per abandoned epoch
+    assert rss_mb() - rss < 150, rss_mb() - rss
 
 
 @needs_shared
@@ -206,12 +210,13 @@ def test_full_disk_beton_fails_fast_instead_of_hanging(tmp_path):
 
             def __getitem__(self, i):
                 return (np.array(reader.jpeg(i)), int(reader.heights[i]), int(reader.widths[i])), int(reader.labels[i])
+        import multiprocessing
+        before = set(multiprocessing.active_children())  # other tests' DataLoader workers
         t0 = time.time()
         with pytest.raises(OSError, match="No space left"):
             write_beton(disk / "x.beton", Samples(), {"label": ("int", 0)}, num_workers=2)
         assert time.time() - t0 < 60
-        import multiprocessing
-        assert not multiprocessing.active_children()
+        assert not set(multiprocessing.active_children()) - before
 
 
 def _converted(tmp_path: Path, src: Path) -> Path:
@@ -251,7 +256,7 @@ def test_user_errors_on_the_cli_are_one_line(tmp_path):
     cases = []
     cases.append((tmp_path / "nowhere", "could not be opened"))
     save_splits(tmp_path / "empty", train=_tiny_dataset(0))
-    cases.append((tmp_path / "empty", "hold no rows"))
+    cases.append((tmp_path / "empty", "holds no rows"))
     nolabel = datasets.Dataset.from_dict({"image": [{"bytes": jpeg_bytes(np.zeros((8, 8, 3), np.uint8)),
                                                      "path": None}]},
                                          features=datasets.Features({"image": datasets.Image()}))

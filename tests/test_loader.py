@@ -61,6 +61,8 @@ def test_backends_match_the_reference(imagenet_outputs, spec_name, backend):
     per_image = diff.mean(dim=(1, 2, 3))
     assert diff.mean() <= 2.0, diff.mean()
     assert per_image.max() <= 4.0, per_image.max()
+    if backend == "ffcv":  # PIL's own decode and resample: exact but for Pillow 13's pass order (<= 1 level)
+        assert diff.mean() <= 0.5 and diff.max() <= 1.0 + 1e-3, (diff.mean(), diff.max())
 
 
 @needs_shared
