@@ -242,7 +242,23 @@ def _convert_locked(source, out, data, schema, format, workers, max_side, jpeg_q
                 raise disk_full_error(out, e) from None
             raise
     shutil.rmtree(partial, ignore_errors=True)
+    if preset is None:
+        _warn_if_preset_misfits(manifest)
     return manifest
+
+
+def _warn_if_preset_misfits(manifest: Manifest) -> None:
+    """The guessed preset crops 224 px from every image: say so when the images are far smaller."""
+    from fastload.records import SplitReader
+    from fastload.spec import PreprocessSpec
+    size = max(PreprocessSpec.preset(manifest.preset, train=True).size)
+    reader = SplitReader(manifest, manifest.split_names[0])
+    side = float(np.median(np.maximum(reader.heights, reader.widths)))
+    if side < size / 2:
+        import warnings
+        warnings.warn(f"{manifest.root}: images are small (median longer side {side:.0f} px) for the default preset "
+                      f"{manifest.preset!r}, which crops {size} px: convert with --preset cifar10 for 32 px images, "
+                      "or give FastLoader a spec", UserWarning, stacklevel=4)  # at the caller of convert()
 
 
 def _remove_dataset(out: Path) -> None:

@@ -70,12 +70,16 @@ def open_source(source, splits: list[str] | None = None):
         try:
             if path.is_dir() and ((path / "dataset_dict.json").exists() or (path / "state.json").exists()):
                 loaded = datasets.load_from_disk(str(path))
-            else:  # hub names, parquet folders and image folders with class subfolders alike
+            elif splits:  # hub names, parquet folders, image folders: prepare only the splits asked for
+                loaded = dict(zip(splits, datasets.load_dataset(str(source), split=list(splits))))
+            else:
                 loaded = datasets.load_dataset(str(source))
         except (ConnectionError, FileNotFoundError) as e:
             kind = "local folder" if path.exists() else "hub name or local path"
             raise SchemaError(f"source {str(source)!r} ({kind}) could not be opened: {e}") from None
-        except (ValueError, IndexError) as e:  # what datasets raises for a source without rows
+        except (ValueError, IndexError) as e:  # what datasets raises for a source without rows, or a bad split
+            if "Unknown split" in str(e):  # 'Unknown split "x". Should be one of [...]'
+                raise SchemaError(f"split(s) {list(splits)} not all in source {source!r}: {e}") from None
             raise SchemaError(f"source {str(source)!r} could not be read ({type(e).__name__}: {e}); a source "
                               "that holds no rows has nothing to convert") from None
         dd = {"train": loaded} if isinstance(loaded, datasets.Dataset) else dict(loaded)

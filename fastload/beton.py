@@ -16,7 +16,6 @@ from __future__ import annotations
 import os
 import types
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
@@ -144,9 +143,3 @@ def beton_image_locations(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarra
     offsets = meta["data_ptr"].astype(np.uint64)
     sizes = np.array([ptr_to_size[int(p)] for p in offsets], dtype=np.uint64)
     return offsets, sizes, meta["height"].astype(np.uint32), meta["width"].astype(np.uint32)
-
-
-def beton_field_names(path: Path) -> Sequence[str]:
-    import_ffcv()
-    from ffcv.reader import Reader
-    return list(Reader(str(path)).handlers)

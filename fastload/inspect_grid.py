@@ -6,6 +6,7 @@ from pathlib import Path
 import numpy as np
 
 TILE_LABEL_HEIGHT = 28
+MIN_TILE = 128  # px: below this a tile and its caption are unreadable
 
 
 def inspect_grid(directory, split="train", spec=None, backend="auto", out="grid.png", n=16, seed=0) -> Path:
@@ -26,6 +27,10 @@ def inspect_grid(directory, split="train", spec=None, backend="auto", out="grid.
     cols = int(np.ceil(np.sqrt(len(tiles))))
     rows = int(np.ceil(len(tiles) / cols))
     th, tw = tiles.shape[1], tiles.shape[2]
+    zoom = max(1, -(-MIN_TILE // min(th, tw)))  # small images (CIFAR's 32 px) are blown up, pixels kept sharp
+    if zoom > 1:
+        tiles = tiles.repeat(zoom, axis=1).repeat(zoom, axis=2)
+        th, tw = th * zoom, tw * zoom
     grid = Image.new("RGB", (cols * tw, rows * (th + TILE_LABEL_HEIGHT)), "white")
     draw = ImageDraw.Draw(grid)
     for i, tile in enumerate(tiles):

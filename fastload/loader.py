@@ -90,6 +90,8 @@ class FastLoader:
         self.num_workers = num_workers if num_workers is not None else max(1, (os.cpu_count() or 1))
         self.rank, self.world_size = distributed_rank_world(distributed)
         self.epoch = 0
+        self._batches_done = 0   # batches of `epoch` handed out (state_dict)
+        self._resume_batch = 0   # where the next iteration starts (load_state_dict)
         entry = registry.resolve_backend(backend, self.manifest.storage, self.manifest.root)
         self.backend = entry.name
         from fastload.pipelines.base import BackendOptions
@@ -104,8 +106,40 @@ class FastLoader:
 
     # ------------------------------------------------------------------ torch-like surface
     def set_epoch(self, epoch: int) -> None:
-        """Pick the epoch whose order and augmentations the next iteration uses (as DistributedSampler)."""
+        """Pick the epoch whose order and augmentations the next iteration uses (as DistributedSampler).
+        Setting the epoch a checkpoint was taken in keeps its resume point."""
+        if int(epoch) != self.epoch:
+            self._resume_batch = 0
         self.epoch = int(epoch)
+
+    # ------------------------------------------------------------------ checkpointing
+    STATE_FORMAT = "fastload-loader/1"
+
+    def state_dict(self) -> dict:
+        """Where this loader is, as torchdata's ``StatefulDataLoader`` reports it: save it with the
+        model after a training step, and :meth:`load_state_dict` makes the next batch the one that
+        would have come next (bit-identical: order, crops and augmentations are functions of the
+        seed, the epoch and the batch's position, so no skipped batch is decoded)."""
+        return {"format": self.STATE_FORMAT, "epoch": self.epoch, "batches_done": self._batches_done,
+                "seed": self.seed, "rank": self.rank, "world_size": self.world_size,
+                "batch_size": self.batch_size, "num_samples": self.num_samples, "dataset_size": len(self.reader),
+                "drop_last": self.drop_last, "shuffle": self.shuffle, "spec": self.spec.to_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        if not isinstance(state, dict) or state.get("format") != self.STATE_FORMAT:
+            raise ValueError(f"not a FastLoader state (format {getattr(state, 'get', lambda k: None)('format')!r}, "
+                             f"expected {self.STATE_FORMAT!r}): pass what state_dict() returned")
+        mine = self.state_dict()
+        differ = [k for k in ("seed", "world_size", "rank", "batch_size", "dataset_size", "drop_last", "shuffle",
+                              "spec") if state.get(k) != mine[k]]
+        if differ:
+            diffs = ", ".join(f"{k}={state.get(k)!r} (this loader: {mine[k]!r})" for k in differ if k != "spec")
+            raise ValueError(f"the checkpoint's loader differs from this one in {differ}: {diffs or 'the spec'}; "
+                             "resume with the same dataset, seed, batch size, spec and world size")
+        if not 0 <= int(state["batches_done"]) <= len(self):
+            raise ValueError(f"batches_done={state['batches_done']!r} is invalid: allowed 0..{len(self)}")
+        self.epoch, self._resume_batch = int(state["epoch"]), int(state["batches_done"])
+        self._batches_done = self._resume_batch
 
     @property
     def num_samples(self) -> int:
@@ -129,25 +163,28 @@ class FastLoader:
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         from fastload.pipelines.sampling import augment_rng
-        epoch = self.epoch
+        epoch, start = self.epoch, self._resume_batch
+        self._resume_batch = 0
         order, params = self.epoch_plan(epoch)
-        rng = augment_rng(self.seed, epoch, self.rank)
         threads = torch.get_num_threads()
         # ffcv/DALI decode on their own worker threads; on CPU, torch's intra-op threads in light
         # batch ops only fight them for cores (measured: -10..40% on 2 cores). Augmentations on
         # CPU are heavy enough to be the bottleneck: they keep the caller's threads.
         light = self.transform.augment is None and not self.spec.mixup.mixes
         batch_threads = 1 if (self.device.type == "cpu" and self.backend != "reference" and light) else threads
-        for images, index in self.pipeline.run_epoch(order, params):
+        self._batches_done = start
+        batches = self.pipeline.run_epoch(order[start * self.batch_size:], params)  # resume: later batches only
+        for b, (images, index) in enumerate(batches, start):
             # restored before the yield: a generator left suspended there (a `break`, then exit)
             # has nothing to undo when the interpreter closes it
             torch.set_num_threads(batch_threads)
-            try:
-                batch = self.transform(images, index, rng)
+            try:  # one random stream per batch: a resumed epoch draws what the uninterrupted one drew
+                batch = self.transform(images, index, augment_rng(self.seed, epoch, self.rank, b))
             finally:
                 torch.set_num_threads(threads)
+            self._batches_done = b + 1
             yield batch
-        self.epoch = epoch + 1  # a completed pass moves on, as ffcv's Loader does
+        self.epoch, self._batches_done = epoch + 1, 0  # a completed pass moves on, as ffcv's Loader does
 
     def __repr__(self) -> str:
         return (f"FastLoader({str(self.manifest.root)!r}, split={self.split!r}, backend={self.backend!r}, "

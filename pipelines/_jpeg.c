@@ -4,12 +4,11 @@
  * above, stop below) and, within them, the iMCU columns that cover it (jpeg_crop_scanline).
  *
  * Built as an extension module only so that pip compiles and installs it; Python never
- * imports it (fastload/pipelines/jpeg.py loads it with ctypes).
+ * imports it (fastload/pipelines/jpeg.py loads it for ctypes and, by symbol name, for numba).
  */
 #include <Python.h>
 #include <setjmp.h>
 #include <stdio.h>
-#include <stdint.h>
 #include <string.h>
 #include <jpeglib.h>
 
@@ -107,24 +106,6 @@ int fl_jpeg_decode_region(const unsigned char *data, unsigned long size, int y0,
         return 1;
     }
     return 0;
-}
-
-/* Decode n regions (regions[4k..4k+3] = y0, y1, x0, x1; an empty region decodes nothing) of n
- * JPEGs into `out` (image k at out + offsets[k], row pitch widths[k] * 3). Returns -1, or the
- * index of the first image that failed, with its message. One call per chunk of a batch: the
- * per-call cost of ctypes is paid once for many small images. */
-int fl_jpeg_decode_regions(int n, const unsigned long long *data, const unsigned long long *sizes,
-                           const int *regions, const int *widths, unsigned char *out,
-                           const long long *offsets, int *col0, char *message, int message_len) {
-    for (int k = 0; k < n; k++) {
-        const int *r = regions + 4 * k;
-        col0[k] = r[2];
-        if (r[1] <= r[0] || r[3] <= r[2]) continue;
-        if (fl_jpeg_decode_region((const unsigned char *)(uintptr_t)data[k], (unsigned long)sizes[k], r[0], r[1],
-                                  r[2], r[3], out + offsets[k], widths[k] * 3, col0 + k, message, message_len))
-            return k;
-    }
-    return -1;
 }
 
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_jpeg", "ctypes-only helpers", -1, NULL};

@@ -7,8 +7,8 @@ several seconds per loader, had to be patched in five private places (thread cou
 traversal order, buffer allocation, error reporting), decoded with the fast DCT (1 level
 off PIL), and kept an abandoned epoch's thread and buffers alive.
 
-Per sample, on ``num_workers`` threads (each takes whole batches, in chunks of ~1 MB of
-pixels; the GIL is released in both native calls):
+Per sample, on ``num_workers`` threads (each takes whole batches, in one compiled call that
+releases the GIL):
 1. decode only the source rows and columns the output window reads (``kernels.source_window``),
    with libjpeg's accurate DCT (``_jpeg.c``): PIL's pixels, bit for bit;
 2. resample that region with PIL's antialiased bilinear filter, flip, and (fused) normalize
@@ -22,6 +22,7 @@ from collections import deque
 from concurrent.futures import ThreadPoolExecutor, wait
 from typing import Iterator
 
+import numba as nb
 import numpy as np
 import torch
 
@@ -29,12 +30,54 @@ from fastload.spec import RandomCrop
 
 from .base import Backend, BackendOptions
 from .buffers import BatchBuffers
-from .jpeg import decode_regions
-from .kernels import PADDING_CODES, batch_source_windows, resample_chunk
+from .jpeg import MESSAGE_LEN, nb_decode_region
+from .kernels import PADDING_CODES, resample_window, source_window
 from .sampling import epoch_batches
 
 _NO_NORMALIZE = (np.ones(3, np.float32), np.zeros(3, np.float32))
-CHUNK_BYTES = 1 << 20  # decoded pixels per native call: about what stays in L2 until resampled
+_DONE = np.iinfo(np.int64).max
+
+
+@nb.njit(cache=True, nogil=True)
+def decode_resample_batch(addresses, sizes, widths, rows, resample, pad_mode, dst, chw, norm, scale, shift,
+                          scratch, message):
+    """Every image of a batch, one after the other while its pixels are still in cache: decode the
+    rows and columns its window reads (``source_window``) into ``scratch``, then resample them into
+    ``dst[k]``. ``rows``: geometry rows (``sampling.PARAM_COLUMNS``). ``resample=False``: cut the
+    decoded region's top-left window instead (``fastload bench``'s decode stage).
+
+    Returns ``_DONE``; or k >= 0 when image k does not decode (libjpeg's words in ``message``);
+    or -n when ``scratch`` is smaller than the n bytes a region needs (grow it and call again)."""
+    dh, dw = (dst.shape[2], dst.shape[3]) if chw else (dst.shape[1], dst.shape[2])
+    n = rows.shape[0]
+    windows = np.empty((n, 4), np.int64)
+    need = 0
+    for k in range(n):
+        p = rows[k]
+        windows[k, 0], windows[k, 1], windows[k, 2], windows[k, 3] = source_window(
+            p[2], p[3], p[4], p[5], p[6], p[7], dh, dw)
+        need = max(need, (windows[k, 1] - windows[k, 0]) * widths[k] * 3)
+    if need > scratch.size:
+        return -need
+    col0 = np.zeros(1, np.int32)
+    empty = np.zeros((1, 1, 3), np.uint8)
+    for k in range(n):
+        p = rows[k]
+        y0, x0, h, w, out_h, out_w, top, left = p[0], p[1], p[2], p[3], p[4], p[5], p[6], p[7]
+        r0, r1, c0, c1 = windows[k, 0], windows[k, 1], windows[k, 2], windows[k, 3]
+        if r1 <= r0 or c1 <= c0:  # the window is all padding: nothing to decode
+            region, oy, ox = empty, 0, 0
+        else:
+            if nb_decode_region(addresses[k], sizes[k], y0 + r0, y0 + r1, x0 + c0, x0 + c1, scratch.ctypes.data,
+                                widths[k] * 3, col0.ctypes, message.ctypes.data, message.size):
+                return k
+            region = scratch[:(r1 - r0) * widths[k] * 3].reshape(r1 - r0, widths[k], 3)
+            oy, ox = -r0, x0 - col0[0]  # box pixel (y, x) is region[oy + y, ox + x]
+        if not resample:
+            h, w, out_h, out_w, top, left, oy, ox = r1 - r0, c1 - c0, r1 - r0, c1 - c0, 0, 0, 0, ox + c0
+        resample_window(region, oy, ox, h, w, out_h, out_w, top, left, p[8] != 0, pad_mode, dst[k], dh, dw,
+                        chw, norm, scale, shift)
+    return _DONE
 
 
 class FFCVBackend(Backend):
@@ -55,7 +98,7 @@ class FFCVBackend(Backend):
         self.shape = (3, h, w) if self.chw else (h, w, 3)
         self.dtype = torch.float32 if self.fused else torch.uint8
         self.workers = ThreadPoolExecutor(max(1, options.num_workers), thread_name_prefix="fastload-ffcv")
-        self.widths = reader.widths
+        self.widths = reader.widths.astype(np.int64)
         self._local = threading.local()
         self.buffers = BatchBuffers(capacity=options.num_workers + 4)  # in flight, ready, and the caller's
 
@@ -78,40 +121,24 @@ class FFCVBackend(Backend):
             wait([f for f, _ in in_flight])
 
     def _batch(self, index: np.ndarray, rows: np.ndarray) -> torch.Tensor:
-        """One batch on one worker thread, in chunks of about ``CHUNK_BYTES`` of decoded pixels: one
-        native decode call and one resample call per chunk (per-call costs are paid per chunk, not
-        per image, and a chunk's pixels are still in cache when they are resampled)."""
+        """One batch on one worker thread: a single compiled call decodes and resamples every image."""
         out = self.buffers.empty((len(index), *self.shape), self.dtype)
-        array = out.numpy()
-        dh, dw = self.spec.size
-        rows = np.ascontiguousarray(rows, np.int64)
-        regions = batch_source_windows(rows, dh, dw)
-        widths = self.widths[index].astype(np.int32)
-        nbytes = np.maximum(regions[:, 1] - regions[:, 0], 0).astype(np.int64) * widths * 3
         addresses, sizes = self.reader.jpeg_addresses(index)
-        col0 = np.empty(len(index), np.int32)
-        start = 0
-        while start < len(index):
-            # at least one image; then as many as fit in CHUNK_BYTES
-            stop = start + max(1, int(np.searchsorted(np.cumsum(nbytes[start:]), CHUNK_BYTES, side="right")))
-            offsets = np.concatenate([[0], np.cumsum(nbytes[start:stop])[:-1]])
-            scratch = self._scratch(int(nbytes[start:stop].sum()))
-            failed, message = decode_regions(addresses[start:stop], sizes[start:stop], regions[start:stop],
-                                             widths[start:stop], scratch, offsets, col0[start:stop])
-            if failed >= 0:
-                raise self.reader.sample_error(int(index[start + failed]), message)
-            resample_chunk(scratch, offsets, regions[start:stop], col0[start:stop], widths[start:stop],
-                           rows[start:stop], self.resample, self.pad_mode, array[start:stop], dh, dw, self.chw,
-                           self.fused, self.scale, self.shift)
-            start = stop
-        return out
-
-    def _scratch(self, nbytes: int) -> np.ndarray:
-        """This thread's decode buffer, grown as needed."""
-        buf = getattr(self._local, "scratch", None)
-        if buf is None or buf.size < nbytes:
-            buf = self._local.scratch = np.empty(max(nbytes, CHUNK_BYTES), np.uint8)
-        return buf
+        widths = self.widths[index]
+        rows = np.ascontiguousarray(rows, np.int64)
+        message = np.zeros(MESSAGE_LEN, np.uint8)
+        while True:
+            scratch = getattr(self._local, "scratch", None)
+            if scratch is None:
+                scratch = self._local.scratch = np.empty(1 << 20, np.uint8)
+            status = decode_resample_batch(addresses, sizes, widths, rows, self.resample, self.pad_mode, out.numpy(),
+                                           self.chw, self.fused, self.scale, self.shift, scratch, message)
+            if status == _DONE:
+                return out
+            if status >= 0:
+                text = bytes(message).split(b"\0", 1)[0].decode(errors="replace")
+                raise self.reader.sample_error(int(index[status]), text)
+            self._local.scratch = np.empty(-status, np.uint8)  # a bigger region than ever: grow, redo
 
     def close(self) -> None:
         self.workers.shutdown(wait=True, cancel_futures=True)

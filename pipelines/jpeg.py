@@ -11,6 +11,7 @@ import importlib.util
 import threading
 
 import numpy as np
+from numba import types
 
 _MESSAGE_LEN = 200
 
@@ -24,20 +25,27 @@ def _load():
     if spec is None or not spec.origin:
         raise ImportError("fastload's JPEG region decoder (fastload.pipelines._jpeg) is not built: reinstall "
                           "fastload with a C compiler and libjpeg headers (Debian: apt install libjpeg62-turbo-dev)")
+    import llvmlite.binding
+    llvmlite.binding.load_library_permanently(spec.origin)  # numba code calls it by symbol name
     lib = ctypes.CDLL(spec.origin)
     c_int_p = ctypes.POINTER(ctypes.c_int)
     lib.fl_jpeg_decode_region.argtypes = [ctypes.c_void_p, ctypes.c_ulong, ctypes.c_int, ctypes.c_int, ctypes.c_int,
                                           ctypes.c_int, ctypes.c_void_p, ctypes.c_int, c_int_p, ctypes.c_char_p,
                                           ctypes.c_int]
     lib.fl_jpeg_decode_region.restype = ctypes.c_int
-    lib.fl_jpeg_decode_regions.argtypes = [ctypes.c_int] + [ctypes.c_void_p] * 7 + [ctypes.c_char_p, ctypes.c_int]
-    lib.fl_jpeg_decode_regions.restype = ctypes.c_int
     lib.fl_jpeg_size.argtypes = [ctypes.c_void_p, ctypes.c_ulong, c_int_p, c_int_p, ctypes.c_char_p, ctypes.c_int]
     lib.fl_jpeg_size.restype = ctypes.c_int
     return lib
 
 
 _LIB = _load()
+
+# The same C function for numba code: bound by symbol name (a ctypes pointer would stop numba
+# from caching compiled code on disk). Arguments as ``fl_jpeg_decode_region`` in _jpeg.c.
+MESSAGE_LEN = _MESSAGE_LEN
+nb_decode_region = types.ExternalFunction("fl_jpeg_decode_region", types.int32(
+    types.voidptr, types.uint64, types.int32, types.int32, types.int32, types.int32, types.voidptr, types.int32,
+    types.CPointer(types.int32), types.voidptr, types.int32))
 
 
 class RegionDecoder:
@@ -59,18 +67,6 @@ class RegionDecoder:
                                       ctypes.byref(self.col0), self.message, _MESSAGE_LEN):
             raise JPEGDecodeError(self.message.value.decode(errors="replace") or "undecodable JPEG")
         return self.scratch[:need].reshape(y1 - y0, width, 3), self.col0.value
-
-
-def decode_regions(addresses: np.ndarray, sizes: np.ndarray, regions: np.ndarray, widths: np.ndarray,
-                   scratch: np.ndarray, offsets: np.ndarray, col0: np.ndarray) -> tuple[int, str]:
-    """Decode many regions in one native call (see ``fl_jpeg_decode_regions``): (-1, '') or the
-    index of the first JPEG that failed and libjpeg's message."""
-    message = ctypes.create_string_buffer(_MESSAGE_LEN)
-    arrays = (np.ascontiguousarray(addresses, np.uint64), np.ascontiguousarray(sizes, np.uint64),
-              np.ascontiguousarray(regions, np.int32), np.ascontiguousarray(widths, np.int32), scratch,
-              np.ascontiguousarray(offsets, np.int64), col0)
-    failed = _LIB.fl_jpeg_decode_regions(len(addresses), *(a.ctypes.data for a in arrays), message, _MESSAGE_LEN)
-    return failed, message.value.decode(errors="replace")
 
 
 _local = threading.local()

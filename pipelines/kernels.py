@@ -225,28 +225,3 @@ def batch_source_windows(rows, dh, dw):
         r0, r1, c0, c1 = source_window(p[2], p[3], p[4], p[5], p[6], p[7], dh, dw)
         out[k, 0], out[k, 1], out[k, 2], out[k, 3] = p[0] + r0, p[0] + r1, p[1] + c0, p[1] + c1
     return out
-
-
-@nb.njit(**_JIT)
-def resample_chunk(scratch, offsets, regions, col0, widths, rows, resample, pad_mode, dst, dh, dw,
-                   chw, norm, scale, shift):
-    """Resample images decoded by ``fl_jpeg_decode_regions`` into ``dst[k]``: image k's region
-    (``regions[k]`` in image coordinates, columns from ``col0[k]``) is at ``scratch[offsets[k]:]``
-    with a row pitch of ``widths[k] * 3``. ``resample=False`` cuts the decoded region's top-left
-    window instead (``fastload bench``'s decode stage)."""
-    empty = np.zeros((1, 1, 3), np.uint8)
-    for k in range(rows.shape[0]):
-        p = rows[k]
-        y0, x0, h, w, out_h, out_w, top, left = p[0], p[1], p[2], p[3], p[4], p[5], p[6], p[7]
-        ry0, ry1, rx0, rx1 = regions[k, 0], regions[k, 1], regions[k, 2], regions[k, 3]
-        if ry1 <= ry0 or rx1 <= rx0:  # the window is all padding: nothing was decoded
-            region, oy, ox = empty, 0, 0
-        else:
-            n = (ry1 - ry0) * widths[k] * 3
-            region = scratch[offsets[k]:offsets[k] + n].reshape(ry1 - ry0, widths[k], 3)
-            oy, ox = y0 - ry0, x0 - col0[k]  # box pixel (y, x) is region[oy + y, ox + x]
-        if not resample:
-            h, w, out_h, out_w, top, left = ry1 - ry0, rx1 - rx0, ry1 - ry0, rx1 - rx0, 0, 0
-            oy, ox = 0, rx0 - col0[k]
-        resample_window(region, oy, ox, h, w, out_h, out_w, top, left, p[8] != 0, pad_mode, dst[k], dh, dw,
-                        chw, norm, scale, shift)

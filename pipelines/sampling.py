@@ -27,9 +27,10 @@ def rng_for(seed: int, epoch: int, stream: int) -> np.random.Generator:
     return np.random.default_rng([int(seed), int(epoch), stream])
 
 
-def augment_rng(seed: int, epoch: int, rank: int) -> np.random.Generator:
-    """The batch ops' generator (augmentations, MixUp/CutMix) of one rank in one epoch."""
-    return np.random.default_rng([int(seed), int(epoch), AUGMENT_STREAM, int(rank)])
+def augment_rng(seed: int, epoch: int, rank: int, batch: int) -> np.random.Generator:
+    """The batch ops' generator (augmentations, MixUp/CutMix) of one rank's batch in an epoch: one
+    stream per batch, so a resumed epoch needs no draws replayed."""
+    return np.random.default_rng([int(seed), int(epoch), AUGMENT_STREAM, int(rank), int(batch)])
 
 
 def rank_share(n: int, world_size: int, drop_last: bool) -> int:

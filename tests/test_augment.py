@@ -263,7 +263,7 @@ def test_mixing_multilabel_batches(tmp_path):
     loader = FastLoader(tmp_path / "out", "train", batch_size=6, spec=spec, backend="reference", num_workers=0,
                         order="sequential", drop_last=True)
     from fastload.pipelines.sampling import augment_rng
-    rng = augment_rng(seed=0, epoch=0, rank=0)  # FastLoader's stream for (seed 0, epoch 0, rank 0)
+    rng = augment_rng(seed=0, epoch=0, rank=0, batch=0)  # FastLoader's stream for its first batch
     _, lam, _ = sample_mix(rng, spec.mixup, 224, 224)
     (x, y), _ = list(loader)
     hot = torch.zeros(6, 80)

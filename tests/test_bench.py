@@ -6,9 +6,11 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import needs_shared
 from fastload.bench import STAGES, BenchError, run_bench
 from fastload.inspect_grid import inspect_grid
 
@@ -99,6 +101,16 @@ def test_inspect_grid(labelled_colors, tmp_path):
     r = subprocess.run([*FASTLOAD, "inspect", str(labelled_colors["tfrecord"]), "--split", "nope", "--out",
                         str(tmp_path / "x.png")], capture_output=True, text=True)
     assert r.returncode == 2 and "split 'nope'" in r.stderr
+
+
+@needs_shared
+def test_inspect_grid_blows_up_small_images(cifar_dirs, tmp_path):
+    path = inspect_grid(cifar_dirs["tfrecord"], split="test", out=tmp_path / "cifar.png", n=4)
+    with Image.open(path) as im:
+        assert im.size == (2 * 128, 2 * (128 + 28))  # 32 px tiles shown at 4x
+        tile = np.asarray(im.convert("RGB").crop((0, 0, 128, 128)))
+    blocks = tile.reshape(32, 4, 32, 4, 3)
+    assert (blocks == blocks[:, :1, :, :1]).all()  # nearest neighbour: each source pixel a 4x4 block
 
 
 def test_cli_help_is_instant():

@@ -357,3 +357,20 @@ def test_kill9_of_a_conversion_takes_its_workers_with_it(tmp_path):
     while time.time() < deadline and any(_alive(w) for w in workers):
         time.sleep(0.1)
     assert not any(_alive(w) for w in workers)
+
+
+def test_small_images_with_the_imagenet_preset_warn(tmp_path):
+    src = save_splits(tmp_path / "src", train=_tiny_dataset(6))  # 24 px images, an 'image' column
+    with pytest.warns(UserWarning, match=r"images are small \(median longer side 24 px\).*--preset cifar10"):
+        m = convert(str(src), tmp_path / "out", format="tfrecord", progress=False)
+    assert m.preset == "imagenet"
+    with warnings_as_errors():  # an explicit preset is the user's choice: no warning
+        convert(str(src), tmp_path / "out2", format="tfrecord", preset="cifar10", progress=False)
+
+
+@contextmanager
+def warnings_as_errors():
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        yield
