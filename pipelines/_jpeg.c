@@ -46,24 +46,6 @@ static void open_jpeg(struct jpeg_decompress_struct *d, const unsigned char *dat
     jpeg_read_header(d, TRUE);
 }
 
-/* Read the header only: 0 and height/width, or 1 and a message. */
-int fl_jpeg_size(const unsigned char *data, unsigned long size, int *height, int *width,
-                 char *message, int message_len) {
-    struct jpeg_decompress_struct d;
-    struct error_state e;
-    init_errors(&d, &e);
-    if (setjmp(e.jump)) { /* here, not in a helper: the jump needs this frame */
-        snprintf(message, message_len, "%s", e.message);
-        jpeg_destroy_decompress(&d);
-        return 1;
-    }
-    open_jpeg(&d, data, size);
-    *height = (int)d.image_height;
-    *width = (int)d.image_width;
-    jpeg_destroy_decompress(&d);
-    return 0;
-}
-
 /* Decode rows [y0, y1) and at least columns [x0, x1) of a JPEG as RGB into `out` (row pitch
  * `stride` bytes, room for y1 - y0 rows of the full image width). On success returns 0 and the
  * first decoded column in *col0 (<= x0). Returns 1 with a message on an error or a warning. */

@@ -1,14 +1,19 @@
 """The DALI backend: JPEG bytes -> decode (CPU libjpeg-turbo, or nvJPEG with device='mixed')
--> torchvision-exact geometry -> uint8 NHWC batches.
+-> torchvision-exact geometry -> batches (float32 normalized, or uint8 NHWC).
 
 The graph is declared once and fed by an external source with each batch's JPEG bytes
 (sliced from the memory-mapped TFRecord shards through the records index) and its
 geometry rows. FastLoader decides the order, so epochs are exact (every sample once,
 the last batch partial or dropped as asked), distributed shares follow one rule for
 all backends, and crops are the same as in the other backends for the same seed.
-Geometry: ``decoders.image_slice`` decodes only the crop box (fused decode + crop),
-``resize`` with the antialiased linear filter to the exact torchvision size, ``slice``
-the window (constant padding), ``flip``.
+Geometry, per spec:
+- RandomResizedCrop: ``decoders.image_slice`` decodes only the crop box (fused decode + crop),
+  ``resize`` (antialiased linear) to the output size;
+- Resize + CenterCrop: ``image_slice`` decodes only the rows and columns the centre crop reads,
+  and ``resize`` produces the crop itself through its ROI (same scale as resizing everything);
+- RandomCrop: whole-image decode, ``slice`` of the padded window;
+then ``crop_mirror_normalize`` flips and (fused) normalizes. The batch is copied once out of
+DALI's reused output buffer into a pooled buffer the caller owns (``buffers.py``).
 """
 from __future__ import annotations
 
@@ -27,10 +32,9 @@ from .sampling import FLIP, H, LEFT, OUT_H, OUT_W, TOP, W, X0, Y0, epoch_batches
 
 
 def _box_columns(p: np.ndarray, size) -> dict:
-    """Decode the geometry's box, resize it to (out_h, out_w), cut the window (RandomResizedCrop:
-    the window is the whole output; RandomCrop: no resize, a padded window)."""
+    """The geometry's box (RandomResizedCrop: decoded, then resized to the output size) or window
+    (RandomCrop: cut from the whole image with padding), and the flip."""
     return {"box_anchor": p[:, [Y0, X0]].astype(np.float32), "box_shape": p[:, [H, W]].astype(np.float32),
-            "out_h": p[:, OUT_H].astype(np.float32), "out_w": p[:, OUT_W].astype(np.float32),
             "window": p[:, [TOP, LEFT]].astype(np.float32), "flip": p[:, FLIP].astype(np.int32)}
 
 
@@ -94,8 +98,8 @@ class DALIBackend(Backend):
         self.decode_only = decode_only
         if isinstance(spec.geometry, ResizeCenterCrop):
             columns, fields = _window_roi_columns, ("box_anchor", "box_shape", "roi_start", "roi_end", "flip")
-        elif isinstance(spec.geometry, RandomResizedCrop):  # its window is the whole resized output
-            columns, fields = _box_columns, ("box_anchor", "box_shape", "out_h", "out_w", "flip")
+        elif isinstance(spec.geometry, RandomResizedCrop):  # its window is the whole output: one size for all
+            columns, fields = _box_columns, ("box_anchor", "box_shape", "flip")
         else:  # RandomCrop: the whole image, no resize, a padded window
             columns, fields = _box_columns, ("window", "flip")
         if decode_only:
@@ -156,8 +160,8 @@ class DALIBackend(Backend):
                 images = fn.resize(images, size=[float(th), float(tw)], roi_start=arg["roi_start"],
                                    roi_end=arg["roi_end"], roi_relative=False, antialias=True,
                                    interp_type=types.INTERP_LINEAR, subpixel_scale=False)
-            elif "out_h" in arg:  # (RandomCrop keeps the image's own size)
-                images = fn.resize(images, resize_y=arg["out_h"], resize_x=arg["out_w"], antialias=True,
+            elif isinstance(self.spec.geometry, RandomResizedCrop):  # a constant size, as DALI's docs write it
+                images = fn.resize(images, size=[float(th), float(tw)], antialias=True,
                                    interp_type=types.INTERP_LINEAR, subpixel_scale=False)
             if "window" in arg:
                 images = window(images, arg["window"])

@@ -1,4 +1,5 @@
-"""Region-of-interest JPEG decoding (``_jpeg.c`` through ctypes; the GIL is released per call).
+"""Region-of-interest JPEG decoding: ``_jpeg.c``, loaded once here, called through ctypes from
+Python (the GIL is released per call) and by symbol name from the ffcv engine's numba code.
 
 Pixels are PIL's: libjpeg's accurate DCT with fancy upsampling, bit-exact with
 ``Image.open(...).convert('RGB')`` on the stored RGB baseline JPEGs, whether the whole image
@@ -13,7 +14,7 @@ import threading
 import numpy as np
 from numba import types
 
-_MESSAGE_LEN = 200
+MESSAGE_LEN = 200  # bytes for libjpeg's message
 
 
 class JPEGDecodeError(ValueError):
@@ -33,8 +34,6 @@ def _load():
                                           ctypes.c_int, ctypes.c_void_p, ctypes.c_int, c_int_p, ctypes.c_char_p,
                                           ctypes.c_int]
     lib.fl_jpeg_decode_region.restype = ctypes.c_int
-    lib.fl_jpeg_size.argtypes = [ctypes.c_void_p, ctypes.c_ulong, c_int_p, c_int_p, ctypes.c_char_p, ctypes.c_int]
-    lib.fl_jpeg_size.restype = ctypes.c_int
     return lib
 
 
@@ -42,7 +41,6 @@ _LIB = _load()
 
 # The same C function for numba code: bound by symbol name (a ctypes pointer would stop numba
 # from caching compiled code on disk). Arguments as ``fl_jpeg_decode_region`` in _jpeg.c.
-MESSAGE_LEN = _MESSAGE_LEN
 nb_decode_region = types.ExternalFunction("fl_jpeg_decode_region", types.int32(
     types.voidptr, types.uint64, types.int32, types.int32, types.int32, types.int32, types.voidptr, types.int32,
     types.CPointer(types.int32), types.voidptr, types.int32))
@@ -54,7 +52,7 @@ class RegionDecoder:
     def __init__(self):
         self.scratch = np.empty(0, np.uint8)
         self.col0 = ctypes.c_int()
-        self.message = ctypes.create_string_buffer(_MESSAGE_LEN)
+        self.message = ctypes.create_string_buffer(MESSAGE_LEN)
 
     def decode(self, jpeg: np.ndarray, width: int, y0: int, y1: int, x0: int, x1: int) -> tuple[np.ndarray, int]:
         """Rows [y0, y1) of an image ``width`` pixels wide, at least columns [x0, x1) decoded:
@@ -64,7 +62,7 @@ class RegionDecoder:
         if self.scratch.size < need:
             self.scratch = np.empty(max(need, 2 * self.scratch.size), np.uint8)
         if _LIB.fl_jpeg_decode_region(jpeg.ctypes.data, jpeg.size, y0, y1, x0, x1, self.scratch.ctypes.data, width * 3,
-                                      ctypes.byref(self.col0), self.message, _MESSAGE_LEN):
+                                      ctypes.byref(self.col0), self.message, MESSAGE_LEN):
             raise JPEGDecodeError(self.message.value.decode(errors="replace") or "undecodable JPEG")
         return self.scratch[:need].reshape(y1 - y0, width, 3), self.col0.value
 
@@ -80,16 +78,7 @@ def thread_decoder() -> RegionDecoder:
     return decoder
 
 
-def decode_rgb(jpeg: np.ndarray) -> np.ndarray:
-    """The whole image, HWC uint8 (a copy)."""
-    h, w = jpeg_size(jpeg)
-    region, _ = thread_decoder().decode(jpeg, w, 0, h, 0, w)
+def decode_rgb(jpeg: np.ndarray, height: int, width: int) -> np.ndarray:
+    """The whole image (its size from the records index), HWC uint8 (a copy)."""
+    region, _ = thread_decoder().decode(jpeg, width, 0, height, 0, width)
     return region.copy()
-
-
-def jpeg_size(jpeg: np.ndarray) -> tuple[int, int]:
-    h, w = ctypes.c_int(), ctypes.c_int()
-    message = ctypes.create_string_buffer(_MESSAGE_LEN)
-    if _LIB.fl_jpeg_size(jpeg.ctypes.data, jpeg.size, ctypes.byref(h), ctypes.byref(w), message, _MESSAGE_LEN):
-        raise JPEGDecodeError(message.value.decode(errors="replace") or "undecodable JPEG header")
-    return h.value, w.value

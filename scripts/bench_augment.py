@@ -3,9 +3,8 @@
 
     .venv/bin/python scripts/bench_augment.py [--data ../shared/data/imagenet-1k-sample] [--workers 2]
 
-Uses the ImageNet sample converted at original resolution (cached under .cache/bench, shared
-with bench_loaders.py); each configuration runs in its own process, warm-up excluded,
-median of repeats.
+Uses the ImageNet sample converted at original resolution (cached under .cache/bench); each
+configuration runs in its own process, warm-up excluded, median of repeats.
 """
 from __future__ import annotations
 
@@ -47,7 +46,9 @@ def run(path, backend, name, workers, bs, epochs, repeats):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--data", default=str(ROOT.parent / "shared/data/imagenet-1k-sample"))
+    shared = ROOT.parent / "shared" / "data" / "imagenet-1k-sample"
+    ap.add_argument("--data", default=str(shared if shared.exists() else ROOT / "fastload/sample/imagenet-sample"),
+                    help="ImageNet-style source (default: ../shared/data's sample, else the bundled one)")
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--epochs", type=int, default=2)

@@ -70,6 +70,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", default=None, help="write the result here")
     args = ap.parse_args(argv)
+    if not Path(args.data).exists():
+        sys.exit(f"error: no CIFAR-10 source at {args.data}: pass --data DIR (a CIFAR-10 parquet folder such as "
+                 "../shared/data/cifar10-sample, with a 'test' split)")
 
     distributed = "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1
     if distributed:

@@ -263,8 +263,8 @@ def test_user_errors_on_the_cli_are_one_line(tmp_path):
     save_splits(tmp_path / "nolabel", train=nolabel)
     cases.append((tmp_path / "nolabel", "no label column"))
     feats = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=["a", "b"])})
-    none = datasets.Dataset.from_dict({"image": [{"bytes": jpeg_bytes(np.zeros((8, 8, 3), np.uint8)), "path": None}] * 3,
-                                       "label": [0, None, 1]}, features=feats)
+    black = {"bytes": jpeg_bytes(np.zeros((8, 8, 3), np.uint8)), "path": None}
+    none = datasets.Dataset.from_dict({"image": [black] * 3, "label": [0, None, 1]}, features=feats)
     save_splits(tmp_path / "none", train=none)
     cases.append((tmp_path / "none", "index 1: label column(s) ['label'] are empty (None)"))
     for k, (src, needle) in enumerate(cases):

@@ -6,7 +6,7 @@ import pytest
 from PIL import Image
 
 from fastload import Manifest
-from fastload.pipelines.jpeg import JPEGDecodeError, decode_rgb, jpeg_size, thread_decoder
+from fastload.pipelines.jpeg import JPEGDecodeError, decode_rgb, thread_decoder
 from fastload.pipelines.kernels import resample_window, source_window
 from fastload.pipelines.sampling import random_resized_crop_params
 from fastload.records import SplitReader
@@ -25,8 +25,7 @@ def test_full_decode_is_pils(photos):
     re-encoded grayscale/CMYK ones included)."""
     reader, jpegs = photos
     for i, jpeg in enumerate(jpegs):
-        assert jpeg_size(jpeg) == (reader.heights[i], reader.widths[i])
-        assert np.array_equal(decode_rgb(jpeg), np.asarray(reader.image(i))), i
+        assert np.array_equal(decode_rgb(jpeg, reader.heights[i], reader.widths[i]), np.asarray(reader.image(i))), i
 
 
 def test_region_decode_is_the_full_decodes_region(photos):
@@ -36,8 +35,8 @@ def test_region_decode_is_the_full_decodes_region(photos):
     rng = np.random.default_rng(0)
     decoder = thread_decoder()
     for i, jpeg in enumerate(jpegs):
-        full = decode_rgb(jpeg)
-        h, w, _ = full.shape
+        h, w = int(reader.heights[i]), int(reader.widths[i])
+        full = decode_rgb(jpeg, h, w)
         for _ in range(4):
             ch, cw = int(rng.integers(1, h + 1)), int(rng.integers(1, w + 1))
             y0, x0 = int(rng.integers(0, h - ch + 1)), int(rng.integers(0, w - cw + 1))
@@ -65,7 +64,7 @@ def test_resample_is_pils_on_random_resized_crops(photos):
     y, x, ch, cw = random_resized_crop_params(np.random.default_rng(1), h, w, (0.08, 1.0), (3 / 4, 4 / 3))
     decoder = thread_decoder()
     for i in range(0, len(jpegs), 3):
-        full = decode_rgb(jpegs[i])
+        full = decode_rgb(jpegs[i], int(h[i]), int(w[i]))
         box = np.ascontiguousarray(full[y[i]:y[i] + ch[i], x[i]:x[i] + cw[i]])
         r0, r1, c0, c1 = source_window(int(ch[i]), int(cw[i]), 224, 224, 0, 0, 224, 224)
         region, col0 = decoder.decode(jpegs[i], int(w[i]), int(y[i]) + r0, int(y[i]) + r1, int(x[i]) + c0,
@@ -80,8 +79,8 @@ def test_resample_is_pils_on_random_resized_crops(photos):
 
 def test_fused_normalization_flip_and_layout(photos):
     reader, jpegs = photos
-    image = decode_rgb(jpegs[0])
-    h, w, _ = image.shape
+    h, w = int(reader.heights[0]), int(reader.widths[0])
+    image = decode_rgb(jpegs[0], h, w)
     plain = np.empty((200, 150, 3), np.uint8)
     resample_window(image, 0, 0, h, w, 256, 300, 10, 20, False, 0, plain, 200, 150, False, False, *NO_NORM)
     scale, shift = np.float32([0.1, 0.2, 0.3]), np.float32([1.0, 2.0, 3.0])
@@ -92,9 +91,10 @@ def test_fused_normalization_flip_and_layout(photos):
 
 
 def test_corrupt_jpeg_is_refused(photos):
-    _, jpegs = photos
+    reader, jpegs = photos
+    h, w = int(reader.heights[0]), int(reader.widths[0])
     with pytest.raises(JPEGDecodeError):
-        decode_rgb(np.frombuffer(b"not a jpeg at all", np.uint8))
+        decode_rgb(np.frombuffer(b"not a jpeg at all", np.uint8), h, w)
     cut = jpegs[0][:len(jpegs[0]) // 2]  # truncated: libjpeg warns and fills gray; we refuse
-    with pytest.raises(JPEGDecodeError):
-        decode_rgb(cut)
+    with pytest.raises(JPEGDecodeError, match="(?i)premature|corrupt"):
+        decode_rgb(cut, h, w)

@@ -112,3 +112,16 @@ def test_state_dict_round_trip_and_refusals(labelled_colors):
         other.load_state_dict(state)
     with pytest.raises(ValueError, match="not a FastLoader state"):
         other.load_state_dict({"epoch": 1})
+
+
+@pytest.mark.parametrize("backend", ["ffcv", "dali", "reference"])
+def test_break_then_exit_prints_nothing(labelled_colors, backend):
+    """Leaving a loop early (or a generator suspended) and exiting: no 'Exception ignored' noise."""
+    data = str(labelled_colors[BACKEND_FORMAT[backend]])
+    script = ("import sys\nfrom fastload import FastLoader\n"
+              f"L = FastLoader({data!r}, 'train', batch_size=16, backend={backend!r}, num_workers=2)\n"
+              "for i, _ in enumerate(L):\n    if i == 1:\n        break\n"
+              "it = iter(L)\nnext(it)\nprint('exiting')\n")
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == "exiting", r.stderr[-2000:]
+    assert "Exception ignored" not in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
