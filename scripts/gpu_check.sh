@@ -36,3 +36,26 @@ std = torch.tensor([0.229, 0.224, 0.225], device="cuda").view(1, 3, 1, 1) * 255
 d = torch.cat([((a - b) * std).abs().mean(dim=(1, 2, 3)) for (a, _), (b, _) in zip(gpu, ref)])
 print(f"nvJPEG eval vs reference: mean abs {d.mean():.2f}, worst image {d.max():.2f} (0..255 levels)")
 PY
+# Worker sweep of the CPU backends (ImageNet sample x5, train spec): how far decode scales with cores.
+"$PY" - "$data" <<'PY'
+import os, sys, time, pathlib, datasets
+from fastload import FastLoader, convert
+from fastload.bench import timed_epochs
+src = pathlib.Path(".cache/gpu_check/tiled")
+if not (src / "dataset_dict.json").exists():
+    ds = datasets.load_dataset(sys.argv[1], split="validation")
+    datasets.DatasetDict({"train": datasets.concatenate_datasets([ds] * 5)}).save_to_disk(str(src))
+dirs = {}
+for fmt in ("beton", "tfrecord"):
+    dirs[fmt] = f".cache/gpu_check/tiled-{fmt}"
+    if not (pathlib.Path(dirs[fmt]) / "manifest.json").exists():
+        convert(str(src), dirs[fmt], format=fmt, workers=8, progress=False)
+cores = os.cpu_count()
+for workers in [w for w in (1, 2, 4, 8, 16) if w <= cores]:
+    for backend, fmt in (("ffcv", "beton"), ("dali", "tfrecord")):
+        loader = FastLoader(dirs[fmt], "train", batch_size=64, spec="imagenet:train", backend=backend, device="cpu",
+                            num_workers=workers, drop_last=False)
+        timed_epochs(lambda: iter(loader), 1)
+        dt, n = timed_epochs(lambda: iter(loader), 1, min_seconds=3)
+        print(f"sweep workers={workers:<3} {backend:<5} {n / dt:8.0f} img/s", flush=True)
+PY
