@@ -117,8 +117,12 @@ def _measure_backend(directory, split, spec, entry, batch_size, batches, repeats
     stream = _endless(loader)
     first = next(stream)
     ttfb = time.perf_counter() - t0
-    for _ in range(len(loader) - 1):  # rest of the warm-up epoch: compile and caches settle
+    # warm-up: at least an epoch and a second (compile, caches, worker processes settle; a small
+    # dataset's epoch alone measured start-up noise: 2x off on a cold machine)
+    warm, t_warm = 1, time.perf_counter()
+    while warm < len(loader) or time.perf_counter() - t_warm < 1.0:
         next(stream)
+        warm += 1
     rates, cpu = [], []
     for _ in range(repeats):
         c0, t1, n = _cpu_seconds(), time.perf_counter(), 0
