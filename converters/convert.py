@@ -8,7 +8,6 @@ shard is done are the final files assembled and ``manifest.json`` written, last.
 """
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
 import math
@@ -29,7 +28,7 @@ from fastload.records import records_dtype, records_filename
 
 from .images import CorruptImageError, prepare_image, source_bytes, stats_from_histograms
 from .jobs import (ConversionError, OutputLock, check_free_space, children_die_with_parent, die_with_parent,
-                   disk_full_error)
+                   full_disk_reported)
 from .sources import Schema, SchemaError, detect_schema, guess_preset, open_source, source_fingerprint
 
 PARTIAL = ".partial"
@@ -46,6 +45,11 @@ class ShardTask:
     stop: int
     path: str         # final path of this shard's TFRecord file
     done_path: str    # .partial/<split>-NNNNN.json, written when the shard is complete
+
+    @property
+    def tmp_path(self) -> Path:
+        """Where the shard is written until it is complete."""
+        return Path(self.path).with_name(f".{Path(self.path).name}.tmp")
 
 
 def shard_name(split: str, shard: int, num_shards: int) -> str:
@@ -64,11 +68,10 @@ def _init_worker(datasets_by_split, schema: Schema, settings: dict, progress_que
 
 def _run_shard(task: ShardTask) -> dict:
     try:
-        return _write_shard(task)
-    except OSError as e:
-        Path(task.path).with_name(f".{Path(task.path).name}.tmp").unlink(missing_ok=True)
-        if e.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise disk_full_error(Path(task.path).parent, e) from None
+        with full_disk_reported(Path(task.path).parent):
+            return _write_shard(task)
+    except (OSError, ConversionError):
+        task.tmp_path.unlink(missing_ok=True)  # no half-written shard left behind
         raise
 
 
@@ -80,7 +83,7 @@ def _write_shard(task: ShardTask) -> dict:
     progress = _WORKER["progress"]
     # Raw bytes: we decide passthrough vs re-encode ourselves.
     ds = ds.cast_column(schema.image_column, datasets.Image(decode=False))
-    tmp = Path(task.path).with_name(f".{Path(task.path).name}.tmp")
+    tmp = task.tmp_path
     final = settings["format"] == "tfrecord"  # beton staging is temporary: no fsync, no checksum
     hist = np.zeros((3, 256), np.int64)
     rows, skipped, index_entries = [], [], []
@@ -234,13 +237,9 @@ def _convert_locked(source, out, data, schema, format, workers, max_side, jpeg_q
     with children_die_with_parent():
         _run_tasks(todo, data, schema, settings, workers, progress)
         results = {t: json.loads(Path(t.done_path).read_text()) for t in tasks}
-        try:
+        with full_disk_reported(out):
             manifest = _assemble(out, format, schema, settings, tasks, results, workers,
                                  preset or guess_preset(schema), progress)
-        except OSError as e:
-            if e.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise disk_full_error(out, e) from None
-            raise
     shutil.rmtree(partial, ignore_errors=True)
     if preset is None:
         _warn_if_preset_misfits(manifest)

@@ -3,11 +3,13 @@ that do not outlive the job, and a clear word when the disk fills up."""
 from __future__ import annotations
 
 import ctypes
+import errno
 import fcntl
 import os
 import shutil
 import signal
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 LOCK = ".lock"
@@ -89,6 +91,17 @@ def disk_full_error(directory: Path, error: OSError) -> ConversionError:
         free = "free space unknown"
     return ConversionError(f"the disk holding {directory} is full ({error.strerror}; {free}): free some space or "
                            "choose another --out, then rerun the same command (finished shards are kept)")
+
+
+@contextmanager
+def full_disk_reported(directory: Path):
+    """A full disk (or quota) inside the block becomes the one-line :func:`disk_full_error`."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise disk_full_error(directory, e) from None
+        raise
 
 
 def check_free_space(directory: Path, needed: int) -> None:

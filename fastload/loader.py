@@ -126,9 +126,10 @@ class FastLoader:
                 "drop_last": self.drop_last, "shuffle": self.shuffle, "spec": self.spec.to_dict()}
 
     def load_state_dict(self, state: dict) -> None:
-        if not isinstance(state, dict) or state.get("format") != self.STATE_FORMAT:
-            raise ValueError(f"not a FastLoader state (format {getattr(state, 'get', lambda k: None)('format')!r}, "
-                             f"expected {self.STATE_FORMAT!r}): pass what state_dict() returned")
+        fmt = state.get("format") if isinstance(state, dict) else type(state).__name__
+        if fmt != self.STATE_FORMAT:
+            raise ValueError(f"not a FastLoader state (format {fmt!r}, expected {self.STATE_FORMAT!r}): pass what "
+                             "state_dict() returned")
         mine = self.state_dict()
         differ = [k for k in ("seed", "world_size", "rank", "batch_size", "dataset_size", "drop_last", "shuffle",
                               "spec") if state.get(k) != mine[k]]

@@ -48,6 +48,18 @@ class SplitInfo:
     def files_with_role(self, role: str) -> list[dict]:
         return [f for f in self.files if f["role"] == role]
 
+    def file_problem(self, root: Path, f: dict) -> str | None:
+        """What is wrong with listed file ``f`` that is cheap to see (missing, or not its recorded
+        size), or None. Opening a split and ``verify`` both apply this one rule."""
+        path = root / f["path"]
+        if not path.exists():
+            return f"{path} is missing (listed in {root / MANIFEST})"
+        size = path.stat().st_size
+        if f.get("size") is not None and size != f["size"]:
+            change = "truncated" if size < f["size"] else "grown"
+            return f"{path} is {size} bytes, the manifest says {f['size']} ({change})"
+        return None
+
 
 @dataclass(frozen=True)
 class Manifest:

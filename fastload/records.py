@@ -15,6 +15,7 @@ import numpy as np
 
 from .manifest import DatasetError, Manifest
 
+
 class SampleDecodeError(DatasetError):
     """A stored sample that does not decode at load time; names the split, index and data file."""
 
@@ -56,13 +57,9 @@ class SplitReader:
             raise DatasetError(f"split {split!r} of {manifest.root} lists no records index")
         remedy = f"run `fastload verify {manifest.root}`, then convert again"
         for f in self.info.files:
-            p = manifest.path(f["path"])
-            if not p.exists():
-                raise DatasetError(f"{p} is missing (listed in {manifest.root / 'manifest.json'}): {remedy}")
-            if f.get("size") is not None and p.stat().st_size != f["size"]:
-                size = p.stat().st_size
-                raise DatasetError(f"{p} is {size} bytes, the manifest says {f['size']} "
-                                   f"({'truncated' if size < f['size'] else 'grown'}): {remedy}")
+            problem = self.info.file_problem(manifest.root, f)
+            if problem:
+                raise DatasetError(f"{problem}: {remedy}")
         path = manifest.path(index[0]["path"])
         self.records = np.load(path, mmap_mode="r")
         self.data_files = [manifest.path(f["path"]) for f in self.info.files_with_role("data")]

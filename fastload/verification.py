@@ -27,13 +27,9 @@ def _verify_split(manifest: Manifest, split: str, decode_images: bool, progress:
     info = manifest.split(split)
     for f in info.files:
         path = manifest.path(f["path"])
-        if not path.exists():
-            problems.append(f"{split}: file {f['path']} is missing")
-            continue
-        size = path.stat().st_size
-        if size != f["size"]:
-            problems.append(f"{split}: file {f['path']} is {size} bytes, manifest says {f['size']} "
-                            f"({'truncated' if size < f['size'] else 'grown'})")
+        problem = info.file_problem(manifest.root, f)
+        if problem:
+            problems.append(f"{split}: {problem}")
         elif sha256_file(path) != f["sha256"]:
             problems.append(f"{split}: file {f['path']} does not match its sha256 checksum (content changed)")
     if problems:
