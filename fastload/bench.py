@@ -157,7 +157,8 @@ def timed_epochs(make_iter, epochs: int = 1, min_seconds: float = 0.0) -> tuple[
 
 def _stage_breakdown(loader, repeats: int = 3) -> dict:
     """ms per image of each stage, from truncated pipelines over the same order (each timed for at
-    least 0.3 s, interleaved, median of ``repeats``): read (touch the JPEG bytes), decode (the
+    least 0.3 s, interleaved, best of ``repeats`` as ``timeit`` takes it: noise on a shared machine
+    only ever adds time): read (touch the JPEG bytes), decode (the
     backend's ``decode_stage``: decode, cut the window), geometry (the backend: + resample, flip,
     fused normalization), batch ops (the full FastLoader: + labels, augmentations, transfer).
 
@@ -185,7 +186,7 @@ def _stage_breakdown(loader, repeats: int = 3) -> dict:
             dt, n = timed_epochs(make, min_seconds=0.3)
             seconds[name].append(dt / n)
     decode_stage.close()
-    measured = {name: statistics.median(v) for name, v in seconds.items()}
+    measured = {name: min(v) for name, v in seconds.items()}
     full = measured["batch_ops"]
     cumulative, notes, previous = {}, [], 0.0
     for name in STAGES:
