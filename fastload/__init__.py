@@ -7,9 +7,9 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from .spec import PreprocessSpec  # light: stdlib only
+from .spec import PreprocessSpec, ProgressiveResolution  # light: stdlib only
 
-__all__ = ["PreprocessSpec", "FastLoader", "convert", "verify", "Manifest", "DatasetError", "__version__"]
+__all__ = ["PreprocessSpec", "ProgressiveResolution", "FastLoader", "convert", "verify", "Manifest", "DatasetError", "__version__"]
 
 
 def __getattr__(name):  # PEP 562 lazy exports

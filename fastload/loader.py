@@ -12,10 +12,12 @@ from typing import Iterator
 import numpy as np
 import torch
 
+from .columns import ExtraColumns
 from .manifest import Manifest
 from .pipelines import registry
 from .records import SplitReader
 from .spec import PreprocessSpec, resolve_spec
+from .subset import select_samples, subset_digest
 
 
 def resolve_device(device) -> torch.device:
@@ -67,15 +69,32 @@ class FastLoader:
     None for the dataset's preset (train variant for the split named ``train``, eval otherwise).
     ``distributed``: 'auto' shards by rank when a process group or torchrun environment exists.
     The remainder rule is ``DistributedSampler``'s (see :func:`fastload.pipelines.sampling.epoch_indices`).
+
+    ``indices`` / ``classes``: train on a subset (sample indices of the split, or the samples with
+    one of these labels) without converting again; labels keep their ids.
+    ``repeated_augmentation=k``: each drawn sample k times per epoch with independent crops and
+    augmentations, split across ranks as timm's ``RepeatAugSampler`` (DeiT) does.
+    ``columns``: extra per-sample columns to return, e.g. ``("index", "coarse_label")``; batches
+    are then named tuples ``(images, labels, *columns)``. The default output is ``(images, labels)``.
+    ``batch_transform``: ``f(images, labels) -> (images, labels)``, run on ``device`` after
+    fastload's own batch ops, for what the spec does not cover (its randomness is yours to seed).
     """
 
     def __init__(self, path, split: str = "train", batch_size: int = 256, spec=None, backend: str = "auto",
                  device="cpu", num_workers: int | None = None, seed: int = 0, drop_last: bool | None = None,
-                 order: str = "random", distributed="auto"):
+                 order: str = "random", distributed="auto", *, indices=None, classes=None,
+                 repeated_augmentation: int = 1, columns=(), batch_transform=None):
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size={batch_size!r} is invalid: allowed an int >= 1")
         if order not in ("random", "sequential"):
             raise ValueError(f"order={order!r} is invalid: allowed 'random' or 'sequential'")
+        if (not isinstance(repeated_augmentation, int) or isinstance(repeated_augmentation, bool)
+                or repeated_augmentation < 1):
+            raise ValueError(f"repeated_augmentation={repeated_augmentation!r} is invalid: allowed an int >= 1 "
+                             "(1: off; timm and DeiT use 3)")
+        if batch_transform is not None and not callable(batch_transform):
+            raise TypeError(f"batch_transform={batch_transform!r} is invalid: allowed a callable "
+                            "f(images, labels) -> (images, labels), or None")
         if backend != "auto":
             registry.entry(backend)  # an unknown name fails before the dataset is opened
         self.manifest = Manifest.read(path)
@@ -89,9 +108,14 @@ class FastLoader:
         self.drop_last = (split == "train") if drop_last is None else bool(drop_last)
         self.num_workers = num_workers if num_workers is not None else max(1, (os.cpu_count() or 1))
         self.rank, self.world_size = distributed_rank_world(distributed)
+        self.repeats = repeated_augmentation
+        self.indices = select_samples(self.reader, indices, classes)
+        self.columns = ExtraColumns(self.reader, columns)
+        self.batch_transform = batch_transform
         self.epoch = 0
         self._batches_done = 0   # batches of `epoch` handed out (state_dict)
         self._resume_batch = 0   # where the next iteration starts (load_state_dict)
+        self._resolution = None  # set_resolution's override of the spec's schedule
         entry = registry.resolve_backend(backend, self.manifest.storage, self.manifest.root)
         self.backend = entry.name
         from fastload.pipelines.base import BackendOptions
@@ -100,9 +124,10 @@ class FastLoader:
                                         self.manifest.multi_label, self.reader.info.stats, self.device)
         # backends that fuse normalization do it in their last pass when no op needs 0..255 levels
         fused = self.transform.normalize_params if self.transform.backend_may_normalize else None
-        options = BackendOptions(batch_size=batch_size, num_workers=self.num_workers, drop_last=self.drop_last,
-                                 device=self.device, seed=self.seed, normalize=fused)
-        self.pipeline = entry.load()(self.reader, self.spec, options)
+        self._options = BackendOptions(batch_size=batch_size, num_workers=self.num_workers, drop_last=self.drop_last,
+                                       device=self.device, seed=self.seed, normalize=fused)
+        self._make_backend = entry.load()
+        self.pipeline = self._make_backend(self.reader, self.spec_for_epoch(self.epoch), self._options)
 
     # ------------------------------------------------------------------ torch-like surface
     def set_epoch(self, epoch: int) -> None:
@@ -111,6 +136,31 @@ class FastLoader:
         if int(epoch) != self.epoch:
             self._resume_batch = 0
         self.epoch = int(epoch)
+
+    # ------------------------------------------------------------------ resolution
+    def set_resolution(self, size) -> None:
+        """Output size from the next epoch on (an int or (height, width)), overriding the spec's
+        ``resolution`` schedule; None returns to the schedule. Eval geometry keeps its crop fraction."""
+        if size is not None:
+            self.spec.at_size(size)  # validates
+        self._resolution = size
+
+    def spec_for_epoch(self, epoch: int):
+        """The spec an epoch runs: the set resolution, else the schedule's, else the spec's own."""
+        return self.spec.for_epoch(epoch) if self._resolution is None else self.spec.at_size(self._resolution)
+
+    @property
+    def resolution(self) -> tuple[int, int]:
+        """Output (height, width) of the current epoch."""
+        return self.spec_for_epoch(self.epoch).size
+
+    def _backend_for(self, spec):
+        """The backend for an epoch's spec: rebuilt when its output size changed (progressive
+        resolution), kept otherwise."""
+        if spec.geometry != self.pipeline.spec.geometry:
+            self.pipeline.close()
+            self.pipeline = self._make_backend(self.reader, spec, self._options)
+        return self.pipeline
 
     # ------------------------------------------------------------------ checkpointing
     STATE_FORMAT = "fastload-loader/1"
@@ -123,7 +173,9 @@ class FastLoader:
         return {"format": self.STATE_FORMAT, "epoch": self.epoch, "batches_done": self._batches_done,
                 "seed": self.seed, "rank": self.rank, "world_size": self.world_size,
                 "batch_size": self.batch_size, "num_samples": self.num_samples, "dataset_size": len(self.reader),
-                "drop_last": self.drop_last, "shuffle": self.shuffle, "spec": self.spec.to_dict()}
+                "drop_last": self.drop_last, "shuffle": self.shuffle, "spec": self.spec.to_dict(),
+                "subset": subset_digest(self.indices, len(self.reader)), "repeated_augmentation": self.repeats,
+                "resolution": None if self._resolution is None else list(self.resolution)}
 
     def load_state_dict(self, state: dict) -> None:
         fmt = state.get("format") if isinstance(state, dict) else type(state).__name__
@@ -132,7 +184,7 @@ class FastLoader:
                              "state_dict() returned")
         mine = self.state_dict()
         differ = [k for k in ("seed", "world_size", "rank", "batch_size", "dataset_size", "drop_last", "shuffle",
-                              "spec") if state.get(k) != mine[k]]
+                              "spec", "subset", "repeated_augmentation") if state.get(k, mine[k]) != mine[k]]
         if differ:
             diffs = ", ".join(f"{k}={state.get(k)!r} (this loader: {mine[k]!r})" for k in differ if k != "spec")
             raise ValueError(f"the checkpoint's loader differs from this one in {differ}: {diffs or 'the spec'}; "
@@ -141,25 +193,37 @@ class FastLoader:
             raise ValueError(f"batches_done={state['batches_done']!r} is invalid: allowed 0..{len(self)}")
         self.epoch, self._resume_batch = int(state["epoch"]), int(state["batches_done"])
         self._batches_done = self._resume_batch
+        if state.get("resolution") is not None:
+            self._resolution = tuple(state["resolution"])
 
     @property
     def num_samples(self) -> int:
         """Samples this rank sees per epoch (before drop_last on the final batch)."""
-        from fastload.pipelines.sampling import rank_share
-        return rank_share(len(self.reader), self.world_size, self.drop_last)
+        from fastload.pipelines.sampling import rank_share, repeated_share
+        if self.repeats > 1:
+            return repeated_share(len(self.indices), self.world_size)
+        return rank_share(len(self.indices), self.world_size, self.drop_last)
 
     def __len__(self) -> int:
         from fastload.pipelines.sampling import num_batches
         return num_batches(self.num_samples, self.batch_size, self.drop_last)
 
     def epoch_plan(self, epoch: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """(this rank's sample order, per-sample geometry rows) of an epoch: pure functions of the seed."""
-        from fastload.pipelines.sampling import epoch_indices, geometry_params
+        """(this rank's sample order, a geometry row per position) of an epoch: pure functions of the
+        seed. A sample's crop does not depend on the subset or world size, except under repeated
+        augmentation, where each copy draws its own."""
+        from fastload.pipelines.sampling import epoch_indices, geometry_params, repeated_epoch_indices
         e = self.epoch if epoch is None else epoch
-        order = epoch_indices(len(self.reader), shuffle=self.shuffle, seed=self.seed, epoch=e, rank=self.rank,
-                              world_size=self.world_size, drop_last=self.drop_last)
-        params = geometry_params(self.spec.geometry, self.spec.hflip, self.reader.heights, self.reader.widths,
-                                 self.seed, e)
+        spec = self.spec_for_epoch(e)
+        where = dict(shuffle=self.shuffle, seed=self.seed, epoch=e, rank=self.rank, world_size=self.world_size)
+        heights, widths = self.reader.heights, self.reader.widths
+        if self.repeats > 1:
+            order = self.indices[repeated_epoch_indices(len(self.indices), self.repeats, **where)]
+            params = geometry_params(spec.geometry, spec.hflip, heights[order], widths[order], self.seed, e,
+                                     stream=(self.rank,))
+        else:
+            order = self.indices[epoch_indices(len(self.indices), drop_last=self.drop_last, **where)]
+            params = geometry_params(spec.geometry, spec.hflip, heights, widths, self.seed, e)[order]
         return order, params
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -174,18 +238,28 @@ class FastLoader:
         light = self.transform.augment is None and not self.spec.mixup.mixes
         batch_threads = 1 if (self.device.type == "cpu" and self.backend != "reference" and light) else threads
         self._batches_done = start
-        batches = self.pipeline.run_epoch(order[start * self.batch_size:], params)  # resume: later batches only
+        skip = start * self.batch_size  # resume: later batches only
+        batches = self._backend_for(self.spec_for_epoch(epoch)).run_epoch(order[skip:], params[skip:])
         for b, (images, index) in enumerate(batches, start):
             # restored before the yield: a generator left suspended there (a `break`, then exit)
             # has nothing to undo when the interpreter closes it
             torch.set_num_threads(batch_threads)
             try:  # one random stream per batch: a resumed epoch draws what the uninterrupted one drew
-                batch = self.transform(images, index, augment_rng(self.seed, epoch, self.rank, b))
+                images, labels = self.transform(images, index, augment_rng(self.seed, epoch, self.rank, b))
             finally:
                 torch.set_num_threads(threads)
+            if self.batch_transform is not None:
+                images, labels = self._user_transform(images, labels)
             self._batches_done = b + 1
-            yield batch
+            yield self.columns.batch(images, labels, index)
         self.epoch, self._batches_done = epoch + 1, 0  # a completed pass moves on, as ffcv's Loader does
+
+    def _user_transform(self, images, labels):
+        out = self.batch_transform(images, labels)
+        if not (isinstance(out, (tuple, list)) and len(out) == 2):
+            raise TypeError(f"batch_transform {self.batch_transform!r} returned {type(out).__name__}: it must "
+                            "return (images, labels)")
+        return out
 
     def __repr__(self) -> str:
         return (f"FastLoader({str(self.manifest.root)!r}, split={self.split!r}, backend={self.backend!r}, "

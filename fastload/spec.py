@@ -146,6 +146,48 @@ GEOMETRIES = {g.kind: g for g in (RandomResizedCrop, RandomCrop, ResizeCenterCro
 Geometry = RandomResizedCrop | RandomCrop | ResizeCenterCrop
 
 
+def resized_geometry(geometry: Geometry, size) -> Geometry:
+    """The same geometry with output ``size``; eval keeps its crop fraction (``resize`` follows,
+    by timm's rule), so 'evaluate at 256' means Resize(292) + CenterCrop(256) under crop_pct 0.875."""
+    if isinstance(geometry, ResizeCenterCrop):
+        return ResizeCenterCrop.from_crop_pct(size, geometry.crop_pct, geometry.interpolation)
+    return dataclasses.replace(geometry, size=_pair(size, "size"))
+
+
+@dataclass(frozen=True)
+class ProgressiveResolution:
+    """FFCV's ImageNet recipe (``get_resolution``): train at ``min_res`` up to epoch ``start_ramp``,
+    then a linear ramp to ``max_res`` at epoch ``end_ramp``, rounded to a multiple of ``step``
+    (square outputs). The ResNet-50 88-epoch config: 160 -> 192 over epochs 65..76."""
+    min_res: int = 160
+    max_res: int = 192
+    start_ramp: int = 65
+    end_ramp: int = 76
+    step: int = 32
+
+    def __post_init__(self):
+        for name in ("min_res", "max_res", "step"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                _fail(f"resolution.{name}", v, "an int >= 1")
+        for name in ("start_ramp", "end_ramp"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+                _fail(f"resolution.{name}", v, "an epoch number >= 0")
+        if self.min_res > self.max_res:
+            _fail("resolution.min_res", self.min_res, f"<= max_res={self.max_res}")
+        if self.end_ramp <= self.start_ramp:
+            _fail("resolution.end_ramp", self.end_ramp, f"> start_ramp={self.start_ramp}")
+
+    def size_at(self, epoch: int) -> int:
+        if epoch <= self.start_ramp:
+            return self.min_res
+        if epoch >= self.end_ramp:
+            return self.max_res
+        res = self.min_res + (self.max_res - self.min_res) * (epoch - self.start_ramp) / (self.end_ramp - self.start_ramp)
+        return max(self.step, int(round(res / self.step)) * self.step)
+
+
 # --------------------------------------------------------------------------- photometric
 @dataclass(frozen=True)
 class ColorJitter:
@@ -347,6 +389,7 @@ class PreprocessSpec:
     dtype: str = "float32"
     layout: str = "NCHW"
     name: str | None = None  # the preset it came from, informational
+    resolution: ProgressiveResolution | None = None  # output size by epoch (replaces the geometry's size)
 
     def __post_init__(self):
         if not isinstance(self.geometry, (RandomResizedCrop, RandomCrop, ResizeCenterCrop)):
@@ -366,6 +409,8 @@ class PreprocessSpec:
             _fail("layout", self.layout, f"one of {LAYOUTS}")
         if self.dtype == "uint8" and self.mixup.mixes:
             _fail("dtype", self.dtype, "float32 or float16 when MixUp/CutMix blend pixels")
+        if self.resolution is not None and not isinstance(self.resolution, ProgressiveResolution):
+            _fail("resolution", self.resolution, "a ProgressiveResolution or None")
 
     # ----------------------------------------------------------------- properties
     @property
@@ -378,6 +423,14 @@ class PreprocessSpec:
 
     def replace(self, **changes) -> "PreprocessSpec":
         return dataclasses.replace(self, **changes)
+
+    def at_size(self, size) -> "PreprocessSpec":
+        """This spec with output ``size`` and no schedule: what a backend runs for one epoch."""
+        return self.replace(geometry=resized_geometry(self.geometry, size), resolution=None)
+
+    def for_epoch(self, epoch: int) -> "PreprocessSpec":
+        """The spec of one epoch: its scheduled resolution, if any."""
+        return self if self.resolution is None else self.at_size(self.resolution.size_at(epoch))
 
     # ----------------------------------------------------------------- presets
     @classmethod
@@ -424,6 +477,8 @@ class PreprocessSpec:
             d["mixup"] = _build(Mixup, d["mixup"], "mixup")
         if "normalize" in d:
             d["normalize"] = _build(Normalize, d["normalize"], "normalize")
+        if d.get("resolution") is not None:
+            d["resolution"] = _build(ProgressiveResolution, d["resolution"], "resolution")
         return cls(**d)
 
     def to_json(self, indent: int | None = 2) -> str:

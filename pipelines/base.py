@@ -49,8 +49,9 @@ class Backend(ABC):
 
     @abstractmethod
     def run_epoch(self, order: np.ndarray, params: np.ndarray) -> Iterator[tuple[torch.Tensor, np.ndarray]]:
-        """Batches of (images, sample indices) for ``order``; ``params[i]`` is sample i's geometry
-        row (:data:`~fastload.pipelines.sampling.PARAM_COLUMNS`). The caller owns each batch.
+        """Batches of (images, sample indices) for ``order``; ``params[j]`` is the geometry row
+        (:data:`~fastload.pipelines.sampling.PARAM_COLUMNS`) of ``order[j]``: cut both with
+        :func:`~fastload.pipelines.sampling.plan_batches`. The caller owns each batch.
         Closing the generator early must release the epoch's threads and buffers."""
 
     def decode_stage(self) -> "Backend":
@@ -73,6 +74,6 @@ class _IdentityGeometry(Backend):
     def run_epoch(self, order, params):
         from .sampling import H, OUT_H, OUT_W, W
         identity = np.zeros_like(params)
-        identity[:, H] = identity[:, OUT_H] = self.inner.reader.heights
-        identity[:, W] = identity[:, OUT_W] = self.inner.reader.widths
+        identity[:, H] = identity[:, OUT_H] = self.inner.reader.heights[order]
+        identity[:, W] = identity[:, OUT_W] = self.inner.reader.widths[order]
         return self.inner.run_epoch(order, identity)

@@ -28,7 +28,7 @@ from fastload.spec import RandomCrop, RandomResizedCrop, ResizeCenterCrop
 
 from .base import Backend, BackendOptions
 from .buffers import BatchBuffers
-from .sampling import FLIP, H, LEFT, OUT_H, OUT_W, TOP, W, X0, Y0, epoch_batches
+from .sampling import FLIP, H, LEFT, OUT_H, OUT_W, TOP, W, X0, Y0, plan_batches
 
 
 def _box_columns(p: np.ndarray, size) -> dict:
@@ -73,9 +73,9 @@ class _EpochSource:
 
     def __iter__(self):
         self.fed.clear()
-        for idx in epoch_batches(self.order, self.batch_size, self.drop_last):
+        for idx, rows in plan_batches(self.order, self.params, self.batch_size, self.drop_last):
             self.fed.append(idx)
-            columns = self.columns(self.params[idx], self.size)
+            columns = self.columns(rows, self.size)
             yield ([self.reader.jpeg(int(i)) for i in idx], *(np.ascontiguousarray(columns[f]) for f in self.fields),
                    np.ascontiguousarray(idx, np.int64))
 

@@ -32,7 +32,7 @@ from .base import Backend, BackendOptions
 from .buffers import BatchBuffers
 from .jpeg import MESSAGE_LEN, nb_decode_region
 from .kernels import PADDING_CODES, resample_window, source_window
-from .sampling import epoch_batches
+from .sampling import plan_batches
 
 _NO_NORMALIZE = (np.ones(3, np.float32), np.zeros(3, np.float32))
 _DONE = np.iinfo(np.int64).max
@@ -106,13 +106,13 @@ class FFCVBackend(Backend):
         return FFCVBackend(self.reader, self.spec, self.options, resample=False)
 
     def run_epoch(self, order: np.ndarray, params: np.ndarray) -> Iterator[tuple[torch.Tensor, np.ndarray]]:
-        batches = deque(epoch_batches(order, self.options.batch_size, self.options.drop_last))
+        batches = deque(plan_batches(order, params, self.options.batch_size, self.options.drop_last))
         in_flight = deque()
         try:
             while batches or in_flight:
                 while batches and len(in_flight) <= self.options.num_workers:  # workers busy + one ready
-                    index = batches.popleft()
-                    in_flight.append((self.workers.submit(self._batch, index, params[index]), index))
+                    index, rows = batches.popleft()
+                    in_flight.append((self.workers.submit(self._batch, index, rows), index))
                 future, index = in_flight.popleft()
                 yield future.result(), index
         finally:  # an abandoned epoch: drop queued batches, let running ones finish

@@ -17,7 +17,7 @@ from PIL import Image
 from fastload.spec import RandomCrop
 
 from .base import Backend, BackendOptions
-from .sampling import FLIP, H, LEFT, OUT_H, OUT_W, TOP, W, X0, Y0, epoch_batches, num_batches
+from .sampling import FLIP, H, LEFT, OUT_H, OUT_W, TOP, W, X0, Y0, num_batches, plan_batches
 
 
 def apply_geometry(image: Image.Image, p: np.ndarray, size: tuple[int, int], padding_mode: str = "constant") -> np.ndarray:
@@ -67,8 +67,8 @@ class _EpochBatches:
         return num_batches(len(self.order), self.batch_size, self.drop_last)
 
     def __iter__(self):
-        for idx in epoch_batches(self.order, self.batch_size, self.drop_last):
-            yield [(int(i), self.params[i]) for i in idx]
+        for idx, rows in plan_batches(self.order, self.params, self.batch_size, self.drop_last):
+            yield [(int(i), row) for i, row in zip(idx, rows)]
 
 
 class ReferenceBackend(Backend):

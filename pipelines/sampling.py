@@ -4,7 +4,8 @@ Both are pure functions of (seed, epoch) and the dataset, computed once per epoc
 numpy and handed to the backends, so the same seed gives the same order and the same
 crops in ffcv, DALI and the reference, run after run, on any number of workers.
 
-Geometry parameters, one int32 row per sample (``PARAM_COLUMNS``): take the source box
+Geometry parameters, one int32 row per position of the epoch's order (``PARAM_COLUMNS``), so
+a sample drawn twice (repeated augmentation) is cropped twice: take the source box
 (y0, x0, h, w) as an image of its own, resample it to (out_h, out_w) with PIL's
 antialiased bilinear filter, cut the window (top, left) of the spec's output size from
 that (coordinates outside are padding), and flip it horizontally when ``flip`` is 1.
@@ -50,6 +51,12 @@ def epoch_batches(order: np.ndarray, batch_size: int, drop_last: bool) -> list[n
     return [order[b * batch_size:(b + 1) * batch_size] for b in range(num_batches(len(order), batch_size, drop_last))]
 
 
+def plan_batches(order: np.ndarray, params: np.ndarray, batch_size: int,
+                 drop_last: bool) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(sample indices, their geometry rows) per batch, by :func:`epoch_batches`' rule."""
+    return list(zip(epoch_batches(order, batch_size, drop_last), epoch_batches(params, batch_size, drop_last)))
+
+
 def epoch_indices(n: int, *, shuffle: bool, seed: int, epoch: int, rank: int = 0, world_size: int = 1,
                   drop_last: bool = False) -> np.ndarray:
     """This rank's sample indices for one epoch, with ``DistributedSampler``'s remainder rule:
@@ -63,6 +70,25 @@ def epoch_indices(n: int, *, shuffle: bool, seed: int, epoch: int, rank: int = 0
             order = np.concatenate([order, np.resize(order, total - n)])
         order = order[:total][rank::world_size]
     return order.astype(np.int64)
+
+
+def repeated_epoch_indices(n: int, repeats: int, *, shuffle: bool, seed: int, epoch: int, rank: int = 0,
+                           world_size: int = 1, selected_round: int = 256) -> np.ndarray:
+    """Repeated augmentation as timm's ``RepeatAugSampler`` (DeiT's ``RASampler``) draws it: the
+    shuffled order with each sample ``repeats`` times in a row, padded to a multiple of the world
+    size and dealt round-robin, so copies of a sample go to different ranks; each rank keeps its
+    first ``n // selected_round * selected_round / world_size`` (an epoch stays about ``n`` samples
+    long in all). A split smaller than ``selected_round`` keeps ``ceil(n / world_size)``."""
+    order = rng_for(seed, epoch, ORDER_STREAM).permutation(n) if shuffle else np.arange(n)
+    order = np.repeat(order, repeats)
+    share = math.ceil(n * repeats / world_size)
+    order = np.resize(order, share * world_size)[rank::world_size]  # np.resize pads with the start
+    return order[:repeated_share(n, world_size, selected_round)].astype(np.int64)
+
+
+def repeated_share(n: int, world_size: int, selected_round: int = 256) -> int:
+    """Samples per rank per epoch under :func:`repeated_epoch_indices`."""
+    return n // selected_round * selected_round // world_size if n >= selected_round else math.ceil(n / world_size)
 
 
 def resized_shorter_side(h: np.ndarray, w: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -79,12 +105,13 @@ def resized_shorter_side(h: np.ndarray, w: np.ndarray, size: int) -> tuple[np.nd
 
 
 def geometry_params(geometry, hflip: float, heights: np.ndarray, widths: np.ndarray,
-                    seed: int, epoch: int) -> np.ndarray:
-    """Per-sample geometry for a whole split (indexed by sample index), see module doc."""
+                    seed: int, epoch: int, stream: tuple[int, ...] = ()) -> np.ndarray:
+    """One geometry row per image of the given sizes (see module doc), drawn from the epoch's
+    geometry stream (``stream`` names a sub-stream)."""
     n = len(heights)
     h = np.asarray(heights, np.int64)
     w = np.asarray(widths, np.int64)
-    rng = rng_for(seed, epoch, GEOMETRY_STREAM)
+    rng = np.random.default_rng([int(seed), int(epoch), GEOMETRY_STREAM, *map(int, stream)])
     p = np.zeros((n, len(PARAM_COLUMNS)), np.int32)
     th, tw = geometry.size
     if isinstance(geometry, RandomResizedCrop):

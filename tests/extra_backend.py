@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from fastload.pipelines.base import Backend
-from fastload.pipelines.sampling import FLIP, H, LEFT, OUT_H, OUT_W, TOP, W, X0, Y0, epoch_batches
+from fastload.pipelines.sampling import FLIP, H, LEFT, OUT_H, OUT_W, TOP, W, X0, Y0, plan_batches
 
 
 class NearestBackend(Backend):
@@ -19,10 +19,9 @@ class NearestBackend(Backend):
 
     def run_epoch(self, order, params):
         th, tw = self.spec.size
-        for index in epoch_batches(order, self.options.batch_size, self.options.drop_last):
+        for index, rows in plan_batches(order, params, self.options.batch_size, self.options.drop_last):
             out = torch.zeros((len(index), th, tw, 3), dtype=torch.uint8)
-            for k, i in enumerate(index):
-                p = params[i]
+            for k, (i, p) in enumerate(zip(index, rows)):
                 im = self.reader.image(int(i)).crop((p[X0], p[Y0], p[X0] + p[W], p[Y0] + p[H]))
                 im = np.asarray(im.resize((int(p[OUT_W]), int(p[OUT_H])), Image.NEAREST))
                 window = im[max(0, p[TOP]):p[TOP] + th, max(0, p[LEFT]):p[LEFT] + tw]
