@@ -26,12 +26,13 @@ def _by_index(loader) -> dict[int, torch.Tensor]:
 
 # --------------------------------------------------------------------------- progressive resolution
 def test_schedule_is_ffcvs_get_resolution():
+    for lo, hi, start, end in ((160, 192, 65, 76), (128, 224, 10, 40)):
+        sched = ProgressiveResolution(min_res=lo, max_res=hi, start_ramp=start, end_ramp=end)
+        # FFCV's ImageNet example: np.interp, then round to a multiple of 32 (half to even, as np.round)
+        ffcv = [int(np.round(np.interp(e, [start, end], [lo, hi]) / 32)) * 32 for e in range(88)]
+        assert [sched.size_at(e) for e in range(88)] == ffcv
     sched = ProgressiveResolution(min_res=160, max_res=192, start_ramp=65, end_ramp=76)
-    sizes = [sched.size_at(e) for e in range(88)]
-    assert sizes[:66] == [160] * 66 and sizes[76:] == [192] * 12
-    # FFCV's rn50 recipe: np.interp then round to a multiple of 32 (half to even, as np.round)
-    ffcv = [int(np.round(np.interp(e, [65, 76], [160, 192]) / 32)) * 32 for e in range(66, 76)]
-    assert sizes[66:76] == ffcv and set(sizes) == {160, 192}
+    assert [sched.size_at(e) for e in (0, 70, 71, 87)] == [160, 160, 192, 192]  # as the README's table
     spec = PreprocessSpec.preset("imagenet").replace(resolution=sched)
     assert PreprocessSpec.from_json(spec.to_json()) == spec
     assert spec.for_epoch(80).size == (192, 192) and spec.for_epoch(80).resolution is None
