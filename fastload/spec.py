@@ -21,7 +21,8 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 DTYPES = ("uint8", "float32", "float16")
 LAYOUTS = ("NCHW", "channels_last")
-INTERPOLATIONS = ("bilinear",)  # the one filter every backend reproduces exactly
+# PIL's filters (timm's names); every backend declares which it reproduces and refuses the rest
+INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "box", "hamming", "lanczos")
 PADDING_MODES = ("constant", "edge", "reflect")
 AUTOAUGMENT_POLICIES = ("imagenet",)
 
@@ -530,7 +531,7 @@ class PreprocessSpec:
         hw = (int(size[1]), int(size[2]))
         interp = c.get("interpolation", "bilinear") or "bilinear"
         if interp not in INTERPOLATIONS:
-            _fail("interpolation", interp, f"one of {INTERPOLATIONS} (the filter every backend reproduces)")
+            _fail("interpolation", interp, f"one of {INTERPOLATIONS}")
         if c.get("vflip"):
             _fail("vflip", c["vflip"], "0 (vertical flip is not supported)")
         if c.get("crop_mode", "center") != "center":

@@ -37,10 +37,17 @@ class Backend(ABC):
     name: ClassVar[str]
     storages: ClassVar[tuple[str, ...]]       # manifest storages it reads: 'beton', 'tfrecord'
     fuses_normalization: ClassVar[bool] = False
+    # resize filters it reproduces as PIL computes them (mean <= 2 levels); others are refused
+    interpolations: ClassVar[tuple[str, ...]] = ("bilinear",)
 
     def __init__(self, reader, spec, options: BackendOptions):
         """``reader``: a :class:`~fastload.records.SplitReader`; ``spec``: a PreprocessSpec.
         Refuse what the backend cannot do here, by name (e.g. a padding mode)."""
+        interpolation = getattr(spec.geometry, "interpolation", None)
+        if interpolation is not None and interpolation not in self.interpolations:
+            raise ValueError(f"interpolation={interpolation!r} is not supported by backend {self.name!r} (it "
+                             f"reproduces {list(self.interpolations)}): use one of those, or a backend that "
+                             "reproduces it (backend='reference' has all of PIL's)")
         self.reader, self.spec, self.options = reader, spec, options
 
     @property

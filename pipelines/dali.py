@@ -17,6 +17,7 @@ DALI's reused output buffer into a pooled buffer the caller owns (``buffers.py``
 """
 from __future__ import annotations
 
+import functools
 import warnings
 from collections import deque
 from typing import Iterator
@@ -38,7 +39,12 @@ def _box_columns(p: np.ndarray, size) -> dict:
             "window": p[:, [TOP, LEFT]].astype(np.float32), "flip": p[:, FLIP].astype(np.int32)}
 
 
-def _window_roi_columns(p: np.ndarray, size) -> dict:
+# DALI's resampling filter per spec interpolation, and its radius in source pixels when not downscaling
+_DALI_FILTERS = {"bilinear": ("INTERP_LINEAR", 1.0), "bicubic": ("INTERP_CUBIC", 2.0),
+                 "lanczos": ("INTERP_LANCZOS3", 3.0), "nearest": ("INTERP_NN", 1.0)}
+
+
+def _window_roi_columns(p: np.ndarray, size, interpolation: str = "bilinear") -> dict:
     """Resize + CenterCrop without resizing what the crop throws away: decode only the rows and
     columns the window reads, and let ``resize`` produce the window itself through its ROI (the
     window in input coordinates): same scale, so the same filter as resizing everything."""
@@ -47,7 +53,7 @@ def _window_roi_columns(p: np.ndarray, size) -> dict:
     for axis, (start, extent, out, window, n) in {"y": (Y0, H, OUT_H, TOP, th), "x": (X0, W, OUT_W, LEFT, tw)}.items():
         scale = p[:, extent] / p[:, out]
         lo, hi = p[:, window] * scale, (p[:, window] + n) * scale
-        reach = np.maximum(scale, 1.0) + 2  # the antialiased filter's radius, and a margin
+        reach = _DALI_FILTERS[interpolation][1] * np.maximum(scale, 1.0) + 2  # the filter's radius, and a margin
         first = np.clip(np.floor(lo - reach), 0, p[:, extent]).astype(np.int64)
         last = np.clip(np.ceil(hi + reach), 0, p[:, extent]).astype(np.int64)
         cols[axis] = (p[:, start] + first, last - first, lo - first, hi - first)
@@ -85,6 +91,7 @@ class DALIBackend(Backend):
     name = "dali"
     storages = ("tfrecord",)
     fuses_normalization = True
+    interpolations = tuple(_DALI_FILTERS)
 
     def __init__(self, reader, spec, options: BackendOptions, decode_only: bool = False):
         """``decode_only``: the truncated graph of ``fastload bench``'s decode stage (decode, cut the window)."""
@@ -96,8 +103,10 @@ class DALIBackend(Backend):
         self.batch_size, self.num_workers, self.seed = options.batch_size, max(1, options.num_workers), options.seed
         self.device = options.device
         self.decode_only = decode_only
+        self.interpolation = getattr(spec.geometry, "interpolation", "bilinear")
         if isinstance(spec.geometry, ResizeCenterCrop):
-            columns, fields = _window_roi_columns, ("box_anchor", "box_shape", "roi_start", "roi_end", "flip")
+            columns = functools.partial(_window_roi_columns, interpolation=self.interpolation)
+            fields = ("box_anchor", "box_shape", "roi_start", "roi_end", "flip")
         elif isinstance(spec.geometry, RandomResizedCrop):  # its window is the whole output: one size for all
             columns, fields = _box_columns, ("box_anchor", "box_shape", "flip")
         else:  # RandomCrop: the whole image, no resize, a padded window
@@ -156,13 +165,14 @@ class DALIBackend(Backend):
                 images = fn.decoders.image(jpegs, device=decoder, output_type=types.RGB)
             if self.decode_only:
                 return window(images, fn.constant(fdata=[0.0, 0.0])), index
+            interp = getattr(types, _DALI_FILTERS[self.interpolation][0])
             if "roi_start" in arg:
                 images = fn.resize(images, size=[float(th), float(tw)], roi_start=arg["roi_start"],
                                    roi_end=arg["roi_end"], roi_relative=False, antialias=True,
-                                   interp_type=types.INTERP_LINEAR, subpixel_scale=False)
+                                   interp_type=interp, subpixel_scale=False)
             elif isinstance(self.spec.geometry, RandomResizedCrop):  # a constant size, as DALI's docs write it
                 images = fn.resize(images, size=[float(th), float(tw)], antialias=True,
-                                   interp_type=types.INTERP_LINEAR, subpixel_scale=False)
+                                   interp_type=interp, subpixel_scale=False)
             if "window" in arg:
                 images = window(images, arg["window"])
             flip = arg["flip"]

@@ -11,7 +11,7 @@ Per sample, on ``num_workers`` threads (each takes whole batches, in one compile
 releases the GIL):
 1. decode only the source rows and columns the output window reads (``kernels.source_window``),
    with libjpeg's accurate DCT (``_jpeg.c``): PIL's pixels, bit for bit;
-2. resample that region with PIL's antialiased bilinear filter, flip, and (fused) normalize
+2. resample that region with PIL's filter (antialiased bilinear, bicubic, lanczos...), flip, and (fused) normalize
    straight into the batch (``kernels.resample_window``, numba, cached on disk).
 Batches are tensors the caller owns (``buffers.py``: reused only once nothing holds them).
 """
@@ -31,7 +31,7 @@ from fastload.spec import RandomCrop
 from .base import Backend, BackendOptions
 from .buffers import BatchBuffers
 from .jpeg import MESSAGE_LEN, nb_decode_region
-from .kernels import PADDING_CODES, resample_window, source_window
+from .kernels import FILTER_CODES, PADDING_CODES, resample_window, source_window
 from .sampling import plan_batches
 
 _NO_NORMALIZE = (np.ones(3, np.float32), np.zeros(3, np.float32))
@@ -39,7 +39,7 @@ _DONE = np.iinfo(np.int64).max
 
 
 @nb.njit(cache=True, nogil=True)
-def decode_resample_batch(addresses, sizes, widths, rows, resample, pad_mode, dst, chw, norm, scale, shift,
+def decode_resample_batch(addresses, sizes, widths, rows, resample, pad_mode, filt, dst, chw, norm, scale, shift,
                           scratch, message):
     """Every image of a batch, one after the other while its pixels are still in cache: decode the
     rows and columns its window reads (``source_window``) into ``scratch``, then resample them into
@@ -55,7 +55,7 @@ def decode_resample_batch(addresses, sizes, widths, rows, resample, pad_mode, ds
     for k in range(n):
         p = rows[k]
         windows[k, 0], windows[k, 1], windows[k, 2], windows[k, 3] = source_window(
-            p[2], p[3], p[4], p[5], p[6], p[7], dh, dw)
+            p[2], p[3], p[4], p[5], p[6], p[7], dh, dw, filt)
         need = max(need, (windows[k, 1] - windows[k, 0]) * widths[k] * 3)
     if need > scratch.size:
         return -need
@@ -75,7 +75,7 @@ def decode_resample_batch(addresses, sizes, widths, rows, resample, pad_mode, ds
             oy, ox = -r0, x0 - col0[0]  # box pixel (y, x) is region[oy + y, ox + x]
         if not resample:
             h, w, out_h, out_w, top, left, oy, ox = r1 - r0, c1 - c0, r1 - r0, c1 - c0, 0, 0, 0, ox + c0
-        resample_window(region, oy, ox, h, w, out_h, out_w, top, left, p[8] != 0, pad_mode, dst[k], dh, dw,
+        resample_window(region, oy, ox, h, w, out_h, out_w, top, left, p[8] != 0, pad_mode, filt, dst[k], dh, dw,
                         chw, norm, scale, shift)
     return _DONE
 
@@ -84,10 +84,12 @@ class FFCVBackend(Backend):
     name = "ffcv"
     storages = ("beton",)
     fuses_normalization = True
+    interpolations = tuple(FILTER_CODES)  # Pillow's filters, bit for bit (kernels.py)
 
     def __init__(self, reader, spec, options: BackendOptions, resample: bool = True):
         super().__init__(reader, spec, options)
         self.pad_mode = PADDING_CODES[spec.geometry.padding_mode] if isinstance(spec.geometry, RandomCrop) else 0
+        self.filter = FILTER_CODES[getattr(spec.geometry, "interpolation", "bilinear")]  # RandomCrop: no resize
         self.resample = resample  # False: bench's decode stage (decode the same region, cut the window)
         norm = self.normalize if resample else None
         self.scale, self.shift = (tuple(np.asarray(v, np.float32) for v in norm) if norm is not None
@@ -131,7 +133,8 @@ class FFCVBackend(Backend):
             scratch = getattr(self._local, "scratch", None)
             if scratch is None:
                 scratch = self._local.scratch = np.empty(1 << 20, np.uint8)
-            status = decode_resample_batch(addresses, sizes, widths, rows, self.resample, self.pad_mode, out.numpy(),
+            status = decode_resample_batch(addresses, sizes, widths, rows, self.resample, self.pad_mode, self.filter,
+                                           out.numpy(),
                                            self.chw, self.fused, self.scale, self.shift, scratch, message)
             if status == _DONE:
                 return out

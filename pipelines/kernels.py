@@ -1,10 +1,10 @@
 """Numba kernels that reproduce torchvision-on-PIL geometry exactly, for the ffcv backend.
 
-``resample_window`` is PIL's ``Image.resize(..., BILINEAR)`` (antialiased triangle filter,
-22-bit fixed-point coefficients, horizontal pass then vertical, uint8 rounding between,
-int32 accumulators as in Pillow's 8-bit path) computed only for the output window that
-survives the crop: Resize(256)+CenterCrop(224) costs a 224x224 resample, not a 256xN one.
-Bit-exact with Pillow on real photos (tests/test_kernels.py).
+``resample_window`` is PIL's ``Image.resize`` (Pillow's Resample.c: its filters, widened by
+the scale when downscaling, 22-bit fixed-point coefficients, horizontal pass then vertical,
+uint8 rounding between, int32 accumulators; NEAREST as its affine scale) computed only for the
+output window that survives the crop: Resize(256)+CenterCrop(224) costs a 224x224 resample,
+not a 256xN one. Bit-exact with Pillow on real photos (tests/test_kernels.py).
 
 Speed: the vertical pass runs over whole interleaved rows (``dw * 3`` int32 lanes per tap),
 which LLVM vectorizes; the horizontal pass reads each needed source row once. Compiled with
@@ -23,15 +23,65 @@ import numpy as np
 PRECISION_BITS = 22  # Pillow: 32 - 8 - 2
 PAD_CONSTANT, PAD_EDGE, PAD_REFLECT = 0, 1, 2
 PADDING_CODES = {"constant": PAD_CONSTANT, "edge": PAD_EDGE, "reflect": PAD_REFLECT}
+# Pillow's filters and their support (Resample.c); NEAREST is not a convolution there
+BOX, BILINEAR, HAMMING, BICUBIC, LANCZOS, NEAREST = range(6)
+FILTER_CODES = {"box": BOX, "bilinear": BILINEAR, "hamming": HAMMING, "bicubic": BICUBIC, "lanczos": LANCZOS,
+                "nearest": NEAREST}
+_SUPPORT = np.array([0.5, 1.0, 1.0, 2.0, 3.0, 0.0])
+_HAMMING_A, _HAMMING_B = float(np.float32(0.54)), float(np.float32(0.46))  # C float literals in Pillow
 _JIT = dict(cache=True, nogil=True)
 
 
 @nb.njit(**_JIT)
-def _support_bounds(in_size, out_size, first, count):
-    """First source index and tap count of outputs first..first+count (Pillow's precompute_coeffs)."""
+def _sinc(x):
+    if x == 0.0:
+        return 1.0
+    x = x * math.pi
+    return math.sin(x) / x
+
+
+@nb.njit(**_JIT)
+def _weight(filt, x):
+    """Pillow's filter functions, as written in Resample.c."""
+    if filt == BILINEAR:
+        x = abs(x)
+        return 1.0 - x if x < 1.0 else 0.0
+    if filt == BICUBIC:  # Keys, a = -0.5
+        x = abs(x)
+        if x < 1.0:
+            return ((-0.5 + 2.0) * x - (-0.5 + 3.0)) * x * x + 1
+        if x < 2.0:
+            return (((x - 5) * x + 8) * x - 4) * -0.5
+        return 0.0
+    if filt == LANCZOS:
+        return _sinc(x) * _sinc(x / 3) if -3.0 <= x < 3.0 else 0.0
+    if filt == BOX:
+        return 1.0 if -0.5 < x <= 0.5 else 0.0
+    x = abs(x)  # HAMMING
+    if x == 0.0:
+        return 1.0
+    if x >= 1.0:
+        return 0.0
+    x = x * math.pi
+    return math.sin(x) / x * (_HAMMING_A + _HAMMING_B * math.cos(x))
+
+
+@nb.njit(**_JIT)
+def _support_bounds(in_size, out_size, first, count, filt):
+    """First source index and tap count of outputs first..first+count (Pillow's precompute_coeffs;
+    NEAREST: ImagingScaleAffine's accumulated source position, one tap)."""
     scale = in_size / out_size
-    support = scale if scale > 1.0 else 1.0  # bilinear support 1.0, widened when downscaling
     bounds = np.empty((count, 2), np.int32)
+    if filt == NEAREST:
+        xo = scale * 0.5
+        for _ in range(first):
+            xo += scale
+        for k in range(count):
+            bounds[k, 0] = min(in_size - 1, -1 if xo < 0.0 else int(xo))
+            bounds[k, 1] = 1
+            xo += scale
+        return bounds
+    support = _SUPPORT[filt] * (scale if scale > 1.0 else 1.0)  # widened when downscaling
     for k in range(count):
         center = (first + k + 0.5) * scale
         xmin = max(0, int(center - support + 0.5))
@@ -42,14 +92,17 @@ def _support_bounds(in_size, out_size, first, count):
 
 
 @nb.njit(**_JIT)
-def _coefficients(in_size, out_size, first, count):
+def _coefficients(in_size, out_size, first, count, filt):
     """Pillow's precompute_coeffs + normalize_coeffs_8bpc for outputs first..first+count:
     (bounds [count, 2] = (first source index, taps), int32 coefficients [count, max taps])."""
     scale = in_size / out_size
     filterscale = scale if scale > 1.0 else 1.0
-    bounds = _support_bounds(in_size, out_size, first, count)
-    ksize = int(math.ceil(filterscale)) * 2 + 1
+    bounds = _support_bounds(in_size, out_size, first, count, filt)
+    ksize = int(math.ceil(_SUPPORT[filt] * filterscale)) * 2 + 1
     kk = np.zeros((count, ksize), np.int32)
+    if filt == NEAREST:
+        kk[:, 0] = 1 << PRECISION_BITS
+        return bounds, kk
     tmp = np.empty(ksize, np.float64)
     ss = 1.0 / filterscale
     for k in range(count):
@@ -57,8 +110,7 @@ def _coefficients(in_size, out_size, first, count):
         xmin, n = bounds[k, 0], bounds[k, 1]
         ww = 0.0
         for x in range(n):
-            t = abs((x + xmin - center + 0.5) * ss)
-            w = 1.0 - t if t < 1.0 else 0.0
+            w = _weight(filt, (x + xmin - center + 0.5) * ss)
             tmp[x] = w
             ww += w
         for x in range(n):
@@ -68,16 +120,16 @@ def _coefficients(in_size, out_size, first, count):
 
 
 @nb.njit(**_JIT)
-def source_window(h, w, out_h, out_w, top, left, dh, dw):
+def source_window(h, w, out_h, out_w, top, left, dh, dw, filt):
     """Rows [r0, r1) and columns [c0, c1) of an h x w box that the (top, left, dh, dw) window of
-    its resize to out_h x out_w reads (clipped to the box; padding reads nothing)."""
+    its resize to out_h x out_w with filter ``filt`` reads (clipped to the box; padding reads nothing)."""
     if out_h != h:
-        bv = _support_bounds(h, out_h, top, dh)
+        bv = _support_bounds(h, out_h, top, dh, filt)
         r0, r1 = bv[0, 0], bv[dh - 1, 0] + bv[dh - 1, 1]
     else:
         r0, r1 = max(0, top), min(h, top + dh)
     if out_w != w:
-        bh = _support_bounds(w, out_w, left, dw)
+        bh = _support_bounds(w, out_w, left, dw, filt)
         c0, c1 = bh[0, 0], bh[dw - 1, 0] + bh[dw - 1, 1]
     else:
         c0, c1 = max(0, left), min(w, left + dw)
@@ -131,7 +183,7 @@ def _store_row(dst, yy, levels, dw, flip, chw, norm, scale, shift):
 
 
 @nb.njit(**_JIT)
-def resample_window(src, y0, x0, h, w, out_h, out_w, top, left, flip, pad_mode, dst, dh, dw,
+def resample_window(src, y0, x0, h, w, out_h, out_w, top, left, flip, pad_mode, filt, dst, dh, dw,
                     chw, norm, scale, shift):
     """Write the (top, left) window (dh x dw) of resize(box -> out_h x out_w) into ``dst``, where
     box pixel (y, x) is ``src[y0 + y, x0 + x]`` (y0/x0 may be negative when ``src`` holds only the
@@ -159,8 +211,8 @@ def resample_window(src, y0, x0, h, w, out_h, out_w, top, left, flip, pad_mode, 
         return
     need_h = out_w != w
     need_v = out_h != h
-    bh, kh = _coefficients(w, out_w, left, dw)
-    bv, kv = _coefficients(h, out_h, top, dh)
+    bh, kh = _coefficients(w, out_w, left, dw, filt)
+    bv, kv = _coefficients(h, out_h, top, dh, filt)
     if need_v:
         r0 = bv[0, 0]
         r1 = bv[dh - 1, 0] + bv[dh - 1, 1]
@@ -213,15 +265,3 @@ def resample_window(src, y0, x0, h, w, out_h, out_w, top, left, flip, pad_mode, 
             for j in range(n3):
                 row_levels[j] = line[j]
         _store_row(dst, yy, row_levels, dw, flip, chw, norm, scale, shift)
-
-
-@nb.njit(**_JIT)
-def batch_source_windows(rows, dh, dw):
-    """:func:`source_window` of every geometry row (sampling.PARAM_COLUMNS order), as absolute image
-    coordinates: int32 [n, 4] = (first row, end row, first column, end column)."""
-    out = np.empty((rows.shape[0], 4), np.int32)
-    for k in range(rows.shape[0]):
-        p = rows[k]
-        r0, r1, c0, c1 = source_window(p[2], p[3], p[4], p[5], p[6], p[7], dh, dw)
-        out[k, 0], out[k, 1], out[k, 2], out[k, 3] = p[0] + r0, p[0] + r1, p[1] + c0, p[1] + c1
-    return out

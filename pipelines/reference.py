@@ -3,7 +3,7 @@
 This is the ground truth the other backends are tested against, and the baseline a
 user would otherwise run. It reads the same dataset directory (either storage) through
 the records index, and applies each sample's geometry row with PIL:
-RandomResizedCrop = ``crop`` then ``resize(BILINEAR)``; Resize+CenterCrop = ``resize``
+RandomResizedCrop = ``crop`` then ``resize(filter)``; Resize+CenterCrop = ``resize``
 then ``crop``; RandomCrop = pad then crop; the flip mirrors the final window.
 """
 from __future__ import annotations
@@ -20,7 +20,12 @@ from .base import Backend, BackendOptions
 from .sampling import FLIP, H, LEFT, OUT_H, OUT_W, TOP, W, X0, Y0, num_batches, plan_batches
 
 
-def apply_geometry(image: Image.Image, p: np.ndarray, size: tuple[int, int], padding_mode: str = "constant") -> np.ndarray:
+PIL_FILTERS = {"nearest": Image.NEAREST, "bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC, "box": Image.BOX,
+               "hamming": Image.HAMMING, "lanczos": Image.LANCZOS}
+
+
+def apply_geometry(image: Image.Image, p: np.ndarray, size: tuple[int, int], padding_mode: str = "constant",
+                   interpolation: str = "bilinear") -> np.ndarray:
     """One sample's geometry row applied with PIL; returns HWC uint8."""
     th, tw = size
     y0, x0, h, w = int(p[Y0]), int(p[X0]), int(p[H]), int(p[W])
@@ -28,7 +33,7 @@ def apply_geometry(image: Image.Image, p: np.ndarray, size: tuple[int, int], pad
     if (y0, x0, h, w) != (0, 0, image.height, image.width):
         image = image.crop((x0, y0, x0 + w, y0 + h))
     if (out_h, out_w) != (h, w):
-        image = image.resize((out_w, out_h), Image.BILINEAR)
+        image = image.resize((out_w, out_h), PIL_FILTERS[interpolation])
     if 0 <= top and 0 <= left and top + th <= out_h and left + tw <= out_w:
         window = np.array(image.crop((left, top, left + tw, top + th)))  # writable, for torch
     else:  # RandomCrop's padding (numpy's mode names are the spec's)
@@ -44,8 +49,8 @@ class _SampleDataset(torch.utils.data.Dataset):
     """Keys are (sample index, geometry row): the epoch's parameters travel with the batch
     sampler, so persistent workers serve every epoch."""
 
-    def __init__(self, reader, size, padding_mode):
-        self.reader, self.size, self.padding_mode = reader, size, padding_mode
+    def __init__(self, reader, size, padding_mode, interpolation):
+        self.reader, self.size, self.padding_mode, self.interpolation = reader, size, padding_mode, interpolation
 
     def __len__(self):
         return len(self.reader)
@@ -53,7 +58,7 @@ class _SampleDataset(torch.utils.data.Dataset):
     def __getitem__(self, key):
         i, row = key
         image = self.reader.image(i)
-        return torch.from_numpy(apply_geometry(image, row, self.size, self.padding_mode)), i
+        return torch.from_numpy(apply_geometry(image, row, self.size, self.padding_mode, self.interpolation)), i
 
 
 class _EpochBatches:
@@ -74,6 +79,7 @@ class _EpochBatches:
 class ReferenceBackend(Backend):
     name = "reference"
     storages = ("beton", "tfrecord")
+    interpolations = tuple(PIL_FILTERS)
 
     def __init__(self, reader, spec, options: BackendOptions):
         super().__init__(reader, spec, options)
@@ -81,7 +87,8 @@ class ReferenceBackend(Backend):
         workers = options.num_workers
         self.batches = _EpochBatches(options.batch_size, options.drop_last)
         self.loader = torch.utils.data.DataLoader(
-            _SampleDataset(reader, spec.size, padding_mode), batch_sampler=self.batches,
+            _SampleDataset(reader, spec.size, padding_mode, getattr(spec.geometry, "interpolation", "bilinear")),
+            batch_sampler=self.batches,
             num_workers=workers, persistent_workers=workers > 0,
             multiprocessing_context="fork" if workers > 0 else None)
 

@@ -2,6 +2,7 @@
 silently wrong data, a lost dataset or an orphaned process."""
 from __future__ import annotations
 
+import ctypes
 import io
 import json
 import os
@@ -91,7 +92,8 @@ def test_abandoned_epochs_leak_nothing(imagenet_dirs, backend):
                 break
         gc.collect()
 
-    def rss_mb():  # current resident memory, not the peak
+    def rss_mb():  # current resident memory, not the peak, after glibc returns its free pages
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
         return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
     for _ in range(10):  # allocators and DALI's memory pools settle first
         abandon()
@@ -99,8 +101,9 @@ def test_abandoned_epochs_leak_nothing(imagenet_dirs, backend):
     for _ in range(20):
         abandon()
     assert threading.active_count() <= threads
-    # a leak grows with every epoch: ffcv's loader used to keep ~160 MB per abandoned epoch
-    assert rss_mb() - rss < 150, rss_mb() - rss
+    # a leak grows with every epoch: ffcv's loader used to keep ~160 MB per abandoned epoch (3 GB
+    # here); allocator noise in a long test process reached 240 MB once without malloc_trim
+    assert rss_mb() - rss < 250, rss_mb() - rss
 
 
 @needs_shared

@@ -197,3 +197,32 @@ def test_batch_transform_runs_after_fastloads_ops(labelled_colors, backend):
         next(iter(FastLoader(path, "train", batch_transform=lambda x, y: x, **kw)))
     with pytest.raises(TypeError, match="batch_transform=3 is invalid: allowed a callable"):
         FastLoader(path, "train", batch_transform=3)
+
+
+@pytest.mark.parametrize("backend", ["ffcv", "dali"])
+def test_resume_mid_epoch_with_every_option(labelled_colors, backend):
+    """Subset, repeated augmentation, a set resolution and MixUp: the batches after a resume are
+    those of the uninterrupted run, bit for bit."""
+    spec = PreprocessSpec.preset("imagenet").replace(mixup=PreprocessSpec.from_timm(
+        {"mixup_alpha": 0.8, "cutmix_alpha": 1.0}, train=True).mixup)
+
+    def make():
+        loader = FastLoader(labelled_colors[BACKEND_FORMAT[backend]], "train", batch_size=8, spec=spec,
+                            backend=backend, num_workers=2, seed=6, indices=range(0, 120, 2), classes=None,
+                            repeated_augmentation=2, columns="index")
+        loader.set_resolution(96)
+        return loader
+
+    run = make()
+    run.set_epoch(1)
+    it = iter(run)
+    first = [next(it) for _ in range(3)]
+    state = run.state_dict()
+    rest = list(it)
+    resumed = make()
+    resumed.load_state_dict(state)
+    again = list(resumed)
+    assert len(first) + len(again) == len(run) == 7 and len(again) == len(rest)
+    for a, b in zip(rest, again):
+        assert a.images.shape[-1] == 96
+        assert all(torch.equal(x, y) for x, y in zip(a, b))
