@@ -24,6 +24,9 @@ LAYOUTS = ("NCHW", "channels_last")
 # PIL's filters (timm's names); every backend declares which it reproduces and refuses the rest
 INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "box", "hamming", "lanczos")
 PADDING_MODES = ("constant", "edge", "reflect")
+CROP_MODES = ("center", "squash")  # timm's eval crop modes fastload reproduces ('border' pads with the mean)
+MIXUP_MODES = ("batch", "pair", "elem")
+ERASING_MODES = ("const", "rand", "pixel")
 AUTOAUGMENT_POLICIES = ("imagenet",)
 
 
@@ -113,11 +116,14 @@ class RandomCrop:
 class ResizeCenterCrop:
     """Eval geometry: ``Resize(resize)`` (shorter side) then ``CenterCrop(size)``.
 
-    timm's ``crop_pct`` is ``size / resize``: see :meth:`from_crop_pct`.
+    timm's ``crop_pct`` is ``size / resize``: see :meth:`from_crop_pct`. ``crop_mode`` is timm's:
+    'center' resizes the shorter side to ``resize`` (aspect kept); 'squash' resizes both sides
+    (a square ``resize`` x ``resize`` for a square crop; aspect not kept), then the centre crop.
     """
     size: tuple[int, int] = (224, 224)
     resize: int = 256
     interpolation: str = "bilinear"
+    crop_mode: str = "center"
     kind: Literal["resize_center_crop"] = "resize_center_crop"
 
     def __post_init__(self):
@@ -129,14 +135,23 @@ class ResizeCenterCrop:
                   f"a crop no larger than resize={self.resize} (crop larger than resize)")
         if self.interpolation not in INTERPOLATIONS:
             _fail("resize_center_crop.interpolation", self.interpolation, f"one of {INTERPOLATIONS}")
+        if self.crop_mode not in CROP_MODES:
+            _fail("resize_center_crop.crop_mode", self.crop_mode, f"one of {CROP_MODES}")
 
     @classmethod
-    def from_crop_pct(cls, size, crop_pct: float, interpolation="bilinear") -> "ResizeCenterCrop":
+    def from_crop_pct(cls, size, crop_pct: float, interpolation="bilinear", crop_mode="center") -> "ResizeCenterCrop":
         if not 0.0 < crop_pct <= 1.0:
             _fail("crop_pct", crop_pct, "a fraction in (0, 1]")
         h, w = _pair(size, "size")
         # timm: scale_size = floor(img_size / crop_pct)
-        return cls(size=(h, w), resize=int(math.floor(max(h, w) / crop_pct)), interpolation=interpolation)
+        return cls(size=(h, w), resize=int(math.floor(max(h, w) / crop_pct)), interpolation=interpolation,
+                   crop_mode=crop_mode)
+
+    @property
+    def squash_size(self) -> tuple[int, int]:
+        """'squash': the (height, width) both sides are resized to (timm: floor(side / crop_pct))."""
+        h, w = self.size
+        return (h * self.resize // max(h, w), w * self.resize // max(h, w))
 
     @property
     def crop_pct(self) -> float:
@@ -151,7 +166,7 @@ def resized_geometry(geometry: Geometry, size) -> Geometry:
     """The same geometry with output ``size``; eval keeps its crop fraction (``resize`` follows,
     by timm's rule), so 'evaluate at 256' means Resize(292) + CenterCrop(256) under crop_pct 0.875."""
     if isinstance(geometry, ResizeCenterCrop):
-        return ResizeCenterCrop.from_crop_pct(size, geometry.crop_pct, geometry.interpolation)
+        return ResizeCenterCrop.from_crop_pct(size, geometry.crop_pct, geometry.interpolation, geometry.crop_mode)
     return dataclasses.replace(geometry, size=_pair(size, "size"))
 
 
@@ -311,12 +326,14 @@ def policy_to_string(policy: Policy) -> str:
 # --------------------------------------------------------------------------- labels / batch
 @dataclass(frozen=True)
 class Mixup:
-    """timm ``Mixup``: per batch, MixUp or CutMix (switch_prob picks CutMix when both are on)."""
+    """timm ``Mixup``: MixUp or CutMix (switch_prob picks CutMix when both are on), drawn once per
+    batch (``mode='batch'``), per pair of samples i and N-1-i ('pair'), or per sample ('elem')."""
     mixup_alpha: float = 0.0
     cutmix_alpha: float = 0.0
     prob: float = 1.0
     switch_prob: float = 0.5
     label_smoothing: float = 0.0
+    mode: str = "batch"
 
     def __post_init__(self):
         for name in ("mixup_alpha", "cutmix_alpha"):
@@ -330,6 +347,8 @@ class Mixup:
         if not 0.0 <= ls < 1.0:
             _fail("mixup.label_smoothing", ls, "a value in [0, 1)")
         object.__setattr__(self, "label_smoothing", ls)
+        if self.mode not in MIXUP_MODES:
+            _fail("mixup.mode", self.mode, f"one of {MIXUP_MODES}")
 
     @property
     def mixes(self) -> bool:
@@ -338,6 +357,36 @@ class Mixup:
     @property
     def soft_labels(self) -> bool:
         return self.mixes or self.label_smoothing > 0
+
+
+@dataclass(frozen=True)
+class RandomErasing:
+    """timm ``RandomErasing``, applied as timm applies it: after normalization, per sample. With
+    probability ``prob``, 1..``count`` boxes (uniform count), each of area fraction ~ U(min_area,
+    max_area) / count and log aspect ~ U(log min_aspect, -log min_aspect), up to 10 tries to fit;
+    filled with 0 ('const', the mean), one normal value per channel ('rand'), or per pixel ('pixel')."""
+    prob: float = 0.25
+    mode: str = "pixel"
+    count: int = 1
+    min_area: float = 0.02
+    max_area: float = 1 / 3
+    min_aspect: float = 0.3
+
+    def __post_init__(self):
+        object.__setattr__(self, "prob", _probability(self.prob, "random_erasing.prob"))
+        if self.mode not in ERASING_MODES:
+            _fail("random_erasing.mode", self.mode, f"one of {ERASING_MODES}")
+        if not isinstance(self.count, int) or isinstance(self.count, bool) or self.count < 1:
+            _fail("random_erasing.count", self.count, "an int >= 1")
+        lo, hi = _float_pair((self.min_area, self.max_area), "random_erasing.min_area/max_area")
+        if not 0.0 < lo <= hi <= 1.0:
+            _fail("random_erasing.min_area/max_area", (lo, hi), "0 < min_area <= max_area <= 1")
+        object.__setattr__(self, "min_area", lo)
+        object.__setattr__(self, "max_area", hi)
+        aspect = _real(self.min_aspect, "random_erasing.min_aspect")
+        if not 0.0 < aspect <= 1.0:
+            _fail("random_erasing.min_aspect", aspect, "a value in (0, 1] (the max aspect is its inverse)")
+        object.__setattr__(self, "min_aspect", aspect)
 
 
 # --------------------------------------------------------------------------- normalization
@@ -386,6 +435,7 @@ class PreprocessSpec:
     color_jitter: ColorJitter | None = None
     auto_augment: Policy | None = None
     mixup: Mixup = field(default_factory=Mixup)
+    random_erasing: RandomErasing | None = None  # after normalization, before MixUp/CutMix (timm's order)
     normalize: Normalize = field(default_factory=Normalize)
     dtype: str = "float32"
     layout: str = "NCHW"
@@ -410,6 +460,12 @@ class PreprocessSpec:
             _fail("layout", self.layout, f"one of {LAYOUTS}")
         if self.dtype == "uint8" and self.mixup.mixes:
             _fail("dtype", self.dtype, "float32 or float16 when MixUp/CutMix blend pixels")
+        if self.random_erasing is not None and not isinstance(self.random_erasing, RandomErasing):
+            _fail("random_erasing", self.random_erasing, "a RandomErasing or None")
+        if self.random_erasing is not None and self.random_erasing.prob == 0:
+            object.__setattr__(self, "random_erasing", None)
+        if self.dtype == "uint8" and self.random_erasing is not None:
+            _fail("dtype", self.dtype, "float32 or float16 with random erasing (it erases normalized values)")
         if self.resolution is not None and not isinstance(self.resolution, ProgressiveResolution):
             _fail("resolution", self.resolution, "a ProgressiveResolution or None")
 
@@ -476,6 +532,8 @@ class PreprocessSpec:
             d["auto_augment"] = _build(POLICIES[kind], p, "auto_augment")
         if "mixup" in d:
             d["mixup"] = _build(Mixup, d["mixup"], "mixup")
+        if d.get("random_erasing") is not None:
+            d["random_erasing"] = _build(RandomErasing, d["random_erasing"], "random_erasing")
         if "normalize" in d:
             d["normalize"] = _build(Normalize, d["normalize"], "normalize")
         if d.get("resolution") is not None:
@@ -508,61 +566,99 @@ class PreprocessSpec:
 
     # ----------------------------------------------------------------- timm
     @classmethod
-    def from_timm(cls, config: dict, train: bool | None = None) -> "PreprocessSpec":
-        """Build from a timm data config (``timm.data.resolve_data_config`` + train args).
-
-        Reads ``input_size``, ``interpolation``, ``mean``, ``std``, ``crop_pct``, ``scale``,
-        ``ratio``, ``hflip``, ``color_jitter``, ``auto_augment``, ``mixup_alpha``,
-        ``cutmix_alpha``, ``mixup_prob``, ``mixup_switch_prob``, ``label_smoothing``;
-        ``train``/``is_training`` picks the train or eval geometry.
+    def from_timm(cls, config: dict, train: bool | None = None, use_test_size: bool = False) -> "PreprocessSpec":
+        """Build from a timm data config as timm produces it: ``resolve_data_config(...)``,
+        ``model.pretrained_cfg``, plus timm's train arguments (``create_transform`` and ``Mixup``
+        names, or train.py's: ``reprob``, ``smoothing``, ``aa``...). What does not change
+        preprocessing (weights' location, classifier, licence...) is ignored; what changes it is
+        honoured as timm honours it, or refused by name. timm's rules kept: train-time ColorJitter
+        defaults to 0.4 and is off when an auto-augment policy is set (unless
+        ``force_color_jitter``); random erasing runs after normalization; eval resizes to
+        floor(size / crop_pct). ``use_test_size`` takes ``test_input_size``/``test_crop_pct``
+        (timm's ``use_test_size``). ``train``/``is_training`` picks the train or eval geometry.
         """
-        c = dict(config)
-        known = {"input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode", "scale", "ratio",
-                 "hflip", "vflip", "color_jitter", "auto_augment", "mixup_alpha", "cutmix_alpha",
-                 "mixup_prob", "mixup_switch_prob", "label_smoothing", "smoothing", "is_training", "train"}
-        unknown = set(c) - known
+        c = {TIMM_ALIASES.get(k, k): v for k, v in dict(config).items()}
+        unknown = set(c) - TIMM_KEYS - TIMM_INFORMATIONAL
         if unknown:
-            raise ValueError(f"unknown timm config key(s) {sorted(unknown)}: fastload reads {sorted(known)}")
+            raise ValueError(f"unknown timm config key(s) {sorted(unknown)}: fastload reads {sorted(TIMM_KEYS)} and "
+                             "ignores timm's informational keys (url, hf_hub_id, num_classes, first_conv...)")
+        for key, why in TIMM_REFUSED.items():
+            if c.get(key) not in (None, False, 0, 0.0, "", "rrc", "batch"):
+                _fail(key, c[key], why)
         if train is None:
             train = bool(c.get("is_training", c.get("train", False)))
         size = c.get("input_size", (3, 224, 224))
+        crop_pct = c.get("crop_pct") or 0.875  # timm's DEFAULT_CROP_PCT
+        if use_test_size:
+            size = c.get("test_input_size") or size
+            crop_pct = c.get("test_crop_pct") or crop_pct
         if not isinstance(size, (tuple, list)) or len(size) != 3 or size[0] != 3:
             _fail("input_size", size, "(3, height, width)")
         hw = (int(size[1]), int(size[2]))
-        interp = c.get("interpolation", "bilinear") or "bilinear"
+        interp = (c.get("train_interpolation") if train else None) or c.get("interpolation") or "bilinear"
         if interp not in INTERPOLATIONS:
-            _fail("interpolation", interp, f"one of {INTERPOLATIONS}")
-        if c.get("vflip"):
-            _fail("vflip", c["vflip"], "0 (vertical flip is not supported)")
-        if c.get("crop_mode", "center") != "center":
-            _fail("crop_mode", c["crop_mode"], "'center'")
+            _fail("interpolation", interp, f"one of {INTERPOLATIONS} ('random' is not supported)")
         if train:
             geometry: Geometry = RandomResizedCrop(
                 size=hw, scale=tuple(c.get("scale") or (0.08, 1.0)),
                 ratio=tuple(c.get("ratio") or (3 / 4, 4 / 3)), interpolation=interp)
         else:
-            geometry = ResizeCenterCrop.from_crop_pct(hw, float(c.get("crop_pct", 0.875)), interp)
+            mode = c.get("crop_mode") or "center"
+            if mode not in CROP_MODES:
+                _fail("crop_mode", mode, f"one of {CROP_MODES} ('border' pads with the mean: not supported)")
+            geometry = ResizeCenterCrop.from_crop_pct(hw, float(crop_pct), interp, mode)
+        aa = c.get("auto_augment") if train else None
+        policy = parse_auto_augment(aa) if aa else None
         jitter = None
-        cj = c.get("color_jitter")
-        if train and cj:
+        cj = c.get("color_jitter", 0.4)  # timm's create_transform default for training
+        if train and cj and (policy is None or c.get("force_color_jitter")):
             if isinstance(cj, (int, float)):
                 jitter = ColorJitter(float(cj), float(cj), float(cj), 0.0)
             elif isinstance(cj, (tuple, list)) and len(cj) in (3, 4):
                 jitter = ColorJitter(*[float(x) for x in cj])
             else:
                 _fail("color_jitter", cj, "a float or 3/4 floats (brightness, contrast, saturation[, hue])")
-        aa = c.get("auto_augment")
-        policy = parse_auto_augment(aa) if (train and aa) else None
         mix = Mixup(
             mixup_alpha=float(c.get("mixup_alpha", 0.0) or 0.0) if train else 0.0,
             cutmix_alpha=float(c.get("cutmix_alpha", 0.0) or 0.0) if train else 0.0,
             prob=float(c.get("mixup_prob", 1.0)),
             switch_prob=float(c.get("mixup_switch_prob", 0.5)),
-            label_smoothing=float(c.get("label_smoothing", c.get("smoothing", 0.0)) or 0.0) if train else 0.0,
+            label_smoothing=float(c.get("label_smoothing", 0.0) or 0.0) if train else 0.0,
+            mode=c.get("mixup_mode") or "batch",
         )
+        erasing = None
+        if train and float(c.get("re_prob", 0.0) or 0.0) > 0:
+            erasing = RandomErasing(prob=float(c["re_prob"]), mode=c.get("re_mode") or "const",
+                                    count=int(c.get("re_count") or 1))
         norm = Normalize(mean=tuple(c.get("mean", IMAGENET_MEAN)), std=tuple(c.get("std", IMAGENET_STD)))
         return cls(geometry=geometry, hflip=float(c.get("hflip", 0.5)) if train else 0.0,
-                   color_jitter=jitter, auto_augment=policy, mixup=mix, normalize=norm, name="timm")
+                   color_jitter=jitter, auto_augment=policy, mixup=mix, random_erasing=erasing, normalize=norm,
+                   name="timm")
+
+
+# timm's train.py argument names -> create_transform / Mixup names
+TIMM_ALIASES = {"aa": "auto_augment", "reprob": "re_prob", "remode": "re_mode", "recount": "re_count",
+                "resplit": "re_split", "mixup": "mixup_alpha", "cutmix": "cutmix_alpha", "smoothing": "label_smoothing",
+                "img_size": "input_size"}
+TIMM_KEYS = {"input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode", "test_input_size", "test_crop_pct",
+             "scale", "ratio", "hflip", "vflip", "color_jitter", "force_color_jitter", "auto_augment", "re_prob",
+             "re_mode", "re_count", "re_split", "mixup_alpha", "cutmix_alpha", "cutmix_minmax", "mixup_prob",
+             "mixup_switch_prob", "mixup_mode", "label_smoothing", "train_interpolation", "train_crop_mode",
+             "color_jitter_prob", "grayscale_prob", "gaussian_blur_prob", "aug_repeats", "is_training", "train"}
+# PretrainedCfg fields that say where weights are or what the model is, not how to preprocess
+TIMM_INFORMATIONAL = {"url", "file", "state_dict", "hf_hub_id", "hf_hub_filename", "source", "architecture", "tag",
+                      "custom_load", "min_input_size", "fixed_input_size", "num_classes", "label_offset",
+                      "label_names", "label_descriptions", "pool_size", "test_pool_size", "first_conv", "classifier",
+                      "license", "description", "origin_url", "paper_name", "paper_ids", "notes"}
+# keys whose non-default values fastload does not reproduce: refused by name, with the remedy
+TIMM_REFUSED = {"vflip": "0 (vertical flip is not supported)",
+                "re_split": "False (random erasing splits need timm's augmentation splits, not supported)",
+                "cutmix_minmax": "None (min/max CutMix boxes are not supported; use cutmix_alpha)",
+                "train_crop_mode": "'rrc' (RandomResizedCrop; 'rkrc'/'rkrr' are not supported)",
+                "color_jitter_prob": "None (color jitter applied always, as timm's default)",
+                "grayscale_prob": "0 (random grayscale is not supported)",
+                "gaussian_blur_prob": "0 (random blur is not supported)",
+                "aug_repeats": "0 here: repeated augmentation is a loader option, FastLoader(repeated_augmentation=3)"}
 
 
 def _build(klass, values, field_name):

@@ -2,7 +2,7 @@
 
 A backend hands over uint8 NHWC images after decode + geometry + flip; from there the
 same torch code makes the labels (int, multi-hot, smoothed, mixed), applies the
-photometric/policy augmentations, MixUp/CutMix, normalization, dtype and layout. One
+photometric/policy augmentations, normalization, random erasing, MixUp/CutMix, dtype and layout. One
 implementation, so the spec means the same thing in ffcv, DALI and the reference.
 """
 from __future__ import annotations
@@ -13,6 +13,7 @@ import torch
 from fastload.spec import PreprocessSpec
 
 from .augment import BatchAugment
+from .erasing import apply_erasing, sample_erasing
 from .mixing import mix_batch
 
 
@@ -88,6 +89,9 @@ class BatchTransform:
         return self._finish(out, labels, rng, fmt)
 
     def _finish(self, out, labels, rng, fmt):
+        re = self.spec.random_erasing
+        if re is not None:  # timm's order: normalize, erase per sample, then mix the batch
+            out = apply_erasing(out, sample_erasing(rng, re, out.shape[0], out.shape[2], out.shape[3]), re.mode)
         if self.spec.mixup.mixes:
             out, labels = mix_batch(out, labels, self.spec.mixup, rng, inplace=True)
         if self.float_dtype != torch.float32:

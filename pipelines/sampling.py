@@ -130,7 +130,10 @@ def geometry_params(geometry, hflip: float, heights: np.ndarray, widths: np.ndar
         p[:, TOP] = rng.integers(0, hi_h) - pad
         p[:, LEFT] = rng.integers(0, hi_w) - pad
     elif isinstance(geometry, ResizeCenterCrop):
-        oh, ow = resized_shorter_side(h, w, geometry.resize)
+        if geometry.crop_mode == "squash":  # both sides to the squash size, aspect not kept
+            oh, ow = (np.full(n, v, np.int64) for v in geometry.squash_size)
+        else:
+            oh, ow = resized_shorter_side(h, w, geometry.resize)
         p[:, H], p[:, W], p[:, OUT_H], p[:, OUT_W] = h, w, oh, ow
         # torchvision CenterCrop: int(round((size - crop) / 2)); Python rounds half to even, as np.round
         p[:, TOP] = np.round((oh - th) / 2.0).astype(np.int64)

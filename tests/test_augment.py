@@ -171,11 +171,12 @@ def test_cutmix_box_weight_is_clipped_area():
     x = torch.arange(4, dtype=torch.float32).view(4, 1, 1, 1).expand(4, 3, 20, 30).contiguous()
     y = torch.eye(4)
     for seed in range(20):
-        mode, lam, box = sample_mix(np.random.default_rng(seed), mix, 20, 30)
+        p = sample_mix(np.random.default_rng(seed), mix, 4, 20, 30)
         mx, my = mix_batch(x, y, mix, np.random.default_rng(seed))
-        y0, y1, x0, x1 = box
+        y0, y1, x0, x1 = p.boxes[0]
+        lam = p.lam[0]
         pasted = (mx[0, 0] == 3).float().mean().item()  # row 0 receives row 3's pixels in the box
-        assert mode == "cutmix" and pasted == pytest.approx((y1 - y0) * (x1 - x0) / 600)
+        assert p.cutmix.all() and pasted == pytest.approx((y1 - y0) * (x1 - x0) / 600)
         assert my[0, 0].item() == pytest.approx(lam) and my[0, 3].item() == pytest.approx(1 - lam)
         assert lam == pytest.approx(1 - pasted)
     assert torch.equal(x[:, 0, 0, 0], torch.arange(4, dtype=torch.float32))  # input untouched
@@ -186,18 +187,86 @@ def test_mixup_blend_and_rows_sum_to_one_with_smoothing():
     x = _photo(4)
     y = torch.full((4, 10), 0.01)
     y[torch.arange(4), torch.tensor([1, 2, 3, 4])] = 0.91
-    mode, lam, _ = sample_mix(np.random.default_rng(9), mix, 24, 32)
+    p = sample_mix(np.random.default_rng(9), mix, 4, 24, 32)
+    lam = float(p.lam[0])
     mx, my = mix_batch(x, y, mix, np.random.default_rng(9))
-    assert mode == "mixup"
+    assert not p.cutmix.any() and (p.lam == lam).all()
     assert torch.allclose(mx, lam * x + (1 - lam) * x.flip(0))
     assert torch.allclose(my.sum(1), torch.ones(4))
-    lams = [sample_mix(np.random.default_rng(s), mix, 8, 8)[1] for s in range(4000)]
+    lams = [sample_mix(np.random.default_rng(s), mix, 2, 8, 8).lam[0] for s in range(4000)]
     assert abs(np.mean(lams) - 0.5) < 0.02 and abs(np.var(lams) - 1 / (4 * (2 * 0.4 + 1))) < 0.01  # Beta(a, a)
     switch = Mixup(mixup_alpha=1.0, cutmix_alpha=1.0, switch_prob=0.3)
-    modes = [sample_mix(np.random.default_rng(s), switch, 8, 8)[0] for s in range(4000)]
-    assert abs(modes.count("cutmix") / 4000 - 0.3) < 0.03
+    cuts = [sample_mix(np.random.default_rng(s), switch, 2, 8, 8).cutmix[0] for s in range(4000)]
+    assert abs(np.mean(cuts) - 0.3) < 0.03
     off = Mixup(mixup_alpha=1.0, prob=0.0)
-    assert sample_mix(np.random.default_rng(0), off, 8, 8)[0] is None
+    assert sample_mix(np.random.default_rng(0), off, 2, 8, 8) is None
+
+
+@pytest.mark.parametrize("mode", ["elem", "pair"])
+def test_mixing_per_element_and_per_pair_is_timms(mode):
+    """Each row mixes with row N-1-i by its own draw ('elem') or its pair's ('pair', mirrored):
+    MixUp rows blend, CutMix rows paste their box, labels weigh by the row's exact lam."""
+    mix = Mixup(mixup_alpha=0.8, cutmix_alpha=1.0, prob=0.8, mode=mode)
+    n = 9  # odd: 'pair' leaves the middle row as it is
+    x = _photo(n)
+    y = torch.nn.functional.one_hot(torch.arange(n), n).float()
+    for seed in range(30):
+        p = sample_mix(np.random.default_rng(seed), mix, n, 24, 32)
+        mx, my = mix_batch(x, y, mix, np.random.default_rng(seed))
+        for i in range(n):
+            j, lam = n - 1 - i, float(p.lam[i])
+            if p.cutmix[i]:
+                y0, y1, x0, x1 = p.boxes[i]
+                want = x[i].clone()
+                want[:, y0:y1, x0:x1] = x[j, :, y0:y1, x0:x1]
+                assert lam == pytest.approx(1 - (y1 - y0) * (x1 - x0) / (24 * 32))
+            else:
+                want = x[i] if lam == 1 else x[i] + (1 - lam) * (x[j] - x[i])
+            assert torch.allclose(mx[i], want, atol=1e-4), (seed, i)
+            assert my[i, i].item() == pytest.approx(lam if i != j else 1.0, abs=1e-6)
+        if mode == "pair":
+            assert np.array_equal(p.lam, p.lam[::-1]) and p.lam[n // 2] == 1.0
+    lams = np.concatenate([sample_mix(np.random.default_rng(s), Mixup(mixup_alpha=0.4, mode="elem"), 64, 8, 8).lam
+                           for s in range(100)])
+    assert abs(np.mean(lams) - 0.5) < 0.02 and len(set(lams.tolist())) > 6000  # a draw per row
+
+
+def test_random_erasing_is_timms():
+    """Box sizes and counts follow timm's draws; 'const' zeroes (the mean after normalization),
+    'rand' one value per channel, 'pixel' per pixel; prob is per sample."""
+    from fastload.pipelines.erasing import apply_erasing, sample_erasing
+    from fastload.spec import RandomErasing
+    re = RandomErasing(prob=0.5, mode="pixel", count=3)
+    rng = np.random.default_rng(0)
+    erased, areas, counts = 0, [], []
+    for _ in range(400):
+        p = sample_erasing(rng, re, 8, 40, 50)
+        per_sample = np.bincount([b[0] for b in p.boxes], minlength=8)
+        erased += (per_sample > 0).sum()
+        counts += per_sample[per_sample > 0].tolist()
+        for i, top, left, h, w in p.boxes:
+            assert 0 <= top and top + h <= 40 and 0 <= left and left + w <= 50 and h < 40 and w < 50
+            areas.append(h * w * per_sample[i] / (40 * 50))  # area scaled back by the sample's count
+    assert abs(erased / 3200 - 0.5) < 0.03
+    assert set(counts) == {1, 2, 3}  # count ~ U{1..3} (a box may miss its 10 tries only rarely)
+    assert 0.02 * 0.8 < np.median(areas) < 1 / 3 and min(areas) > 0.005
+    x = torch.randn(8, 3, 40, 50)
+    for mode in ("const", "rand", "pixel"):
+        p = sample_erasing(np.random.default_rng(3), RandomErasing(prob=1.0, mode=mode), 8, 40, 50)
+        out = apply_erasing(x.clone(), p, mode)
+        for i, top, left, h, w in p.boxes:
+            box = out[i, :, top:top + h, left:left + w]
+            if mode == "const":
+                assert (box == 0).all()
+            elif mode == "rand":
+                assert (box == box[:, :1, :1]).all() and not torch.equal(box, x[i, :, top:top + h, left:left + w])
+            else:
+                assert box.std() > 0.5 and abs(box.mean()) < 0.5
+        outside = torch.ones_like(x, dtype=torch.bool)
+        for i, top, left, h, w in p.boxes:
+            outside[i, :, top:top + h, left:left + w] = False
+        assert torch.equal(out[outside], x[outside])
+        assert torch.equal(out, apply_erasing(x.clone(), p, mode))  # the noise is a function of the params
 
 
 # --------------------------------------------------------------------------- through FastLoader
@@ -264,7 +333,7 @@ def test_mixing_multilabel_batches(tmp_path):
                         order="sequential", drop_last=True)
     from fastload.pipelines.sampling import augment_rng
     rng = augment_rng(seed=0, epoch=0, rank=0, batch=0)  # FastLoader's stream for its first batch
-    _, lam, _ = sample_mix(rng, spec.mixup, 224, 224)
+    lam = float(sample_mix(rng, spec.mixup, 6, 224, 224).lam[0])
     (x, y), _ = list(loader)
     hot = torch.zeros(6, 80)
     for i, objs in enumerate(ds["objects"][:6]):

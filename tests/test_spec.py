@@ -1,10 +1,11 @@
 """The preprocessing spec: presets, serialization, timm configs, validation errors."""
 import json
+import math
 
 import pytest
 
 from fastload.spec import (AutoAugment, ColorJitter, Mixup, Normalize, PreprocessSpec, RandAugment, RandomCrop,
-                           RandomResizedCrop, ResizeCenterCrop, TrivialAugmentWide, parse_auto_augment,
+                           RandomErasing, RandomResizedCrop, ResizeCenterCrop, TrivialAugmentWide, parse_auto_augment,
                            policy_to_string, resolve_spec)
 
 PRESETS = ["imagenet", "cifar10", "cifar100", "coco"]
@@ -51,7 +52,11 @@ def test_from_timm_train_and_eval():
            "auto_augment": "rand-m9-mstd0.5-inc1", "mixup_alpha": 0.8, "cutmix_alpha": 1.0, "label_smoothing": 0.1}
     tr = PreprocessSpec.from_timm(cfg, train=True)
     assert tr.geometry == RandomResizedCrop((256, 256), (0.2, 1.0), (0.75, 1.3333))
-    assert tr.hflip == 0.4 and tr.color_jitter == ColorJitter(0.3, 0.3, 0.3, 0.0)
+    assert tr.hflip == 0.4 and tr.color_jitter is None  # timm: jitter is off when a policy is set
+    forced = PreprocessSpec.from_timm({**cfg, "force_color_jitter": True}, train=True)
+    assert forced.color_jitter == ColorJitter(0.3, 0.3, 0.3, 0.0)
+    plain = PreprocessSpec.from_timm({"input_size": (3, 224, 224)}, train=True)
+    assert plain.color_jitter == ColorJitter(0.4, 0.4, 0.4, 0.0)  # create_transform's default
     assert tr.auto_augment == RandAugment(num_ops=2, magnitude=27.0, magnitude_std=1.5, increasing=True)
     assert (tr.mixup.mixup_alpha, tr.mixup.cutmix_alpha, tr.mixup.label_smoothing) == (0.8, 1.0, 0.1)
     assert tr.normalize.mean == (0.5, 0.5, 0.5)
@@ -79,7 +84,7 @@ def test_auto_augment_strings(text, expected):
     (lambda: RandomResizedCrop(224, scale=(0.0, 1.0)), "random_resized_crop.scale"),
     (lambda: RandomResizedCrop(224, scale=(0.5, 1.2)), "random_resized_crop.scale"),
     (lambda: RandomResizedCrop(224, ratio=(2.0, 1.0)), "random_resized_crop.ratio"),
-    (lambda: RandomResizedCrop(224, interpolation="nearest"), "random_resized_crop.interpolation"),
+    (lambda: RandomResizedCrop(224, interpolation="area"), "random_resized_crop.interpolation"),
     (lambda: RandomResizedCrop(0), "random_resized_crop.size"),
     (lambda: PreprocessSpec(hflip=1.5), "hflip"),
     (lambda: PreprocessSpec(hflip=-0.1), "hflip"),
@@ -103,7 +108,12 @@ def test_auto_augment_strings(text, expected):
     (lambda: RandAugment(magnitude=40), "auto_augment.magnitude"),
     (lambda: PreprocessSpec.preset("resnet"), "preset"),
     (lambda: PreprocessSpec.from_dict({"hflip": 0.5, "crop": 3}), "crop"),
-    (lambda: PreprocessSpec.from_timm({"input_size": (3, 224, 224), "interpolation": "bicubic"}), "interpolation"),
+    (lambda: PreprocessSpec.from_timm({"input_size": (3, 224, 224), "interpolation": "random"}), "interpolation"),
+    (lambda: PreprocessSpec.from_timm({"crop_mode": "border"}), "crop_mode"),
+    (lambda: PreprocessSpec.from_timm({"reprob": 0.25, "resplit": True}, train=True), "re_split"),
+    (lambda: PreprocessSpec.from_timm({"aug_repeats": 3}, train=True), "repeated_augmentation"),
+    (lambda: PreprocessSpec.from_timm({"mixup_mode": "half"}, train=True), "mixup.mode"),
+    (lambda: PreprocessSpec.from_timm({"reprob": 0.25, "remode": "mean"}, train=True), "random_erasing.mode"),
     (lambda: PreprocessSpec.from_timm({"input_size": (224, 224)}), "input_size"),
     (lambda: PreprocessSpec.from_timm({"auto_augment": "rand-m9", "unknown_key": 1}), "unknown_key"),
 ])
@@ -143,3 +153,56 @@ def test_import_is_light():
             "print(heavy); sys.exit(1 if heavy else 0)")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+# resolve_data_config(model=...) and model.pretrained_cfg as timm 1.0 builds them from its model
+# registry (default tags; read from timm's source: timm does not install beside the CPU torch pin)
+TIMM_DATA_CONFIGS = {
+    "resnet50.a1_in1k": {"input_size": (3, 224, 224), "interpolation": "bicubic", "mean": (0.485, 0.456, 0.406),
+                         "std": (0.229, 0.224, 0.225), "crop_pct": 0.95, "crop_mode": "center"},
+    "vit_base_patch16_224.augreg2_in21k_ft_in1k": {"input_size": (3, 224, 224), "interpolation": "bicubic",
+                                                   "mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5), "crop_pct": 0.9,
+                                                   "crop_mode": "center"},
+    "convnext_tiny.in12k_ft_in1k": {"input_size": (3, 224, 224), "interpolation": "bicubic",
+                                    "mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225), "crop_pct": 0.95,
+                                    "crop_mode": "center"},
+    "efficientnet_b0.ra_in1k": {"input_size": (3, 224, 224), "interpolation": "bicubic",
+                                "mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225), "crop_pct": 0.875,
+                                "crop_mode": "center"},
+}
+RESNET50_A1_PRETRAINED_CFG = {
+    "url": "", "hf_hub_id": "timm/resnet50.a1_in1k", "architecture": "resnet50", "tag": "a1_in1k",
+    "custom_load": False, "input_size": (3, 224, 224), "test_input_size": (3, 288, 288), "fixed_input_size": False,
+    "interpolation": "bicubic", "crop_pct": 0.95, "test_crop_pct": 1.0, "crop_mode": "center",
+    "mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225), "num_classes": 1000, "pool_size": (7, 7),
+    "first_conv": "conv1", "classifier": "fc", "license": "apache-2.0", "origin_url": "https://github.com/huggingface/pytorch-image-models",
+    "paper_ids": "arXiv:2110.00476", "paper_name": "ResNet strikes back: An improved training procedure in timm"}
+
+
+@pytest.mark.parametrize("model", sorted(TIMM_DATA_CONFIGS))
+def test_from_timm_takes_resolve_data_config_as_is(model):
+    cfg = TIMM_DATA_CONFIGS[model]
+    ev = PreprocessSpec.from_timm(cfg)
+    assert ev.geometry == ResizeCenterCrop.from_crop_pct(224, cfg["crop_pct"], "bicubic")
+    assert ev.geometry.resize == math.floor(224 / cfg["crop_pct"]) and ev.normalize.mean == cfg["mean"]
+    tr = PreprocessSpec.from_timm(cfg, train=True)
+    assert tr.geometry == RandomResizedCrop(224, interpolation="bicubic") and tr.normalize.std == cfg["std"]
+
+
+def test_from_timm_takes_pretrained_cfg_and_train_args():
+    ev = PreprocessSpec.from_timm(RESNET50_A1_PRETRAINED_CFG)  # informational keys ignored
+    assert ev.geometry == ResizeCenterCrop(224, resize=235, interpolation="bicubic")
+    test = PreprocessSpec.from_timm(RESNET50_A1_PRETRAINED_CFG, use_test_size=True)
+    assert test.geometry == ResizeCenterCrop(288, resize=288, interpolation="bicubic")
+    # timm train.py's names, as its argparse Namespace has them (a rsb-a1 style recipe)
+    args = {**TIMM_DATA_CONFIGS["resnet50.a1_in1k"], "aa": "rand-m7-mstd0.5-inc1", "reprob": 0.25, "remode": "pixel",
+            "recount": 2, "resplit": False, "mixup": 0.1, "cutmix": 1.0, "mixup_mode": "elem", "smoothing": 0.1,
+            "color_jitter": 0.4, "hflip": 0.5, "vflip": 0.0, "train_interpolation": "bilinear", "cutmix_minmax": None}
+    tr = PreprocessSpec.from_timm(args, train=True)
+    assert tr.random_erasing == RandomErasing(prob=0.25, mode="pixel", count=2)
+    assert (tr.mixup.mode, tr.mixup.mixup_alpha, tr.mixup.cutmix_alpha, tr.mixup.label_smoothing) == ("elem", 0.1, 1.0,
+                                                                                                      0.1)
+    assert tr.geometry.interpolation == "bilinear" and tr.color_jitter is None
+    assert PreprocessSpec.from_json(tr.to_json()) == tr
+    squash = PreprocessSpec.from_timm({**TIMM_DATA_CONFIGS["resnet50.a1_in1k"], "crop_mode": "squash"})
+    assert squash.geometry.crop_mode == "squash" and squash.geometry.squash_size == (235, 235)
