@@ -7,9 +7,8 @@ Images are NCHW float tensors holding 0..255 values; each op rounds and clamps i
 result to whole levels, as the uint8 images torchvision's ops work on.
 
 Ranges and op sets are torchvision's (AutoAugment ImageNet policy, RandAugment,
-TrivialAugmentWide); ``rand-m9-mstd0.5-inc1`` strings are read as timm's (magnitude on
-timm's 0..10 scale, Gaussian magnitude noise ``mstd``). Ops that move pixels fill what
-they uncover with the mean pixel.
+TrivialAugmentWide); timm's policies and their PIL-exact kernels are in ``timm_augment.py``.
+Ops that move pixels fill what they uncover with the mean pixel.
 """
 from __future__ import annotations
 
@@ -19,7 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from fastload.spec import IMAGENET_MEAN, AutoAugment, ColorJitter, PreprocessSpec, RandAugment, TrivialAugmentWide
+from fastload.spec import AutoAugment, ColorJitter, RandAugment, TrivialAugmentWide
 
 GRAY = (0.2989, 0.587, 0.114)  # torchvision rgb_to_grayscale weights
 
@@ -333,22 +332,3 @@ def apply_policy(x: torch.Tensor, slots, fill) -> torch.Tensor:
             t = torch.from_numpy(sel).to(x.device)
             x[t] = OPS[name](x[t], mags[sel], fill)
     return x
-
-
-class BatchAugment:
-    """The spec's ColorJitter then policy, on NCHW float 0..255 batches (timm's order:
-    policy and jitter are alternatives in timm; fastload applies the policy first when both are set)."""
-
-    def __init__(self, spec: PreprocessSpec, fill=None):
-        self.color_jitter = spec.color_jitter
-        self.policy = spec.auto_augment
-        mean = spec.normalize.mean if isinstance(spec.normalize.mean, tuple) else IMAGENET_MEAN
-        self.fill = [round(255 * m) for m in (fill or mean)]
-
-    def __call__(self, x: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
-        n, _, h, w = x.shape
-        if self.policy is not None:
-            x = apply_policy(x, sample_policy_ops(rng, self.policy, n, h, w), self.fill)
-        if self.color_jitter is not None:
-            x = apply_color_jitter(x, sample_color_jitter(rng, self.color_jitter, n))
-        return x

@@ -12,7 +12,10 @@ import torch
 
 from fastload.spec import PreprocessSpec
 
-from .augment import BatchAugment
+from fastload.spec import IMAGENET_MEAN, TIMM_POLICIES
+
+from .augment import apply_color_jitter, apply_policy, sample_color_jitter, sample_policy_ops
+from .timm_augment import apply_timm_policy, sample_timm_policy, timm_fill
 from .erasing import apply_erasing, sample_erasing
 from .mixing import mix_batch
 
@@ -28,6 +31,37 @@ def multi_hot(ids: torch.Tensor, num_classes: int) -> torch.Tensor:
     idx = torch.where(ids < 0, torch.full_like(ids, num_classes), ids).long()
     out.scatter_(1, idx, 1.0)
     return out[:, :num_classes].contiguous()
+
+
+class BatchAugment:
+    """The spec's policy, then ColorJitter, on NCHW float 0..255 batches. timm policies run by
+    timm's semantics (its fill, its resampling for geometric ops); from timm configs the two are
+    alternatives, as in timm (``from_timm`` turns jitter off when a policy is set)."""
+
+    def __init__(self, spec: PreprocessSpec):
+        self.color_jitter = spec.color_jitter
+        self.policy = spec.auto_augment
+        mean = spec.normalize.mean if isinstance(spec.normalize.mean, tuple) else IMAGENET_MEAN
+        self.timm = isinstance(self.policy, TIMM_POLICIES)
+        if self.timm:
+            self.fill = timm_fill(mean)
+            interpolation = getattr(spec.geometry, "interpolation", None)  # RandomCrop: timm's random choice
+            if interpolation not in (None, "bilinear", "bicubic"):
+                raise ValueError(f"interpolation={interpolation!r} with timm policy {self.policy!r}: timm's geometric "
+                                 "ops resample with 'bilinear' or 'bicubic' only; choose one of those")
+            self.resample = interpolation
+        else:
+            self.fill = [round(255 * m) for m in mean]
+
+    def __call__(self, x: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
+        n, _, h, w = x.shape
+        if self.timm:
+            x = apply_timm_policy(x, sample_timm_policy(rng, self.policy, n, self.resample), self.fill)
+        elif self.policy is not None:
+            x = apply_policy(x, sample_policy_ops(rng, self.policy, n, h, w), self.fill)
+        if self.color_jitter is not None:
+            x = apply_color_jitter(x, sample_color_jitter(rng, self.color_jitter, n))
+        return x
 
 
 class BatchTransform:

@@ -5,8 +5,8 @@ import math
 import pytest
 
 from fastload.spec import (AutoAugment, ColorJitter, Mixup, Normalize, PreprocessSpec, RandAugment, RandomCrop,
-                           RandomErasing, RandomResizedCrop, ResizeCenterCrop, TrivialAugmentWide, parse_auto_augment,
-                           policy_to_string, resolve_spec)
+                           RandomErasing, RandomResizedCrop, ResizeCenterCrop, TimmAutoAugment, TimmRandAugment,
+                           TrivialAugmentWide, parse_auto_augment, policy_to_string, resolve_spec)
 
 PRESETS = ["imagenet", "cifar10", "cifar100", "coco"]
 
@@ -57,7 +57,7 @@ def test_from_timm_train_and_eval():
     assert forced.color_jitter == ColorJitter(0.3, 0.3, 0.3, 0.0)
     plain = PreprocessSpec.from_timm({"input_size": (3, 224, 224)}, train=True)
     assert plain.color_jitter == ColorJitter(0.4, 0.4, 0.4, 0.0)  # create_transform's default
-    assert tr.auto_augment == RandAugment(num_ops=2, magnitude=27.0, magnitude_std=1.5, increasing=True)
+    assert tr.auto_augment == TimmRandAugment(magnitude=9.0, num_ops=2, magnitude_std=0.5, increasing=True)
     assert (tr.mixup.mixup_alpha, tr.mixup.cutmix_alpha, tr.mixup.label_smoothing) == (0.8, 1.0, 0.1)
     assert tr.normalize.mean == (0.5, 0.5, 0.5)
     ev = PreprocessSpec.from_timm(cfg, train=False)
@@ -69,10 +69,16 @@ def test_from_timm_train_and_eval():
 
 
 @pytest.mark.parametrize("text,expected", [
-    ("rand-m9-mstd0.5-inc1", RandAugment(2, 27.0, 1.5, True)),
-    ("rand-m7-n3", RandAugment(3, 21.0)),
-    ("rand-m10-n1-mstd0", RandAugment(1, 30.0)),
-    ("original", AutoAugment("imagenet")),
+    ("rand-m9-mstd0.5-inc1", TimmRandAugment(9.0, 2, 0.5, increasing=True)),
+    ("rand-m7-n3", TimmRandAugment(7.0, 3)),
+    ("rand-m10-n1-mstd0", TimmRandAugment(10.0, 1)),
+    ("rand-m9-mstd101", TimmRandAugment(9.0, 2, float("inf"))),  # timm: mstd > 100 samples uniformly
+    ("rand-m9-inc0", TimmRandAugment(9.0, 2, increasing=True)),  # timm reads bool('0'): on
+    ("rand-m6-mmax12-w0", TimmRandAugment(6.0, 2, magnitude_max=12.0, weights=0)),
+    ("original", TimmAutoAugment("original")),
+    ("v0r-mstd0.5", TimmAutoAugment("v0r", 0.5)),
+    ("autoaugment", AutoAugment("imagenet")),
+    ("randaugment", RandAugment()),
     ("trivialaugment", TrivialAugmentWide()),
 ])
 def test_auto_augment_strings(text, expected):
@@ -110,6 +116,9 @@ def test_auto_augment_strings(text, expected):
     (lambda: PreprocessSpec.from_dict({"hflip": 0.5, "crop": 3}), "crop"),
     (lambda: PreprocessSpec.from_timm({"input_size": (3, 224, 224), "interpolation": "random"}), "interpolation"),
     (lambda: PreprocessSpec.from_timm({"crop_mode": "border"}), "crop_mode"),
+    (lambda: parse_auto_augment("augmix-m5-w4-d2"), "AugMix"),
+    (lambda: parse_auto_augment("3a"), "ThreeAugment"),
+    (lambda: parse_auto_augment("rand-m9-q3"), "could not read 'q3'"),
     (lambda: PreprocessSpec.from_timm({"reprob": 0.25, "resplit": True}, train=True), "re_split"),
     (lambda: PreprocessSpec.from_timm({"aug_repeats": 3}, train=True), "repeated_augmentation"),
     (lambda: PreprocessSpec.from_timm({"mixup_mode": "half"}, train=True), "mixup.mode"),
