@@ -45,6 +45,13 @@ def _real(value, field_name: str, allow_inf: bool = False) -> float:
     return v
 
 
+def _int(value, field_name: str, minimum: int, allowed: str) -> int:
+    """An int (not a bool) >= ``minimum``, else one line naming the field and ``allowed``."""
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        _fail(field_name, value, allowed)
+    return value
+
+
 def _pair(value, field_name: str) -> tuple[int, int]:
     if isinstance(value, int) and not isinstance(value, bool):
         value = (value, value)
@@ -106,8 +113,7 @@ class RandomCrop:
 
     def __post_init__(self):
         object.__setattr__(self, "size", _pair(self.size, "random_crop.size"))
-        if not isinstance(self.padding, int) or self.padding < 0:
-            _fail("random_crop.padding", self.padding, "an int >= 0")
+        _int(self.padding, "random_crop.padding", 0, "an int >= 0")
         if self.padding_mode not in PADDING_MODES:
             _fail("random_crop.padding_mode", self.padding_mode, f"one of {PADDING_MODES}")
 
@@ -183,13 +189,9 @@ class ProgressiveResolution:
 
     def __post_init__(self):
         for name in ("min_res", "max_res", "step"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                _fail(f"resolution.{name}", v, "an int >= 1")
+            _int(getattr(self, name), f"resolution.{name}", 1, "an int >= 1")
         for name in ("start_ramp", "end_ramp"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
-                _fail(f"resolution.{name}", v, "an epoch number >= 0")
+            _int(getattr(self, name), f"resolution.{name}", 0, "an epoch number >= 0")
         if self.min_res > self.max_res:
             _fail("resolution.min_res", self.min_res, f"<= max_res={self.max_res}")
         if self.end_ramp <= self.start_ramp:
@@ -254,8 +256,7 @@ class RandAugment:
     kind: Literal["randaugment"] = "randaugment"
 
     def __post_init__(self):
-        if not isinstance(self.num_ops, int) or self.num_ops < 0:
-            _fail("auto_augment.num_ops", self.num_ops, "an int >= 0")
+        _int(self.num_ops, "auto_augment.num_ops", 0, "an int >= 0")
         if not 0 <= _real(self.magnitude, "auto_augment.magnitude") <= self.num_magnitude_bins - 1:
             _fail("auto_augment.magnitude", self.magnitude, f"a value in [0, {self.num_magnitude_bins - 1}]")
         if _real(self.magnitude_std, "auto_augment.magnitude_std", allow_inf=True) < 0:
@@ -285,8 +286,7 @@ class TimmRandAugment:
     kind: Literal["timm_randaugment"] = "timm_randaugment"
 
     def __post_init__(self):
-        if not isinstance(self.num_ops, int) or self.num_ops < 0:
-            _fail("auto_augment.num_ops", self.num_ops, "an int >= 0")
+        _int(self.num_ops, "auto_augment.num_ops", 0, "an int >= 0")
         if _real(self.magnitude, "auto_augment.magnitude") < 0:
             _fail("auto_augment.magnitude", self.magnitude, "a value >= 0 (timm's scale: 0..10)")
         if _real(self.magnitude_std, "auto_augment.magnitude_std", allow_inf=True) < 0:
@@ -443,8 +443,7 @@ class RandomErasing:
         object.__setattr__(self, "prob", _probability(self.prob, "random_erasing.prob"))
         if self.mode not in ERASING_MODES:
             _fail("random_erasing.mode", self.mode, f"one of {ERASING_MODES}")
-        if not isinstance(self.count, int) or isinstance(self.count, bool) or self.count < 1:
-            _fail("random_erasing.count", self.count, "an int >= 1")
+        _int(self.count, "random_erasing.count", 1, "an int >= 1")
         lo, hi = _float_pair((self.min_area, self.max_area), "random_erasing.min_area/max_area")
         if not 0.0 < lo <= hi <= 1.0:
             _fail("random_erasing.min_area/max_area", (lo, hi), "0 < min_area <= max_area <= 1")
