@@ -650,7 +650,7 @@ class PreprocessSpec:
             raise ValueError(f"unknown timm config key(s) {sorted(unknown)}: fastload reads {sorted(TIMM_KEYS)} and "
                              "ignores timm's informational keys (url, hf_hub_id, num_classes, first_conv...)")
         for key, why in TIMM_REFUSED.items():
-            if c.get(key) not in (None, False, 0, 0.0, "", "rrc", "batch"):
+            if c.get(key) not in (None, False, 0, 0.0, "", "rrc"):
                 _fail(key, c[key], why)
         if train is None:
             train = bool(c.get("is_training", c.get("train", False)))
@@ -695,6 +695,7 @@ class PreprocessSpec:
         )
         erasing = None
         if train and float(c.get("re_prob", 0.0) or 0.0) > 0:
+            # re_mode: create_transform's default 'const' (train.py's --remode defaults to 'pixel')
             erasing = RandomErasing(prob=float(c["re_prob"]), mode=c.get("re_mode") or "const",
                                     count=int(c.get("re_count") or 1))
         norm = Normalize(mean=tuple(c.get("mean", IMAGENET_MEAN)), std=tuple(c.get("std", IMAGENET_STD)))
