@@ -26,14 +26,14 @@ from fastload import tfrecord
 from fastload.manifest import FORMAT_NAME, FORMAT_VERSION, MANIFEST, Manifest, atomic_write_bytes, sha256_file
 from fastload.records import records_dtype, records_filename
 
-from .images import CorruptImageError, prepare_image, source_bytes, stats_from_histograms
+from .images import CODEC_CHOICES, CorruptImageError, choose_codec, prepare_image, source_bytes, stats_from_histograms
 from .jobs import (ConversionError, OutputLock, check_free_space, children_die_with_parent, die_with_parent,
                    full_disk_reported)
 from .sources import Schema, SchemaError, detect_schema, guess_preset, open_source, source_fingerprint
 
 PARTIAL = ".partial"
 FORMATS = ("beton", "tfrecord")
-IMAGE_FEATURE = "image/encoded"
+IMAGE_FEATURES = {"jpeg": "image/encoded", "raw": "image/raw"}  # the TFRecord bytes feature per codec
 
 
 @dataclass(frozen=True)
@@ -90,6 +90,7 @@ def _write_shard(task: ShardTask) -> dict:
     passthrough = 0
     pos = 0
     pending = 0
+    codec = settings["image_codecs"][task.split]
     with open(tmp, "wb") as raw:
         f = _HashingWriter(raw)  # checksum while writing: no second read of the shard
         for offset in range(task.start, task.stop, 256):
@@ -99,8 +100,8 @@ def _write_shard(task: ShardTask) -> dict:
                 index = offset + k
                 row = {key: batch[key][k] for key in batch}
                 try:
-                    img = prepare_image(source_bytes(row[schema.image_column]),
-                                        settings["max_side"], settings["jpeg_quality"])
+                    img = prepare_image(source_bytes(row[schema.image_column]), settings["max_side"],
+                                        settings["jpeg_quality"], codec)
                 except CorruptImageError as e:
                     if not settings["skip_corrupt"]:
                         tmp.unlink(missing_ok=True)
@@ -118,10 +119,10 @@ def _write_shard(task: ShardTask) -> dict:
                         "image/class/label": labels[schema.target], "image/source_index": [index]}
                 for col in schema.extra_labels:
                     ints[f"image/class/{col}"] = labels[col]
-                ex = tfrecord.encode_example({IMAGE_FEATURE: img.jpeg}, ints)
+                ex = tfrecord.encode_example({IMAGE_FEATURES[codec]: img.data}, ints)
                 size = tfrecord.write_record(f, ex.data)
                 index_entries.append((pos, size))
-                rows.append([pos + tfrecord.RECORD_HEADER + ex.image_offset, len(img.jpeg), img.height, img.width, index,
+                rows.append([pos + tfrecord.RECORD_HEADER + ex.image_offset, len(img.data), img.height, img.width, index,
                              labels[schema.target], [labels[c][0] for c in schema.extra_labels]])
                 pos += size
                 hist += img.histogram
@@ -173,13 +174,17 @@ def _check_labels(labels: dict, schema: Schema, split: str, index: int) -> None:
 def convert(source, out, format: str = "tfrecord", splits: list[str] | None = None, workers: int = 1,
             max_side: int | None = None, jpeg_quality: int = 90, skip_corrupt: bool = False,
             label: str | None = None, shard_size: int | None = None, preset: str | None = None,
-            overwrite: bool = False, progress: bool = True) -> Manifest:
+            overwrite: bool = False, progress: bool = True, image_codec: str = "auto") -> Manifest:
     """Convert ``source`` into the dataset directory ``out``; returns its manifest.
 
-    Resumable: rerun the same call after an interruption and finished shards are kept.
+    ``image_codec``: 'auto' (raw pixels for small images from a lossless source, see
+    ``converters/images.py``), 'jpeg' or 'raw'. Resumable: rerun the same call after an
+    interruption and finished shards are kept.
     """
     if format not in FORMATS:
         raise ValueError(f"format={format!r} is invalid: allowed {FORMATS}")
+    if image_codec not in CODEC_CHOICES:
+        raise ValueError(f"image_codec={image_codec!r} is invalid: allowed {CODEC_CHOICES}")
     if not 1 <= int(jpeg_quality) <= 100:
         raise ValueError(f"jpeg_quality={jpeg_quality!r} is invalid: allowed 1..100")
     if max_side is not None and max_side < 16:
@@ -205,16 +210,30 @@ def convert(source, out, format: str = "tfrecord", splits: list[str] | None = No
     with OutputLock(out):
         if (out / MANIFEST).exists():
             _remove_dataset(out)  # overwrite, now that the source is known to be good
+        codecs = {split: choose_codec(_first_images(ds, schema), image_codec) for split, ds in data.items()}
         return _convert_locked(source, out, data, schema, format, workers, max_side, jpeg_quality, skip_corrupt,
-                               shard_size, preset, progress)
+                               shard_size, preset, progress, codecs)
+
+
+def _first_images(ds, schema: Schema, n: int = 16) -> list[bytes]:
+    """The stored bytes of a split's first images (what 'auto' decides from)."""
+    import datasets
+    head = ds.select(range(min(n, len(ds)))).cast_column(schema.image_column, datasets.Image(decode=False))
+    out = []
+    for value in head[schema.image_column]:
+        try:
+            out.append(source_bytes(value))
+        except CorruptImageError:
+            continue
+    return out
 
 
 def _convert_locked(source, out, data, schema, format, workers, max_side, jpeg_quality, skip_corrupt, shard_size,
-                    preset, progress) -> Manifest:
+                    preset, progress, codecs) -> Manifest:
     partial = out / PARTIAL
     partial.mkdir(exist_ok=True)
     settings = {"format": format, "source": str(source) if isinstance(source, (str, os.PathLike)) else "<in-memory>",
-                "splits": list(data), "max_side": max_side, "jpeg_quality": int(jpeg_quality),
+                "splits": list(data), "max_side": max_side, "jpeg_quality": int(jpeg_quality), "image_codecs": codecs,
                 "skip_corrupt": bool(skip_corrupt), "label": schema.target,
                 "sizes": {s: len(d) for s, d in data.items()},
                 "fingerprint": source_fingerprint(data, schema)}
@@ -373,7 +392,7 @@ def _assemble(out: Path, format: str, schema: Schema, settings: dict, tasks, res
                 files.append({**results[t]["index"], "role": "dali_index", "for": results[t]["file"]["path"]})
         else:
             files.append(_write_split_beton(out, split, schema, split_tasks, rec, workers, max_labels,
-                                            progress))
+                                            progress, settings["image_codecs"][split]))
             from fastload.beton import beton_image_locations
             offsets, sizes, heights, widths = beton_image_locations(out / files[0]["path"])
             if not (np.array_equal(sizes, rec["size"]) and np.array_equal(heights, rec["height"])):
@@ -387,16 +406,18 @@ def _assemble(out: Path, format: str, schema: Schema, settings: dict, tasks, res
                       "role": "records"})
         skipped = [s for t in split_tasks for s in results[t]["skipped"]]
         passthrough = sum(results[t]["passthrough"] for t in split_tasks)
+        codec = settings["image_codecs"][split]
         splits_meta[split] = {"num_examples": len(rec), "source_rows": settings["sizes"][split],
-                              "passthrough_jpegs": passthrough, "reencoded": len(rec) - passthrough,
+                              "image_codec": codec, "image_feature": IMAGE_FEATURES[codec],
+                              "passthrough_jpegs": passthrough,
+                              "reencoded": len(rec) - passthrough if codec == "jpeg" else 0,
                               "skipped": skipped, "max_labels": max_labels,
                               "stats": stats_from_histograms(hist), "files": files}
     from fastload import __version__
     data = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "storage": format,
             "created_by": f"fastload {__version__}", "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "source": {"name": settings["source"], "image_column": schema.image_column},
-            "encoding": {"jpeg_quality": settings["jpeg_quality"], "max_side": settings["max_side"],
-                         "image_feature": IMAGE_FEATURE},
+            "encoding": {"jpeg_quality": settings["jpeg_quality"], "max_side": settings["max_side"]},
             "preset": preset, "labels": schema.to_manifest(), "splits": splits_meta}
     manifest = Manifest(out, data)
     manifest.write()
@@ -429,7 +450,7 @@ class _StagedSplit:
         return ((jpeg, int(r["height"]), int(r["width"])), *labels)
 
 
-def _write_split_beton(out, split, schema, split_tasks, rec, workers, max_labels, show_progress) -> dict:
+def _write_split_beton(out, split, schema, split_tasks, rec, workers, max_labels, show_progress, codec) -> dict:
     from tqdm.auto import tqdm
     from fastload.beton import BETON_PAGE_BYTES, write_beton
     path = out / f"{split}.beton"
@@ -442,7 +463,7 @@ def _write_split_beton(out, split, schema, split_tasks, rec, workers, max_labels
         label_fields[col] = ("int", 0)
     with tqdm(total=len(rec), unit="img", desc=f"write {path.name}", disable=not show_progress) as bar:
         write_beton(tmp, _StagedSplit(split_tasks, rec, schema.label_columns, schema.kind == "multi"),
-                    label_fields, workers, progress=bar.update)
+                    label_fields, workers, progress=bar.update, codec=codec)
     os.replace(tmp, path)
     return {"path": path.name, "size": path.stat().st_size, "sha256": sha256_file(path),
             "records": len(rec), "role": "data"}

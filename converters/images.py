@@ -1,8 +1,15 @@
-"""Turning one source image into the JPEG fastload stores.
+"""Turning one source image into what fastload stores: a JPEG, or raw RGB pixels.
 
 The source of truth is the image as ``datasets`` decodes it, EXIF orientation applied.
-An RGB baseline JPEG within ``max_side`` and without a rotating orientation tag is
-stored byte for byte; anything else becomes an RGB baseline JPEG at ``quality``.
+codec 'jpeg': an RGB baseline JPEG within ``max_side`` and without a rotating orientation
+tag is stored byte for byte; anything else becomes an RGB baseline JPEG at ``quality``.
+codec 'raw': the RGB pixels themselves, uint8 (height, width, 3), row-major: lossless.
+
+``choose_codec`` is the 'auto' rule: raw for small images from a lossless source (CIFAR's
+PNGs), JPEG otherwise. Small means a longer side of at most ``RAW_MAX_SIDE`` (64 px): there
+raw pixels cost at most 12 KB an image (a 32 px CIFAR image: 3 KB, about what its PNG
+takes), copying them beats decoding a JPEG several times over, and re-encoding would change
+the data; at ImageNet sizes raw would be 5-10x the JPEG bytes on disk and in page cache.
 """
 from __future__ import annotations
 
@@ -19,9 +26,13 @@ class CorruptImageError(ValueError):
     """An image that does not decode; names split and index."""
 
 
+RAW_MAX_SIDE = 64
+CODEC_CHOICES = ("auto", "jpeg", "raw")
+
+
 @dataclass(frozen=True)
 class PreparedImage:
-    jpeg: bytes
+    data: bytes      # the JPEG file, or raw RGB pixels (height * width * 3 bytes)
     height: int
     width: int
     passthrough: bool
@@ -46,7 +57,21 @@ def source_bytes(value) -> bytes:
     raise CorruptImageError(f"unsupported image value of type {type(value).__name__}")
 
 
-def prepare_image(raw: bytes, max_side: int | None, quality: int) -> PreparedImage:
+def choose_codec(sample: list[bytes], requested: str) -> str:
+    """'jpeg' or 'raw' for a split, from a sample of its source images (see module doc)."""
+    if requested != "auto":
+        return requested
+    for raw in sample:
+        try:
+            with Image.open(io.BytesIO(raw)) as im:
+                if im.format in ("JPEG", "MPO") or max(im.size) > RAW_MAX_SIDE:
+                    return "jpeg"
+        except Exception:  # an undecodable image: conversion names it later
+            continue
+    return "raw" if sample else "jpeg"
+
+
+def prepare_image(raw: bytes, max_side: int | None, quality: int, codec: str = "jpeg") -> PreparedImage:
     try:
         im = Image.open(io.BytesIO(raw))
         fmt = im.format
@@ -68,13 +93,15 @@ def prepare_image(raw: bytes, max_side: int | None, quality: int) -> PreparedIma
         s = max_side / max(w, h)
         im = im.resize((max(1, round(w * s)), max(1, round(h * s))), Image.LANCZOS)
     hist = np.asarray(im.histogram(), dtype=np.int64).reshape(3, 256)
-    if passthrough:
-        jpeg = raw
+    if codec == "raw":
+        data, passthrough = im.tobytes(), False  # RGB, row-major: (height, width, 3) uint8
+    elif passthrough:
+        data = raw
     else:
         buf = io.BytesIO()
         im.save(buf, format="JPEG", quality=quality, progressive=False, optimize=False)
-        jpeg = buf.getvalue()
-    return PreparedImage(jpeg=jpeg, height=im.height, width=im.width, passthrough=passthrough, histogram=hist)
+        data = buf.getvalue()
+    return PreparedImage(data=data, height=im.height, width=im.width, passthrough=passthrough, histogram=hist)
 
 
 def to_8bit(im: Image.Image) -> Image.Image:

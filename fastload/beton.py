@@ -2,9 +2,9 @@
 
 Only converters and ``verify`` import ffcv (loading a ``.beton`` needs no ffcv: see
 ``pipelines/ffcv.py``). ffcv's ``RGBImageField`` re-encodes every image at quality 90.
-fastload writes the already-prepared JPEG bytes into that field's storage directly (mode
-'jpg', the same metadata ffcv's own encoder writes), so the file reads with stock ffcv
-decoders and passthrough JPEGs stay byte for byte what the source held.
+fastload writes the already-prepared bytes into that field's storage directly (mode 'jpg'
+for JPEGs, 'raw' for raw pixels: the metadata ffcv's own encoder writes), so the file reads
+with stock ffcv decoders and passthrough JPEGs stay byte for byte what the source held.
 
 ffcv internals used here, checked against the installed version by :func:`import_ffcv`:
 ``RGBImageField.encode``'s signature and ``IMAGE_MODES``; in ``ffcv.writer``, the module
@@ -45,29 +45,32 @@ def import_ffcv():
     return ffcv
 
 
-def _encode_jpeg_passthrough(self, destination, value, malloc):
-    """``value`` is (jpeg bytes as uint8 array, height, width): stored as is, mode 'jpg'."""
+def _encode_prepared(self, destination, value, malloc, mode):
+    """``value`` is (stored bytes as uint8 array, height, width): a JPEG file (mode 'jpg') or raw
+    RGB pixels (mode 'raw', what ffcv's own raw encoder writes), stored as is."""
     from ffcv.fields.rgb_image import IMAGE_MODES
-    jpeg, height, width = value
-    destination["mode"] = IMAGE_MODES["jpg"]
+    data, height, width = value
+    destination["mode"] = IMAGE_MODES[mode]
     destination["height"], destination["width"] = height, width
-    destination["data_ptr"], storage = malloc(jpeg.nbytes)
-    storage[:] = jpeg
+    destination["data_ptr"], storage = malloc(data.nbytes)
+    storage[:] = data
 
 
-def passthrough_image_field():
-    """An ``RGBImageField`` whose encoder stores given JPEG bytes. It stays of type
-    RGBImageField (ffcv records the field type by exact class), so readers need nothing custom."""
+def passthrough_image_field(codec: str = "jpeg"):
+    """An ``RGBImageField`` whose encoder stores prepared bytes (a JPEG, or raw pixels). It stays
+    of type RGBImageField (ffcv records the field type by exact class), so stock ffcv reads it."""
     import_ffcv()
+    import functools
     from ffcv.fields import RGBImageField
-    field = RGBImageField(write_mode="jpg")
-    field.encode = types.MethodType(_encode_jpeg_passthrough, field)
+    mode = {"jpeg": "jpg", "raw": "raw"}[codec]
+    field = RGBImageField(write_mode=mode)
+    field.encode = types.MethodType(functools.partial(_encode_prepared, mode=mode), field)
     return field
 
 
 def write_beton(path: Path, dataset, label_fields: dict[str, tuple[str, int]], num_workers: int,
-                progress=None) -> None:
-    """Write ``dataset[i] -> ((jpeg, h, w), label, extra labels...)`` to ``path``.
+                progress=None, codec: str = "jpeg") -> None:
+    """Write ``dataset[i] -> ((stored bytes, h, w), label, extra labels...)`` to ``path``.
 
     ``label_fields`` maps field name -> ('int', 0) or ('ids', K) for padded multi-label ids.
     ``progress(n)`` is called with the samples written since the last call.
@@ -84,7 +87,7 @@ def write_beton(path: Path, dataset, label_fields: dict[str, tuple[str, int]], n
     import_ffcv()
     import ffcv.writer
     from ffcv.fields import IntField, NDArrayField
-    fields = {"image": passthrough_image_field()}
+    fields = {"image": passthrough_image_field(codec)}
     for name, (kind, width) in label_fields.items():
         fields[name] = IntField() if kind == "int" else NDArrayField(np.dtype("<i2"), (width,))
     failure = mp.get_context("fork").Array(ctypes.c_char, 512, lock=False)

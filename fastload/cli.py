@@ -36,8 +36,11 @@ def main():
 @click.option("--preset", type=click.Choice(["imagenet", "cifar10", "cifar100", "coco"]), default=None,
               help="Default spec preset recorded in the manifest (default: guessed from the schema).")
 @click.option("--overwrite", is_flag=True, help="Replace a complete dataset already in --out.")
+@click.option("--image-codec", type=click.Choice(["auto", "jpeg", "raw"]), default="auto", show_default=True,
+              help="How images are stored: auto = raw RGB pixels for small images (longer side <= 64 px) from a "
+                   "lossless source such as CIFAR's PNGs, JPEG otherwise.")
 def convert(source, fmt, out, splits, workers, max_side, jpeg_quality, skip_corrupt, label, shard_size,
-            preset, overwrite):
+            preset, overwrite, image_codec):
     """Convert SOURCE (hub name, parquet folder, save_to_disk folder or image folder). Resumable."""
     from fastload.converters.convert import ConversionError, convert as run
     from fastload.converters.images import CorruptImageError
@@ -47,7 +50,7 @@ def convert(source, fmt, out, splits, workers, max_side, jpeg_quality, skip_corr
     try:
         m = run(source, out, format=fmt, splits=list(splits) or None, workers=workers, max_side=max_side,
                 jpeg_quality=jpeg_quality, skip_corrupt=skip_corrupt, label=label, shard_size=shard_size,
-                preset=preset, overwrite=overwrite)
+                preset=preset, overwrite=overwrite, image_codec=image_codec)
     except (ConversionError, CorruptImageError, SchemaError, ValueError) as e:
         _fail(str(e))
     except OSError as e:  # the environment, not a bug: a read-only or vanished path

@@ -13,9 +13,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 FORMAT_NAME = "fastload-dataset"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2           # 2: a split may store raw RGB pixels (``image_codec``); 1 stored JPEG only
+READABLE_VERSIONS = (1, 2)   # a version 1 directory reads as version 2 with every split 'jpeg'
 MANIFEST = "manifest.json"
 STORAGES = ("beton", "tfrecord")
+IMAGE_CODECS = ("jpeg", "raw")
 
 
 class DatasetError(ValueError):
@@ -44,6 +46,7 @@ class SplitInfo:
     stats: dict
     skipped: list[dict]
     max_labels: int
+    image_codec: str = "jpeg"  # how each stored image is held: a JPEG file, or raw RGB uint8 (h, w, 3)
 
     def files_with_role(self, role: str) -> list[dict]:
         return [f for f in self.files if f["role"] == role]
@@ -87,8 +90,9 @@ class Manifest:
         if data.get("format") != FORMAT_NAME:
             raise DatasetError(f"{path}: format={data.get('format')!r}, expected {FORMAT_NAME!r}")
         version = data.get("format_version")
-        if version != FORMAT_VERSION:
-            raise DatasetError(f"{path}: format_version={version!r}; this fastload reads version {FORMAT_VERSION}")
+        if version not in READABLE_VERSIONS:
+            raise DatasetError(f"{path}: format_version={version!r}; this fastload reads versions "
+                               f"{list(READABLE_VERSIONS)}: convert it again with this fastload")
         if data.get("storage") not in STORAGES:
             raise DatasetError(f"{path}: storage={data.get('storage')!r}, expected one of {STORAGES}")
         return cls(root, data)
@@ -106,9 +110,13 @@ class Manifest:
         if name not in splits:
             raise DatasetError(f"split {name!r} is not in {self.root}: it has {sorted(splits)}")
         s = splits[name]
+        codec = s.get("image_codec", "jpeg")
+        if codec not in IMAGE_CODECS:
+            raise DatasetError(f"{self.root / MANIFEST}: split {name!r} has image_codec={codec!r}, expected one of "
+                               f"{IMAGE_CODECS}")
         return SplitInfo(name=name, num_examples=int(s["num_examples"]), files=s["files"],
                          stats=s.get("stats") or {}, skipped=s.get("skipped", []),
-                         max_labels=int(s.get("max_labels", 1)))
+                         max_labels=int(s.get("max_labels", 1)), image_codec=codec)
 
     @property
     def labels(self) -> dict:

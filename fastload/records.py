@@ -1,7 +1,8 @@
 """Random access to a converted split, whatever its storage.
 
 Every split has a records index, ``<split>.records.npy``: one row per stored image
-with the data file it lives in, the byte offset and size of its JPEG inside that file,
+with the data file it lives in, the byte offset and size of its stored bytes inside that
+file (a JPEG, or raw RGB pixels when the split's ``image_codec`` is 'raw'),
 its height/width and its labels. With it, any reader (the reference pipeline, DALI's
 external source, ``verify``, ``inspect``) slices a JPEG straight out of a memory-mapped
 ``.beton`` or TFRecord shard: no scan, no backend import.
@@ -52,6 +53,7 @@ class SplitReader:
         self.manifest = manifest
         self.info = manifest.split(split)
         self.split = split
+        self.codec = self.info.image_codec
         index = self.info.files_with_role("records")
         if not index:
             raise DatasetError(f"split {split!r} of {manifest.root} lists no records index")
@@ -68,6 +70,12 @@ class SplitReader:
         self._lock = threading.RLock()  # maps are made once: a replaced map would unmap memory in use
         if len(self.records) != self.info.num_examples:
             raise DatasetError(f"{path}: {len(self.records)} rows, manifest says {self.info.num_examples}")
+        if self.codec == "raw":
+            wrong = np.flatnonzero(self.records["size"] != self.records["height"].astype(np.uint64)
+                                   * self.records["width"] * 3)
+            if len(wrong):
+                raise DatasetError(f"{path}: split {split!r} stores raw pixels, but sample(s) {wrong[:10].tolist()} "
+                                   f"are not height x width x 3 bytes: {remedy}")
         bad = self.labels_out_of_range()
         if len(bad):
             raise DatasetError(f"{path}: split {split!r} has labels outside 0..{manifest.num_classes - 1} at "
@@ -83,7 +91,8 @@ class SplitReader:
     def __len__(self) -> int:
         return len(self.records)
 
-    def _map(self, file_index: int) -> np.ndarray:
+    def mapped(self, file_index: int) -> np.ndarray:
+        """Data file ``file_index`` as a read-only uint8 array (memory-mapped once per reader)."""
         m = self._maps[file_index]
         if m is None:
             with self._lock:
@@ -97,28 +106,36 @@ class SplitReader:
                     m = self._maps[file_index] = np.memmap(path, dtype=np.uint8, mode="r").view(np.ndarray)
         return m
 
-    def jpeg(self, i: int) -> np.ndarray:
+    def stored(self, i: int) -> np.ndarray:
+        """Sample i's stored bytes (a JPEG file, or raw pixels), a view of the mapped data file."""
         r = self.records[i]
         off = int(r["offset"])
-        return self._map(int(r["file"]))[off:off + int(r["size"])]
+        return self.mapped(int(r["file"]))[off:off + int(r["size"])]
 
-    def jpeg_addresses(self, index: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(memory address, size) of samples' JPEG bytes in the mapped data files, for native
+    def stored_addresses(self, index: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(memory address, size) of samples' stored bytes in the mapped data files, for native
         readers; valid while this reader lives."""
         if self._addresses is None:  # once per reader: per batch, two plain gathers
             with self._lock:
-                bases = np.array([self._map(f).ctypes.data for f in range(len(self.data_files))], np.uint64)
+                bases = np.array([self.mapped(f).ctypes.data for f in range(len(self.data_files))], np.uint64)
                 sizes = np.asarray(self.records["size"]).astype(np.uint64)
                 self._addresses = (bases[np.asarray(self.records["file"])]
                                    + np.asarray(self.records["offset"]).astype(np.uint64), sizes)
         addresses, sizes = self._addresses
         return addresses[index], sizes[index]
 
+    def pixels(self, i: int) -> np.ndarray:
+        """A raw split's sample i as a read-only (height, width, 3) uint8 view of the data file."""
+        r = self.records[i]
+        return self.stored(i).reshape(int(r["height"]), int(r["width"]), 3)
+
     def image(self, i: int):
-        """The stored image decoded by PIL (RGB): what the reference pipeline sees."""
+        """The stored image as PIL (RGB): what the reference pipeline sees (decoded, or the raw pixels)."""
         from PIL import Image
+        if self.codec == "raw":
+            return Image.fromarray(self.pixels(i))
         try:
-            im = Image.open(io.BytesIO(self.jpeg(i).tobytes()))
+            im = Image.open(io.BytesIO(self.stored(i).tobytes()))
             im.load()
         except (OSError, SyntaxError, ValueError) as e:  # PIL's errors for bad image data
             raise self.sample_error(i, f"{type(e).__name__}: {e}") from None

@@ -79,10 +79,11 @@ class _EpochSource:
 
     def __iter__(self):
         self.fed.clear()
+        sample = self.reader.pixels if self.reader.codec == "raw" else self.reader.stored
         for idx, rows in plan_batches(self.order, self.params, self.batch_size, self.drop_last):
             self.fed.append(idx)
             columns = self.columns(rows, self.size)
-            yield ([self.reader.jpeg(int(i)) for i in idx], *(np.ascontiguousarray(columns[f]) for f in self.fields),
+            yield ([sample(int(i)) for i in idx], *(np.ascontiguousarray(columns[f]) for f in self.fields),
                    np.ascontiguousarray(idx, np.int64))
 
 
@@ -145,10 +146,12 @@ class DALIBackend(Backend):
                       seed=self.seed, prefetch_queue_depth=2, exec_async=True, exec_pipelined=True)
         def graph():
             fields = self.source.fields
+            raw = self.reader.codec == "raw"  # samples arrive as HWC pixels: nothing to decode
             outputs = fn.external_source(
                 source=self.source, num_outputs=len(fields) + 2, batch=True, cycle="raise",
-                dtype=[types.UINT8] + [types.INT32 if f == "flip" else types.FLOAT for f in fields] + [types.INT64])
-            jpegs, index = outputs[0], outputs[-1]
+                dtype=[types.UINT8] + [types.INT32 if f == "flip" else types.FLOAT for f in fields] + [types.INT64],
+                layout=["HWC" if raw else ""] + [""] * (len(fields) + 1))
+            stored, index = outputs[0], outputs[-1]
             arg = dict(zip(fields, outputs[1:-1]))
             decoder = "mixed" if gpu else "cpu"
 
@@ -157,12 +160,17 @@ class DALIBackend(Backend):
                                 normalized_anchor=False, normalized_shape=False, out_of_bounds_policy="pad",
                                 fill_values=0)
 
-            if "box_anchor" in arg:
-                images = fn.decoders.image_slice(jpegs, arg["box_anchor"], arg["box_shape"], axes=[0, 1],
+            if raw and "box_anchor" in arg:
+                images = fn.slice(stored.gpu() if gpu else stored, arg["box_anchor"], arg["box_shape"], axes=[0, 1],
+                                  normalized_anchor=False, normalized_shape=False)
+            elif raw:
+                images = stored.gpu() if gpu else stored
+            elif "box_anchor" in arg:
+                images = fn.decoders.image_slice(stored, arg["box_anchor"], arg["box_shape"], axes=[0, 1],
                                                  normalized_anchor=False, normalized_shape=False,
                                                  device=decoder, output_type=types.RGB)
             else:
-                images = fn.decoders.image(jpegs, device=decoder, output_type=types.RGB)
+                images = fn.decoders.image(stored, device=decoder, output_type=types.RGB)
             if self.decode_only:
                 return window(images, fn.constant(fdata=[0.0, 0.0])), index
             interp = getattr(types, _DALI_FILTERS[self.interpolation][0])

@@ -80,6 +80,24 @@ def decode_resample_batch(addresses, sizes, widths, rows, resample, pad_mode, fi
     return _DONE
 
 
+@nb.njit(cache=True, nogil=True)
+def resample_raw_batch(data, offsets, heights, widths, rows, resample, pad_mode, filt, dst, chw, norm, scale, shift):
+    """:func:`decode_resample_batch` for raw storage: sample k's pixels are (heights[k], widths[k], 3)
+    uint8 at ``data[offsets[k]:]``; nothing to decode. ``resample=False``: cut the box's top-left
+    window (the bench's decode stage: here, a copy)."""
+    dh, dw = (dst.shape[2], dst.shape[3]) if chw else (dst.shape[1], dst.shape[2])
+    for k in range(rows.shape[0]):
+        p = rows[k]
+        n = heights[k] * widths[k] * 3
+        image = data[offsets[k]:offsets[k] + n].reshape((heights[k], widths[k], 3))
+        if resample:
+            resample_window(image, p[0], p[1], p[2], p[3], p[4], p[5], p[6], p[7], p[8] != 0, pad_mode, filt, dst[k],
+                            dh, dw, chw, norm, scale, shift)
+        else:
+            resample_window(image, p[0], p[1], p[2], p[3], p[2], p[3], 0, 0, False, pad_mode, filt, dst[k],
+                            dh, dw, chw, norm, scale, shift)
+
+
 class FFCVBackend(Backend):
     name = "ffcv"
     storages = ("beton",)
@@ -101,6 +119,7 @@ class FFCVBackend(Backend):
         self.dtype = torch.float32 if self.fused else torch.uint8
         self.workers = ThreadPoolExecutor(max(1, options.num_workers), thread_name_prefix="fastload-ffcv")
         self.widths = reader.widths.astype(np.int64)
+        self.heights = reader.heights.astype(np.int64)
         self._local = threading.local()
         self.buffers = BatchBuffers(capacity=options.num_workers + 4)  # in flight, ready, and the caller's
 
@@ -125,7 +144,14 @@ class FFCVBackend(Backend):
     def _batch(self, index: np.ndarray, rows: np.ndarray) -> torch.Tensor:
         """One batch on one worker thread: a single compiled call decodes and resamples every image."""
         out = self.buffers.empty((len(index), *self.shape), self.dtype)
-        addresses, sizes = self.reader.jpeg_addresses(index)
+        if self.reader.codec == "raw":
+            r = self.reader.records
+            resample_raw_batch(self.reader.mapped(0), np.asarray(r["offset"][index], np.int64),
+                               self.heights[index], self.widths[index], np.ascontiguousarray(rows, np.int64),
+                               self.resample, self.pad_mode, self.filter, out.numpy(), self.chw, self.fused, self.scale,
+                               self.shift)
+            return out
+        addresses, sizes = self.reader.stored_addresses(index)
         widths = self.widths[index]
         rows = np.ascontiguousarray(rows, np.int64)
         message = np.zeros(MESSAGE_LEN, np.uint8)

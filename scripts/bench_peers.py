@@ -4,7 +4,8 @@
     .venv/bin/python scripts/bench_peers.py [--data DIR] [--tile 10] [--workers 2] [--rounds 2]
 
 Images: the ImageNet sample tiled ``--tile`` times (an epoch lasts seconds), and the CIFAR-10
-sample tiled 5x (50,000 images, the size of CIFAR-10 train). Every system gets its own
+sample tiled 5x (50,000 images, the size of CIFAR-10 train; fastload stores it as raw pixels, as
+the hub's PNGs convert, and as raw FFCV's example stores it). Every system gets its own
 process (its own threads, JIT and page cache state), is warmed up, and then the systems take
 turns, ``--rounds`` times, each timing ``--epochs`` whole epochs: img/s is the median over
 rounds. Output is float32 NCHW normalized everywhere (plus FastLoader's uint8 output).
@@ -172,7 +173,7 @@ def pil_system(cfg):
     from fastload import Manifest
     from fastload.records import SplitReader
     reader = SplitReader(Manifest.read(cfg["path"]), cfg["split"])
-    jpegs = [reader.jpeg(i).tobytes() for i in range(len(reader))]
+    jpegs = [reader.stored(i).tobytes() for i in range(len(reader))]
     ds = _PILDataset(jpegs, reader.labels.tolist(), cfg["preset"], cfg["train"], cfg["stats"])
     loader = torch.utils.data.DataLoader(ds, batch_size=cfg["batch_size"], shuffle=True, num_workers=cfg["workers"],
                                          persistent_workers=True)
@@ -223,9 +224,14 @@ def prepare(args):
         if not (source / "dataset_dict.json").exists():
             ds = datasets.load_dataset(src, split=split)
             datasets.DatasetDict({"train": datasets.concatenate_datasets([ds] * tile)}).save_to_disk(str(source))
+        # CIFAR as the hub stores it (PNG) converts to raw pixels; the shared sample holds JPEGs,
+        # so ask for raw: the same storage raw FFCV's CIFAR example uses
+        codec = "raw" if name == "cifar" else "auto"
         for fmt in ("beton", "tfrecord"):
-            if not (d / fmt / "manifest.json").exists():
-                convert(str(source), d / fmt, format=fmt, workers=args.workers, progress=False)
+            if not (d / fmt / "manifest.json").exists() or (
+                    Manifest.read(d / fmt).split("train").image_codec != ("raw" if codec == "raw" else "jpeg")):
+                convert(str(source), d / fmt, format=fmt, workers=args.workers, progress=False, image_codec=codec,
+                        overwrite=True)
         raw = d / "ffcv-writer.beton"
         if not raw.exists():  # ffcv's own writer, as its docs write it
             import_ffcv()

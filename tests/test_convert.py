@@ -204,17 +204,17 @@ def test_gray_cmyk_png_and_exif_become_upright_rgb_jpegs(tmp_path):
     src = save_splits(tmp_path / "src", train=ds)
     m = convert(str(src), tmp_path / "out", format="tfrecord", progress=False)
     r = SplitReader(m, "train")
-    assert r.jpeg(0).tobytes() == sources[0]  # RGB baseline JPEG: byte for byte
+    assert r.stored(0).tobytes() == sources[0]  # RGB baseline JPEG: byte for byte
     assert m.split("train").stats and m.data["splits"]["train"]["passthrough_jpegs"] == 1
     for i in range(len(sources)):
-        im = Image.open(io.BytesIO(r.jpeg(i).tobytes()))
+        im = Image.open(io.BytesIO(r.stored(i).tobytes()))
         assert (im.format, im.mode) == ("JPEG", "RGB"), i
         assert not im.info.get("progressive")
         assert im.getexif().get(0x0112) in (None, 1)
         # the pixels `datasets` shows the user (EXIF applied), within JPEG loss (4:2:0 chroma on
         # saturated synthetic edges costs more than on photos, where the bound is 2: see round trips)
-        assert np.abs(_decode(r.jpeg(i).tobytes()) - _decode(sources[i])).mean() <= 4.0, i
-    upright = Image.open(io.BytesIO(r.jpeg(4).tobytes()))
+        assert np.abs(_decode(r.stored(i).tobytes()) - _decode(sources[i])).mean() <= 4.0, i
+    upright = Image.open(io.BytesIO(r.stored(4).tobytes()))
     assert upright.size == (40, 60)  # the 60x40 image, rotated by its orientation tag
 
 
@@ -224,7 +224,7 @@ def test_max_side_downscales(tmp_path):
     m = convert(str(src), tmp_path / "out", format="tfrecord", max_side=150, progress=False)
     r = SplitReader(m, "train")
     assert (int(r.records[0]["height"]), int(r.records[0]["width"])) == (150, 100)
-    assert Image.open(io.BytesIO(r.jpeg(0).tobytes())).size == (100, 150)
+    assert Image.open(io.BytesIO(r.stored(0).tobytes())).size == (100, 150)
 
 
 def test_dataset_stats_are_per_channel_pixel_stats(tmp_path):
@@ -234,7 +234,7 @@ def test_dataset_stats_are_per_channel_pixel_stats(tmp_path):
     src = save_splits(tmp_path / "src", train=_image_dataset([png_bytes(Image.fromarray(a))]))
     m = convert(str(src), tmp_path / "out", format="tfrecord", progress=False)
     stats = m.split("train").stats
-    decoded = _decode(SplitReader(m, "train").jpeg(0).tobytes()) / 255  # stats describe the stored pixels' source
+    decoded = _decode(SplitReader(m, "train").stored(0).tobytes()) / 255  # stats describe the stored pixels' source
     assert stats["mean"][0] == pytest.approx(1.0, abs=0.01) and stats["mean"][1] == pytest.approx(0.5, abs=0.02)
     assert stats["std"][1] == pytest.approx(0.5, abs=0.02) and stats["std"][2] == pytest.approx(0.0, abs=0.02)
     assert decoded.shape == (10, 10, 3)
@@ -356,6 +356,6 @@ def test_image_folder_with_class_subfolders(tmp_path):
     m = convert(str(root), tmp_path / "out", format="tfrecord", progress=False)
     assert m.class_names == ["cat", "dog"] and m.split_names == ["train"]
     r = SplitReader(m, "train")
-    means = [_decode(r.jpeg(i).tobytes()).mean() for i in range(len(r))]
+    means = [_decode(r.stored(i).tobytes()).mean() for i in range(len(r))]
     assert [("cat" if v < 120 else "dog") for v in means] == [m.class_names[int(y)] for y in r.labels]
     assert sorted(r.labels.tolist()) == [0, 0, 0, 1, 1, 1]

@@ -212,7 +212,7 @@ def test_full_disk_beton_fails_fast_instead_of_hanging(tmp_path):
                 return len(reader)
 
             def __getitem__(self, i):
-                return (np.array(reader.jpeg(i)), int(reader.heights[i]), int(reader.widths[i])), int(reader.labels[i])
+                return (np.array(reader.stored(i)), int(reader.heights[i]), int(reader.widths[i])), int(reader.labels[i])
         import multiprocessing
         before = set(multiprocessing.active_children())  # other tests' DataLoader workers
         t0 = time.time()

@@ -17,7 +17,7 @@ NO_NORM = (np.ones(3, np.float32), np.zeros(3, np.float32))
 @pytest.fixture(scope="module")
 def photos(imagenet_dirs):
     reader = SplitReader(Manifest.read(imagenet_dirs["tfrecord"]), "validation")
-    return reader, [np.array(reader.jpeg(i)) for i in range(len(reader))]
+    return reader, [np.array(reader.stored(i)) for i in range(len(reader))]
 
 
 def test_full_decode_is_pils(photos):
