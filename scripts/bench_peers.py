@@ -86,16 +86,21 @@ def raw_dali_system(cfg):
     shards = sorted(Path(cfg["path"]).glob(f"{cfg['split']}-*.tfrecord"))
     cifar = cfg["preset"] == "cifar10"
     mean, std = ((np.array(cfg["stats"]["mean"]), np.array(cfg["stats"]["std"])) if cifar else (MEAN, STD))
+    raw = cfg.get("raw", False)  # raw pixels: DALI's docs read the bytes and reshape them, no decoder
 
     @pipeline_def(batch_size=cfg["batch_size"], num_threads=cfg["workers"], device_id=None, seed=0)
     def graph():
+        features = {"image/class/label": tfrec.FixedLenFeature([1], tfrec.int64, -1)}
+        if raw:
+            features["image/raw"] = tfrec.FixedLenFeature((), tfrec.string, "")
+        else:
+            features["image/encoded"] = tfrec.FixedLenFeature((), tfrec.string, "")
         f = fn.readers.tfrecord(path=[str(s) for s in shards], index_path=[str(s.with_suffix(".idx")) for s in shards],
-                                features={"image/encoded": tfrec.FixedLenFeature((), tfrec.string, ""),
-                                          "image/class/label": tfrec.FixedLenFeature([1], tfrec.int64, -1)},
-                                random_shuffle=True, pad_last_batch=True, name="reader")
+                                features=features, random_shuffle=True, pad_last_batch=True, name="reader")
         mirror, crop = (fn.random.coin_flip() if cfg["train"] else 0), None
         if cifar:
-            images = fn.decoders.image(f["image/encoded"], output_type=types.RGB)
+            images = (fn.reshape(f["image/raw"], shape=[32, 32, 3], layout="HWC") if raw
+                      else fn.decoders.image(f["image/encoded"], output_type=types.RGB))
             if cfg["train"]:  # RandomCrop(32, padding=4): a window anywhere in the zero-padded image
                 anchor = fn.random.uniform(values=[float(v) for v in range(-4, 5)], shape=[2])
                 images = fn.slice(images, anchor, [32.0, 32.0], axes=[0, 1], normalized_anchor=False,
@@ -168,12 +173,22 @@ class _PILDataset:
         return (x - self.mean) / self.std, self.labels[i]
 
 
+def _png(pixels: np.ndarray) -> bytes:
+    import io
+    from PIL import Image
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="PNG")
+    return buf.getvalue()
+
+
 def pil_system(cfg):
     import torch
     from fastload import Manifest
     from fastload.records import SplitReader
     reader = SplitReader(Manifest.read(cfg["path"]), cfg["split"])
-    jpegs = [reader.stored(i).tobytes() for i in range(len(reader))]
+    # what a torchvision user starts from: encoded files (CIFAR as the hub's PNGs)
+    jpegs = [_png(reader.pixels(i)) if reader.codec == "raw" else reader.stored(i).tobytes()
+             for i in range(len(reader))]
     ds = _PILDataset(jpegs, reader.labels.tolist(), cfg["preset"], cfg["train"], cfg["stats"])
     loader = torch.utils.data.DataLoader(ds, batch_size=cfg["batch_size"], shuffle=True, num_workers=cfg["workers"],
                                          persistent_workers=True)
@@ -257,6 +272,15 @@ def prepare(args):
     return out
 
 
+def _receive(conn, process, name):
+    """A system's answer; an error naming it if its process died without one (a crash in native
+    code sends nothing: waiting on the pipe would hang the benchmark)."""
+    while not conn.poll(1.0):
+        if not process.is_alive():
+            raise RuntimeError(f"{name}: its process exited with code {process.exitcode} before answering")
+    return conn.recv()
+
+
 def decode_limit(path, workers):
     from fastload import Manifest
     from fastload.bench import decode_limit as measure
@@ -305,22 +329,23 @@ def main():
             for b in ("ffcv", "dali"):
                 systems[f"FastLoader {b} uint8"] = {**systems[f"FastLoader {b}"], "uint8": True}
         systems["raw FFCV"] = {**base, "kind": "raw_ffcv", "path": d["raw_beton"]}
-        systems["raw DALI"] = {**base, "kind": "raw_dali", "path": d["tfrecord"]}
+        systems["raw DALI"] = {**base, "kind": "raw_dali", "path": d["tfrecord"],
+                               "raw": Manifest.read(d["tfrecord"]).split("train").image_codec == "raw"}
         systems["PIL + DataLoader"] = {**base, "kind": "pil", "path": d["tfrecord"]}
         procs, first = {}, {}
         for name, cfg in systems.items():  # one at a time: start-up measured on a quiet machine
             parent, child = ctx.Pipe()
             p = ctx.Process(target=_serve, args=(cfg, child, time.time()))
             p.start()
-            first[name] = parent.recv()
+            first[name] = _receive(parent, p, name)
             if isinstance(first[name], Exception):
                 raise first[name]
             procs[name] = (p, parent)
         rates = {name: [] for name in systems}
         for _ in range(args.rounds):
-            for name, (_, conn) in procs.items():
+            for name, (p, conn) in procs.items():
                 conn.send(args.epochs)
-                rates[name].append(conn.recv())
+                rates[name].append(_receive(conn, p, name))
         for p, conn in procs.values():
             conn.send(None)
             p.join()
