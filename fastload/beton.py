@@ -82,7 +82,6 @@ def write_beton(path: Path, dataset, label_fields: dict[str, tuple[str, int]], n
     import ctypes
     import errno
     import multiprocessing as mp
-    import time
     import torch
     import_ffcv()
     import ffcv.writer

@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from fastload.spec import TimmAutoAugment, TimmRandAugment
+from fastload.spec import TimmRandAugment
 
 from .augment import equalize, invert, posterize, rotate_matrix, shear_matrix, solarize, translate_matrix
 

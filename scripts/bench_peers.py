@@ -29,7 +29,6 @@ import argparse
 import json
 import math
 import multiprocessing as mp
-import os
 import random
 import statistics
 import sys

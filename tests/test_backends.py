@@ -1,7 +1,6 @@
 """The backend contract and registry: a new backend is one module and one registration."""
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import ctypes
 import io
-import json
 import os
 import shutil
 import signal
@@ -17,12 +16,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from conftest import CIFAR10, IMAGENET, jpeg_bytes, needs_shared, save_splits
 from fastload import FastLoader, Manifest, PreprocessSpec, convert, verify
-from fastload.converters.convert import ConversionError
 from fastload.manifest import DatasetError
 from fastload.records import SampleDecodeError, SplitReader
 
