@@ -71,13 +71,13 @@ def decode_limit(reader: SplitReader, max_images: int = 128) -> dict:
     """Single-core libjpeg-turbo full-decode rate on these images, and that times the cores (raw
     storage: the rate of copying the pixels out, the least any loader does with them)."""
     n = min(len(reader), max_images)
-    jpegs = [np.array(reader.stored(i)) for i in range(n)]
-    sizes = [(int(reader.records[i]["height"]), int(reader.records[i]["width"])) for i in range(n)]
     if reader.codec == "raw":
         def decode(i):
             np.array(reader.pixels(i))
         decoder = "raw pixels, copied"
     else:
+        jpegs = [np.array(reader.stored(i)) for i in range(n)]  # in memory: the rate is decode alone
+        sizes = [(int(reader.records[i]["height"]), int(reader.records[i]["width"])) for i in range(n)]
         try:
             from .pipelines.jpeg import thread_decoder
             region = thread_decoder()

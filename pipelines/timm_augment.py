@@ -146,35 +146,32 @@ def pil_affine(x: torch.Tensor, matrices, fill, resample: str) -> torch.Tensor:
         idx = (yy.clamp(0, h - 1) * w + xx.clamp(0, w - 1)).unsqueeze(1).expand(n, c, h * w)
         return flat.gather(2, idx)
 
-    if resample == "nearest":
-        out = tap(sy.floor().long(), sx.floor().long())
+    fx, fy = sx - 0.5, sy - 0.5
+    x0, y0 = fx.floor(), fy.floor()
+    dx, dy = (fx - x0).unsqueeze(1), (fy - y0).unsqueeze(1)
+    x0, y0 = x0.long(), y0.long()
+    if resample == "bilinear":
+        def row(yy):
+            a, b = tap(yy, x0), tap(yy, x0 + 1)
+            return a + (b - a) * dx
+        v1 = row(y0)
+        below = ((y0 + 1) >= 0) & ((y0 + 1) < h)
+        v2 = torch.where(below.unsqueeze(1), row(y0 + 1), v1)
+        out = v1 + (v2 - v1) * dy
     else:
-        fx, fy = sx - 0.5, sy - 0.5
-        x0, y0 = fx.floor(), fy.floor()
-        dx, dy = (fx - x0).unsqueeze(1), (fy - y0).unsqueeze(1)
-        x0, y0 = x0.long(), y0.long()
-        if resample == "bilinear":
-            def row(yy):
-                a, b = tap(yy, x0), tap(yy, x0 + 1)
-                return a + (b - a) * dx
-            v1 = row(y0)
-            below = ((y0 + 1) >= 0) & ((y0 + 1) < h)
-            v2 = torch.where(below.unsqueeze(1), row(y0 + 1), v1)
-            out = v1 + (v2 - v1) * dy
-        else:
-            def cubic(v1, v2, v3, v4, d):
-                p2, p3, p4 = -v1 + v3, 2 * (v1 - v2) + v3 - v4, -v1 + v2 - v3 + v4
-                return v2 + d * (p2 + d * (p3 + d * p4))
+        def cubic(v1, v2, v3, v4, d):
+            p2, p3, p4 = -v1 + v3, 2 * (v1 - v2) + v3 - v4, -v1 + v2 - v3 + v4
+            return v2 + d * (p2 + d * (p3 + d * p4))
 
-            def row(yy):
-                return cubic(tap(yy, x0 - 1), tap(yy, x0), tap(yy, x0 + 1), tap(yy, x0 + 2), dx)
-            rows = [row(y0 - 1)]
-            for k in range(3):  # PIL: a row outside the image repeats the one before
-                yy = y0 + k
-                ok = ((yy >= 0) & (yy < h)).unsqueeze(1)
-                rows.append(torch.where(ok, row(yy), rows[-1]))
-            out = cubic(*rows, dy)
-        out = out.clamp(0, 255).trunc()
+        def row(yy):
+            return cubic(tap(yy, x0 - 1), tap(yy, x0), tap(yy, x0 + 1), tap(yy, x0 + 2), dx)
+        rows = [row(y0 - 1)]
+        for k in range(3):  # PIL: a row outside the image repeats the one before
+            yy = y0 + k
+            ok = ((yy >= 0) & (yy < h)).unsqueeze(1)
+            rows.append(torch.where(ok, row(yy), rows[-1]))
+        out = cubic(*rows, dy)
+    out = out.clamp(0, 255).trunc()
     out = torch.where(inside.unsqueeze(1), out, fill_t.expand(n, c, h * w))
     return out.view(n, c, h, w).to(x.dtype)
 
