@@ -2,13 +2,18 @@
 
 Work is cut into shards of consecutive source rows. Each shard is prepared by a worker
 process (decode check, passthrough or re-encode, pixel histogram), written as a TFRecord
-file under a temporary name, renamed when complete, and recorded in ``.partial/``. A
-rerun after any interruption (kill -9 included) keeps finished shards. Only when every
-shard is done are the final files assembled and ``manifest.json`` written, last.
+file under a temporary name, renamed when complete, and recorded in ``.partial/`` (a done
+file, and the shard's records as .npy: the main process never holds every row, so its
+memory is flat at any dataset size). A rerun after any interruption (kill -9 included)
+keeps finished shards. Only when every shard is done are the final files assembled (the
+records index streamed shard by shard; for a .beton, the shards' bytes copied once into
+it) and ``manifest.json`` written, last.
 """
 from __future__ import annotations
 
 import hashlib
+import io
+import itertools
 import json
 import math
 import multiprocessing as mp
@@ -23,12 +28,14 @@ from pathlib import Path
 import numpy as np
 
 from fastload import tfrecord
-from fastload.manifest import FORMAT_NAME, FORMAT_VERSION, MANIFEST, Manifest, atomic_write_bytes, sha256_file
+from fastload.manifest import (FORMAT_NAME, FORMAT_VERSION, MANIFEST, HashingFile, Manifest, atomic_write_bytes,
+                               fsync_file)
 from fastload.records import records_dtype, records_filename
 
 from .images import CODEC_CHOICES, CorruptImageError, choose_codec, prepare_image, source_bytes, stats_from_histograms
 from .jobs import (ConversionError, OutputLock, check_free_space, children_die_with_parent, die_with_parent,
-                   full_disk_reported)
+                   full_disk_reported, arrow_pages_released, release_arrow_pages)
+from .progress import Phase, PhaseBars
 from .sources import Schema, SchemaError, detect_schema, guess_preset, open_source, source_fingerprint
 
 PARTIAL = ".partial"
@@ -45,6 +52,11 @@ class ShardTask:
     stop: int
     path: str         # final path of this shard's TFRecord file
     done_path: str    # .partial/<split>-NNNNN.json, written when the shard is complete
+
+    @property
+    def rows_path(self) -> Path:
+        """The shard's records (.partial/<split>-NNNNN.rows.npy), written before its done file."""
+        return Path(self.done_path).with_suffix(".rows.npy")
 
     @property
     def tmp_path(self) -> Path:
@@ -73,6 +85,8 @@ def _run_shard(task: ShardTask) -> dict:
     except (OSError, ConversionError):
         task.tmp_path.unlink(missing_ok=True)  # no half-written shard left behind
         raise
+    finally:
+        release_arrow_pages()  # the shard's source rows, read: not kept
 
 
 def _write_shard(task: ShardTask) -> dict:
@@ -84,7 +98,9 @@ def _write_shard(task: ShardTask) -> dict:
     # Raw bytes: we decide passthrough vs re-encode ourselves.
     ds = ds.cast_column(schema.image_column, datasets.Image(decode=False))
     tmp = task.tmp_path
-    final = settings["format"] == "tfrecord"  # beton staging is temporary: no fsync, no checksum
+    # shards are synced to disk once, at assembly (fsync per shard cost ~10% of a CIFAR job);
+    # beton staging is temporary: no checksum either
+    final = settings["format"] == "tfrecord"
     hist = np.zeros((3, 256), np.int64)
     rows, skipped, index_entries = [], [], []
     passthrough = 0
@@ -92,7 +108,7 @@ def _write_shard(task: ShardTask) -> dict:
     pending = 0
     codec = settings["image_codecs"][task.split]
     with open(tmp, "wb") as raw:
-        f = _HashingWriter(raw)  # checksum while writing: no second read of the shard
+        f = HashingFile(raw)  # checksum while writing: no second read of the shard
         for offset in range(task.start, task.stop, 256):
             batch = ds[offset:min(task.stop, offset + 256)]
             n = len(batch[schema.image_column])
@@ -122,8 +138,8 @@ def _write_shard(task: ShardTask) -> dict:
                 ex = tfrecord.encode_example({IMAGE_FEATURES[codec]: img.data}, ints)
                 size = tfrecord.write_record(f, ex.data)
                 index_entries.append((pos, size))
-                rows.append([pos + tfrecord.RECORD_HEADER + ex.image_offset, len(img.data), img.height, img.width, index,
-                             labels[schema.target], [labels[c][0] for c in schema.extra_labels]])
+                rows.append((pos + tfrecord.RECORD_HEADER + ex.image_offset, len(img.data), img.height, img.width,
+                             index, labels[schema.target], [labels[c][0] for c in schema.extra_labels]))
                 pos += size
                 hist += img.histogram
                 passthrough += img.passthrough
@@ -132,33 +148,52 @@ def _write_shard(task: ShardTask) -> dict:
                     progress.put(pending)
                     pending = 0
         raw.flush()
-        if final:
-            os.fsync(raw.fileno())
     progress.put(pending)
     idx_path = Path(task.path).with_suffix(".idx")
     index_bytes = tfrecord.format_index(index_entries).encode()
-    atomic_write_bytes(idx_path, index_bytes)
+    atomic_write_bytes(idx_path, index_bytes, durable=False)
+    records = _shard_records(rows, task.shard, schema)
+    buffer = io.BytesIO()
+    np.save(buffer, records)
+    atomic_write_bytes(task.rows_path, buffer.getvalue(), durable=False)
     os.replace(tmp, task.path)
     done = {"split": task.split, "shard": task.shard, "count": len(rows), "passthrough": passthrough,
-            "skipped": skipped, "histogram": hist.tolist(), "rows": rows,
+            "skipped": skipped, "histogram": hist.tolist(), "max_labels": _max_labels(records, schema),
             "file": {"path": Path(task.path).name, "size": f.size,
                      "sha256": f.sha256.hexdigest() if final else None, "records": len(rows)},
             "index": {"path": idx_path.name, "size": len(index_bytes),
                       "sha256": hashlib.sha256(index_bytes).hexdigest() if final else None}}
-    atomic_write_bytes(Path(task.done_path), json.dumps(done).encode())
+    atomic_write_bytes(Path(task.done_path), json.dumps(done).encode(), durable=False)
     return done
 
 
-class _HashingWriter:
-    """A file's ``write`` that also keeps its sha256 and size."""
+def _shard_records(rows: list[tuple], shard: int, schema: Schema) -> np.ndarray:
+    """A shard's rows as a records array (``file`` = the shard, ``offset`` into its file), kept
+    in ``.partial/`` rather than in memory: the job's memory stays flat at any dataset size."""
+    multi = schema.kind == "multi"
+    width = max([len(r[5]) for r in rows] + [1]) if multi else 1
+    records = np.zeros(len(rows), records_dtype(schema.label_columns, multi, width))
+    if not rows:
+        return records
+    offset, size, height, width_px, source_index, target, extras = zip(*rows)
+    records["file"], records["offset"], records["size"] = shard, offset, size
+    records["height"], records["width"], records["source_index"] = height, width_px, source_index
+    if multi:
+        records["label"] = -1
+        for i, ids in enumerate(target):
+            records["label"][i, :len(ids)] = ids
+    else:
+        records["label"] = [t[0] for t in target]
+    for k, col in enumerate(schema.extra_labels):
+        records[col] = [e[k] for e in extras]
+    return records
 
-    def __init__(self, f):
-        self.f, self.sha256, self.size = f, hashlib.sha256(), 0
 
-    def write(self, data) -> None:
-        self.f.write(data)
-        self.sha256.update(data)
-        self.size += len(data)
+def _max_labels(records: np.ndarray, schema: Schema) -> int:
+    """Most class ids on one sample (1 for single-label data)."""
+    if schema.kind != "multi" or not len(records):
+        return 1
+    return max(1, int((records["label"] >= 0).sum(axis=1).max()))
 
 
 def _check_labels(labels: dict, schema: Schema, split: str, index: int) -> None:
@@ -174,12 +209,14 @@ def _check_labels(labels: dict, schema: Schema, split: str, index: int) -> None:
 def convert(source, out, format: str = "tfrecord", splits: list[str] | None = None, workers: int = 1,
             max_side: int | None = None, jpeg_quality: int = 90, skip_corrupt: bool = False,
             label: str | None = None, shard_size: int | None = None, preset: str | None = None,
-            overwrite: bool = False, progress: bool = True, image_codec: str = "auto") -> Manifest:
+            overwrite: bool = False, progress: bool = True, image_codec: str = "auto",
+            phases: list[Phase] | None = None) -> Manifest:
     """Convert ``source`` into the dataset directory ``out``; returns its manifest.
 
     ``image_codec``: 'auto' (raw pixels for small images from a lossless source, see
     ``converters/images.py``), 'jpeg' or 'raw'. Resumable: rerun the same call after an
-    interruption and finished shards are kept.
+    interruption and finished shards are kept. ``phases``, when given, receives a
+    :class:`Phase` (images, seconds) per progress bar shown, for a summary.
     """
     if format not in FORMATS:
         raise ValueError(f"format={format!r} is invalid: allowed {FORMATS}")
@@ -195,6 +232,15 @@ def convert(source, out, format: str = "tfrecord", splits: list[str] | None = No
     if (out / MANIFEST).exists() and not overwrite:
         raise ConversionError(f"{out} already holds a complete dataset ({MANIFEST} exists); "
                               "pass overwrite=True (--overwrite) to replace it")
+    # memory flat at any source size: this process's pages of the source are released as it
+    # reads them (opening the dataset, its fingerprint; see release_arrow_pages)
+    with arrow_pages_released():
+        return _convert_source(source, out, format, splits, workers, max_side, jpeg_quality, skip_corrupt, label,
+                               shard_size, preset, overwrite, progress, image_codec, phases)
+
+
+def _convert_source(source, out, format, splits, workers, max_side, jpeg_quality, skip_corrupt, label, shard_size,
+                    preset, overwrite, progress, image_codec, phases) -> Manifest:
     # the source and its schema first: a bad source leaves nothing behind, and deletes nothing
     data = open_source(source, splits)
     first = next(iter(data.values()))
@@ -212,7 +258,7 @@ def convert(source, out, format: str = "tfrecord", splits: list[str] | None = No
             _remove_dataset(out)  # overwrite, now that the source is known to be good
         codecs = {split: choose_codec(_first_images(ds, schema), image_codec) for split, ds in data.items()}
         return _convert_locked(source, out, data, schema, format, workers, max_side, jpeg_quality, skip_corrupt,
-                               shard_size, preset, progress, codecs)
+                               shard_size, preset, progress, codecs, phases)
 
 
 def _first_images(ds, schema: Schema, n: int = 16) -> list[bytes]:
@@ -229,7 +275,7 @@ def _first_images(ds, schema: Schema, n: int = 16) -> list[bytes]:
 
 
 def _convert_locked(source, out, data, schema, format, workers, max_side, jpeg_quality, skip_corrupt, shard_size,
-                    preset, progress, codecs) -> Manifest:
+                    preset, progress, codecs, phases) -> Manifest:
     partial = out / PARTIAL
     partial.mkdir(exist_ok=True)
     settings = {"format": format, "source": str(source) if isinstance(source, (str, os.PathLike)) else "<in-memory>",
@@ -253,16 +299,30 @@ def _convert_locked(source, out, data, schema, format, workers, max_side, jpeg_q
     if done_count:
         print(f"resuming: {done_count} of {len(tasks)} shards already done, {len(todo)} to go")
 
+    bars = PhaseBars(progress, phases)
     with children_die_with_parent():
-        _run_tasks(todo, data, schema, settings, workers, progress)
-        results = {t: json.loads(Path(t.done_path).read_text()) for t in tasks}
+        _run_tasks(todo, data, schema, settings, workers, bars)
+        results = _shard_results(tasks)
         with full_disk_reported(out):
-            manifest = _assemble(out, format, schema, settings, tasks, results, workers,
-                                 preset or guess_preset(schema), progress)
+            manifest = _assemble(out, format, schema, settings, tasks, results, preset or guess_preset(schema), bars)
     shutil.rmtree(partial, ignore_errors=True)
     if preset is None:
         _warn_if_preset_misfits(manifest)
     return manifest
+
+
+def _shard_results(tasks: list[ShardTask]) -> dict:
+    """Each shard's done file, its pixel histogram summed into its split's on the way (one
+    (3, 256) array per split, not one per shard: memory stays flat however many shards)."""
+    results, histograms = {}, {}
+    for t in tasks:
+        done = json.loads(Path(t.done_path).read_text())
+        hist = histograms.setdefault(t.split, np.zeros((3, 256), np.int64))
+        hist += np.asarray(done.pop("histogram"), np.int64)
+        results[t] = done
+    for t in tasks:
+        results[t]["split_histogram"] = histograms[t.split]
+    return results
 
 
 def _warn_if_preset_misfits(manifest: Manifest) -> None:
@@ -323,95 +383,71 @@ def _load_or_make_plan(partial: Path, settings: dict, data, shard_size, workers)
 
 
 def _shard_done(task: ShardTask) -> bool:
-    if not Path(task.done_path).exists() or not Path(task.path).exists():
+    if not all(Path(p).exists() for p in (task.done_path, task.path, task.rows_path)):
         return False
-    done = json.loads(Path(task.done_path).read_text())
-    return os.path.getsize(task.path) == done["file"]["size"]
+    try:  # bookkeeping is not fsynced: after a power cut a done file may be empty; redo the shard
+        done = json.loads(Path(task.done_path).read_text())
+        return os.path.getsize(task.path) == done["file"]["size"]
+    except (ValueError, KeyError, TypeError):
+        return False
 
 
-def _run_tasks(todo: list[ShardTask], data, schema, settings, workers, show_progress) -> None:
+def _run_tasks(todo: list[ShardTask], data, schema, settings, workers, bars: PhaseBars) -> None:
     if not todo:
         return
-    from tqdm.auto import tqdm
     ctx = mp.get_context("fork")
     progress_queue = ctx.Queue()
     total = sum(t.stop - t.start for t in todo)
-    bar = tqdm(total=total, unit="img", desc="convert", disable=not show_progress, smoothing=0.1)
-    with ProcessPoolExecutor(max_workers=min(workers, len(todo)), mp_context=ctx, initializer=_init_worker,
-                             initargs=(data, schema, settings, progress_queue)) as pool:
+    with bars.phase("convert", total) as advance, \
+            ProcessPoolExecutor(max_workers=min(workers, len(todo)), mp_context=ctx, initializer=_init_worker,
+                                initargs=(data, schema, settings, progress_queue)) as pool:
         pending = {pool.submit(_run_shard, t) for t in todo}
         try:
             while pending:
                 finished, pending = wait(pending, timeout=0.2, return_when=FIRST_COMPLETED)
-                _drain(progress_queue, bar)
+                _drain(progress_queue, advance)
                 for fut in finished:
                     fut.result()  # re-raises a worker's error here
         except BaseException:
             for fut in pending:
                 fut.cancel()
-            bar.close()
             raise
-    _drain(progress_queue, bar)
-    bar.close()
+        _drain(progress_queue, advance)
 
 
-def _drain(q, bar) -> None:
+def _drain(q, advance) -> None:
     while True:
         try:
-            bar.update(q.get_nowait())
+            advance(q.get_nowait())
         except queue.Empty:
             return
 
 
-def _assemble(out: Path, format: str, schema: Schema, settings: dict, tasks, results, workers, preset,
-              progress: bool) -> Manifest:
+def _assemble(out: Path, format: str, schema: Schema, settings: dict, tasks, results, preset,
+              bars: PhaseBars) -> Manifest:
     splits_meta = {}
     for split in settings["splits"]:
         split_tasks = [t for t in tasks if t.split == split]
-        rows = [(t.shard, r) for t in split_tasks for r in results[t]["rows"]]
-        max_labels = max([len(r[5]) for _, r in rows] + [1]) if schema.kind == "multi" else 1
-        dtype = records_dtype(schema.label_columns, schema.kind == "multi", max_labels)
-        rec = np.zeros(len(rows), dtype=dtype)
-        for i, (shard, r) in enumerate(rows):
-            offset, size, h, w, src, target, extras = r
-            rec[i]["file"], rec[i]["offset"], rec[i]["size"] = shard, offset, size
-            rec[i]["height"], rec[i]["width"], rec[i]["source_index"] = h, w, src
-            if schema.kind == "multi":
-                ids = np.full(max_labels, -1, np.int16)
-                ids[:len(target)] = target
-                rec[i]["label"] = ids
-            else:
-                rec[i]["label"] = target[0]
-            for col, v in zip(schema.extra_labels, extras):
-                rec[i][col] = v
-        hist = sum(np.asarray(results[t]["histogram"], np.int64) for t in split_tasks)
+        staged = _StagedSplit(split_tasks, results, schema)
         files = []
         if format == "tfrecord":
             for t in split_tasks:
+                fsync_file(Path(t.path))  # on disk before the manifest says the dataset is complete
+                fsync_file(Path(t.path).with_suffix(".idx"))
                 files.append({**results[t]["file"], "role": "data"})
                 files.append({**results[t]["index"], "role": "dali_index", "for": results[t]["file"]["path"]})
+            files.append(_write_records(out, split, staged))
         else:
-            files.append(_write_split_beton(out, split, schema, split_tasks, rec, workers, max_labels,
-                                            progress, settings["image_codecs"][split]))
-            from fastload.beton import beton_image_locations
-            offsets, sizes, heights, widths = beton_image_locations(out / files[0]["path"])
-            if not (np.array_equal(sizes, rec["size"]) and np.array_equal(heights, rec["height"])):
-                raise ConversionError(f"{files[0]['path']}: image table disagrees with the prepared records")
-            rec["file"], rec["offset"] = 0, offsets
-        rec_path = out / records_filename(split)
-        tmp = rec_path.with_name(f".{rec_path.name}.tmp.npy")
-        np.save(tmp, rec)
-        os.replace(tmp, rec_path)
-        files.append({"path": rec_path.name, "size": rec_path.stat().st_size, "sha256": sha256_file(rec_path),
-                      "role": "records"})
+            files += _write_split_beton(out, split, schema, staged, bars, settings["image_codecs"][split])
+        hist = results[split_tasks[0]]["split_histogram"]
         skipped = [s for t in split_tasks for s in results[t]["skipped"]]
         passthrough = sum(results[t]["passthrough"] for t in split_tasks)
         codec = settings["image_codecs"][split]
-        splits_meta[split] = {"num_examples": len(rec), "source_rows": settings["sizes"][split],
+        splits_meta[split] = {"num_examples": staged.num_samples, "source_rows": settings["sizes"][split],
                               "image_codec": codec, "image_feature": IMAGE_FEATURES[codec],
                               "passthrough_jpegs": passthrough,
-                              "reencoded": len(rec) - passthrough if codec == "jpeg" else 0,
-                              "skipped": skipped, "max_labels": max_labels,
+                              "reencoded": staged.num_samples - passthrough if codec == "jpeg" else 0,
+                              "skipped": skipped, "max_labels": staged.max_labels,
                               "stats": stats_from_histograms(hist), "files": files}
     from fastload import __version__
     data = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "storage": format,
@@ -425,46 +461,63 @@ def _assemble(out: Path, format: str, schema: Schema, settings: dict, tasks, res
 
 
 class _StagedSplit:
-    """``dataset[i]`` over the staged TFRecord shards, in the shape the beton writer takes."""
+    """A split's staged shards, one at a time: their records (in the split's records dtype,
+    multi-label ids padded to the split's widest row) and the file holding their bytes."""
 
-    def __init__(self, tasks, rec, label_columns, multi):
-        self.paths = [t.path for t in tasks]
-        self.rec = rec
-        self.label_columns = label_columns
-        self.multi = multi
-        self._maps = {}
+    def __init__(self, tasks, results, schema: Schema):
+        self.tasks, self.schema = tasks, schema
+        self.num_samples = sum(results[t]["count"] for t in tasks)
+        self.max_labels = max(results[t]["max_labels"] for t in tasks) if schema.kind == "multi" else 1
+        self.dtype = records_dtype(schema.label_columns, schema.kind == "multi", self.max_labels)
 
-    def __len__(self):
-        return len(self.rec)
-
-    def __getitem__(self, i):
-        r = self.rec[i]
-        f = int(r["file"])
-        m = self._maps.get(f)
-        if m is None:
-            m = self._maps[f] = np.memmap(self.paths[f], dtype=np.uint8, mode="r")
-        off = int(r["offset"])
-        jpeg = np.array(m[off:off + int(r["size"])])
-        labels = [r["label"] if self.multi else int(r["label"])]
-        labels += [int(r[c]) for c in self.label_columns[1:]]
-        return ((jpeg, int(r["height"]), int(r["width"])), *labels)
+    def chunks(self):
+        from fastload.beton import BetonChunk
+        for t in self.tasks:
+            shard = np.load(t.rows_path)
+            rows = np.zeros(len(shard), self.dtype)
+            for name in self.dtype.names:
+                if name == "label" and self.schema.kind == "multi":
+                    rows["label"] = -1
+                    rows["label"][:, :shard["label"].shape[1]] = shard["label"]
+                else:
+                    rows[name] = shard[name]
+            yield BetonChunk(Path(t.path), rows)
 
 
-def _write_split_beton(out, split, schema, split_tasks, rec, workers, max_labels, show_progress, codec) -> dict:
-    from tqdm.auto import tqdm
-    from fastload.beton import BETON_PAGE_BYTES, write_beton
+def _write_records(out: Path, split: str, staged: _StagedSplit, offsets=None) -> dict:
+    """``<split>.records.npy``, written shard by shard (``offsets``: each chunk's offsets in a
+    .beton, which replace the staged ones; None keeps the shard files' own)."""
+    path = out / records_filename(split)
+    tmp = path.with_name(f".{path.name}.tmp")
+    header = {"descr": np.lib.format.dtype_to_descr(staged.dtype), "fortran_order": False,
+              "shape": (staged.num_samples,)}
+    with open(tmp, "wb") as raw:
+        f = HashingFile(raw)
+        np.lib.format.write_array_header_1_0(f, header)
+        for chunk, placed in zip(staged.chunks(), offsets if offsets is not None else itertools.repeat(None)):
+            if placed is not None:
+                chunk.rows["file"], chunk.rows["offset"] = 0, placed
+            f.write(chunk.rows.tobytes())
+        raw.flush()
+        os.fsync(raw.fileno())
+    os.replace(tmp, path)
+    return {"path": path.name, "size": f.size, "sha256": f.sha256.hexdigest(), "role": "records"}
+
+
+def _write_split_beton(out, split, schema, staged: _StagedSplit, bars: PhaseBars, codec) -> list[dict]:
+    from fastload.beton import beton_offsets, plan_beton, write_beton
     path = out / f"{split}.beton"
     tmp = out / PARTIAL / f"{split}.beton.tmp"
     tmp.unlink(missing_ok=True)
-    # images, a part-filled page per worker, ~64 bytes of metadata per sample
-    check_free_space(out, int(rec["size"].sum()) + (workers + 2) * BETON_PAGE_BYTES + 64 * len(rec))
-    label_fields = {"label": ("ids", max_labels) if schema.kind == "multi" else ("int", 0)}
+    label_fields = {"label": ("ids", staged.max_labels) if schema.kind == "multi" else ("int", 0)}
     for col in schema.extra_labels:
         label_fields[col] = ("int", 0)
-    with tqdm(total=len(rec), unit="img", desc=f"write {path.name}", disable=not show_progress) as bar:
-        write_beton(tmp, _StagedSplit(split_tasks, rec, schema.label_columns, schema.kind == "multi"),
-                    label_fields, workers, progress=bar.update, codec=codec)
+    layout = plan_beton(staged.chunks, label_fields, codec)
+    check_free_space(out, layout.data_end + 24 * 2 * staged.num_samples)
+    with bars.phase(f"write {path.name}", staged.num_samples) as advance:
+        size, sha256 = write_beton(tmp, layout, staged.chunks, progress=advance)
     os.replace(tmp, path)
-    return {"path": path.name, "size": path.stat().st_size, "sha256": sha256_file(path),
-            "records": len(rec), "role": "data"}
+    records = _write_records(out, split, staged, beton_offsets(layout, staged.chunks))
+    return [{"path": path.name, "size": size, "sha256": sha256, "records": staged.num_samples, "role": "data"},
+            records]
 

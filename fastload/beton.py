@@ -1,26 +1,50 @@
-"""Writing and indexing FFCV ``.beton`` files: the one module that reaches into ffcv.
+"""Writing FFCV ``.beton`` files, laid out by fastload itself in ffcv's file format.
 
-Only converters and ``verify`` import ffcv (loading a ``.beton`` needs no ffcv: see
-``pipelines/ffcv.py``). ffcv's ``RGBImageField`` re-encodes every image at quality 90.
-fastload writes the already-prepared bytes into that field's storage directly (mode 'jpg'
-for JPEGs, 'raw' for raw pixels: the metadata ffcv's own encoder writes), so the file reads
-with stock ffcv decoders and passthrough JPEGs stay byte for byte what the source held.
+fastload does not use ffcv's ``DatasetWriter``: it re-encodes every image (``RGBImageField``
+saves JPEGs at quality 90), copies every byte through a pool of processes that wait on each
+other page by page, pads the file to whole 8 MiB pages (a 2,000-image CIFAR set took 17 MB for
+2.4 MB of pixels), hangs when one of its workers dies, and importing ffcv alone takes seconds.
+Here the already-prepared bytes (a passthrough JPEG, or raw pixels) are copied once, in order,
+from the staged shards, and the file is hashed while it is written. No ffcv import is needed
+to write; reading with ffcv (``verify``, the tests, raw FFCV in the benchmarks) goes through
+:func:`import_ffcv`, which checks the version.
 
-ffcv internals used here, checked against the installed version by :func:`import_ffcv`:
-``RGBImageField.encode``'s signature and ``IMAGE_MODES``; in ``ffcv.writer``, the module
-globals ``worker_job_indexed_dataset``, ``sleep`` and ``tqdm`` (its worker, its polling
-loop and its bar); ``Reader.alloc_table`` and ``Reader.metadata`` field names.
+The layout is ffcv's file version 2, as ffcv 1.0.2's ``Reader`` and both of its memory
+managers read it: header, field descriptors, the metadata table (one row per sample), data
+blocks, then the allocation table up to the end of the file. One sample's bytes (its image,
+then its multi-label ids) never cross a page boundary, because ffcv's process cache loads
+whole pages; unlike ffcv's writer, the data starts right after the metadata and the last page
+is not padded. The dtypes below are copied from ``ffcv/types.py`` and ``ffcv/fields/``;
+``tests/test_convert.py`` checks them against the installed ffcv.
 """
 from __future__ import annotations
 
+import json
 import os
-import types
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from .manifest import HashingFile
+
 FFCV_TESTED = ("1.0.2",)
-BETON_PAGE_BYTES = 4 * 2**20  # ffcv's DatasetWriter page size (its default)
+BETON_PAGE_BYTES = 8 * 2**20  # ffcv's DatasetWriter default page (4 x its 2 MiB minimum)
+MAX_PAGE_BYTES = 1 << 32      # ffcv's limit: pages address with uint32
+
+# ffcv/types.py
+FILE_VERSION = 2
+HEADER = np.dtype([("version", "<u2"), ("num_fields", "<u2"), ("page_size", "<u4"), ("num_samples", "<u8"),
+                   ("alloc_table_ptr", "<u8")], align=True)
+FIELD_DESCRIPTOR = np.dtype([("type_id", "<u1"), ("name", ("<u1", 16)), ("arguments", ("<u1", (1024,)))],
+                            align=True)
+ALLOC_TABLE = np.dtype([("sample_id", "<u8"), ("ptr", "<u8"), ("size", "<u8")])
+# ffcv/fields: type ids (TYPE_ID_HANDLER), per-sample metadata, field arguments
+INT_FIELD, RGB_IMAGE_FIELD, NDARRAY_FIELD = 1, 2, 4
+IMAGE_METADATA = np.dtype([("mode", "<u1"), ("width", "<u2"), ("height", "<u2"), ("data_ptr", "<u8")])
+IMAGE_MODES = {"jpeg": 0, "raw": 1}  # ffcv's IMAGE_MODES 'jpg', 'raw'
+NDARRAY_ARGUMENTS = np.dtype([("shape", "<u8", 32), ("type_length", "<u8")])
 
 
 def import_ffcv():
@@ -30,11 +54,11 @@ def import_ffcv():
     try:
         installed = version("ffcv")
     except PackageNotFoundError:
-        raise ImportError("ffcv is not installed: `pip install 'fastload[ffcv]'` (ffcv==1.0.2) to write .beton "
-                          "files") from None
+        raise ImportError("ffcv is not installed: `pip install 'fastload[ffcv]'` (ffcv==1.0.2) to read .beton "
+                          "files with ffcv") from None
     if installed not in FFCV_TESTED and not os.environ.get("FASTLOAD_FFCV_UNTESTED"):
-        raise ImportError(f"ffcv {installed} is installed; fastload's .beton writer uses ffcv internals tested "
-                          f"with {', '.join(FFCV_TESTED)} only: `pip install ffcv==1.0.2`, or set "
+        raise ImportError(f"ffcv {installed} is installed; fastload's .beton files are tested with "
+                          f"ffcv {', '.join(FFCV_TESTED)} only: `pip install ffcv==1.0.2`, or set "
                           "FASTLOAD_FFCV_UNTESTED=1 to try anyway (then run `fastload verify` on the output)")
     import torch
     threads = torch.get_num_threads()
@@ -45,103 +69,188 @@ def import_ffcv():
     return ffcv
 
 
-def _encode_prepared(self, destination, value, malloc, mode):
-    """``value`` is (stored bytes as uint8 array, height, width): a JPEG file (mode 'jpg') or raw
-    RGB pixels (mode 'raw', what ffcv's own raw encoder writes), stored as is."""
-    from ffcv.fields.rgb_image import IMAGE_MODES
-    data, height, width = value
-    destination["mode"] = IMAGE_MODES[mode]
-    destination["height"], destination["width"] = height, width
-    destination["data_ptr"], storage = malloc(data.nbytes)
-    storage[:] = data
+@dataclass
+class BetonChunk:
+    """Consecutive samples whose stored bytes lie in one file (a staged shard).
+
+    ``rows`` is a records array (``fastload.records.records_dtype``): ``offset``/``size`` locate
+    each sample's bytes in ``source``; ``height``, ``width`` and the label columns fill the
+    .beton's metadata."""
+    source: Path
+    rows: np.ndarray
 
 
-def passthrough_image_field(codec: str = "jpeg"):
-    """An ``RGBImageField`` whose encoder stores prepared bytes (a JPEG, or raw pixels). It stays
-    of type RGBImageField (ffcv records the field type by exact class), so stock ffcv reads it."""
-    import_ffcv()
-    import functools
-    from ffcv.fields import RGBImageField
-    mode = {"jpeg": "jpg", "raw": "raw"}[codec]
-    field = RGBImageField(write_mode=mode)
-    field.encode = types.MethodType(functools.partial(_encode_prepared, mode=mode), field)
-    return field
+@dataclass(frozen=True)
+class BetonField:
+    """One ffcv field as the file records it."""
+    name: str
+    type_id: int
+    metadata_type: np.dtype
+    arguments: bytes = b""   # the descriptor's argument bytes (zeros for images and ints)
+    block_bytes: int = 0     # bytes this field adds to a sample's data block
 
 
-def write_beton(path: Path, dataset, label_fields: dict[str, tuple[str, int]], num_workers: int,
-                progress=None, codec: str = "jpeg") -> None:
-    """Write ``dataset[i] -> ((stored bytes, h, w), label, extra labels...)`` to ``path``.
-
-    ``label_fields`` maps field name -> ('int', 0) or ('ids', K) for padded multi-label ids.
-    ``progress(n)`` is called with the samples written since the last call.
-
-    ffcv's writer waits for its workers by polling a counter: a worker that dies (a full disk,
-    a bad sample) used to leave it waiting forever. Here a worker's error is recorded in shared
-    memory, the polling loop raises it, and the remaining workers are killed.
-    """
-    import ctypes
-    import errno
-    import multiprocessing as mp
-    import torch
-    import_ffcv()
-    import ffcv.writer
-    from ffcv.fields import IntField, NDArrayField
-    fields = {"image": passthrough_image_field(codec)}
+def beton_fields(label_fields: dict[str, tuple[str, int]]) -> list[BetonField]:
+    """The image, then ``label_fields`` in order: ('int', 0) -> ffcv's ``IntField``; ('ids', K) ->
+    ``NDArrayField`` of K int16 class ids (its data stored right after the image)."""
+    fields = [BetonField("image", RGB_IMAGE_FIELD, IMAGE_METADATA)]
     for name, (kind, width) in label_fields.items():
-        fields[name] = IntField() if kind == "int" else NDArrayField(np.dtype("<i2"), (width,))
-    failure = mp.get_context("fork").Array(ctypes.c_char, 512, lock=False)
-    work, poll, bar = ffcv.writer.worker_job_indexed_dataset, ffcv.writer.sleep, ffcv.writer.tqdm
+        if kind == "int":
+            fields.append(BetonField(name, INT_FIELD, np.dtype("<i8")))
+            continue
+        args = np.zeros(1, NDARRAY_ARGUMENTS)
+        args["shape"][0][0] = width
+        descr = json.dumps(np.dtype("<i2").descr).encode("ascii")  # what NDArrayField.to_binary writes
+        args["type_length"] = len(descr)
+        fields.append(BetonField(name, NDARRAY_FIELD, np.dtype("<u8"), args.tobytes() + descr, 2 * width))
+    return fields
 
-    def worker_reporting_errors(*args):
-        try:
-            work(*args)
-        except BaseException as e:  # recorded for the parent; no traceback on the user's terminal
-            failure.value = f"{type(e).__name__}: {e}".encode(errors="replace")[:511]
-            os._exit(1)
 
-    def poll_watching_workers(seconds):
-        if failure.value:
-            message = failure.value.decode(errors="replace")
-            raise OSError(errno.ENOSPC if "No space left" in message else errno.EIO,
-                          f"ffcv's writer failed: {message}")
-        poll(seconds)
+class BetonLayout:
+    """Where everything goes in a .beton of ``num_samples`` samples with ``fields``."""
 
-    class Bar:  # ffcv's bar, reported to fastload's instead of drawn
-        def __init__(self, *a, **k):
-            pass
+    def __init__(self, fields: list[BetonField], codec: str, num_samples: int, largest_block: int):
+        self.fields, self.codec, self.num_samples = fields, codec, num_samples
+        # ffcv's get_metadata_type: one unnamed (f0, f1, ...) member per field, aligned
+        self.metadata_type = np.dtype([("", f.metadata_type) for f in fields], align=True)
+        self.ids_bytes = sum(f.block_bytes for f in fields)
+        self.page_size = BETON_PAGE_BYTES  # a power of two that holds the largest sample
+        while self.page_size < largest_block:
+            self.page_size *= 2
+        if self.page_size >= MAX_PAGE_BYTES:
+            raise ValueError(f"a sample of {largest_block} bytes is too large for a .beton (ffcv's pages are "
+                             f"under {MAX_PAGE_BYTES} bytes): convert with --max-side to shrink it")
+        self.metadata_start = HEADER.itemsize + FIELD_DESCRIPTOR.itemsize * len(fields)
+        self.data_start = self.metadata_start + self.metadata_type.itemsize * num_samples
 
-        def update(self, n):
-            if progress is not None:
-                progress(n)
+    def block_offsets(self, block_sizes: Iterable[np.ndarray]) -> Iterator[np.ndarray]:
+        """File offsets of consecutive blocks: packed in order from the data start, each moved to
+        the next page when it would cross a page boundary. After the last, ``self.data_end``."""
+        pos, page = self.data_start, self.page_size
+        for sizes in block_sizes:
+            sizes = np.asarray(sizes, np.int64)
+            offsets = np.empty(len(sizes), np.uint64)
+            i = 0
+            while i < len(sizes):  # vectorized between page crossings (one per page, not per sample)
+                ends = pos + np.cumsum(sizes[i:])
+                starts = ends - sizes[i:]
+                crossing = np.flatnonzero(starts // page != (ends - 1) // page)
+                j = int(crossing[0]) if len(crossing) else len(starts)
+                offsets[i:i + j] = starts[:j]
+                if j == len(starts):
+                    pos = int(ends[-1])
+                    break
+                pos = (int(starts[j]) // page + 1) * page
+                offsets[i + j] = pos
+                pos += int(sizes[i + j])
+                i += j + 1
+            yield offsets
+        self.data_end = pos
 
-        def close(self):
-            pass
 
-    before = set(mp.active_children())
-    threads = torch.get_num_threads()
-    ffcv.writer.worker_job_indexed_dataset = worker_reporting_errors
-    ffcv.writer.sleep, ffcv.writer.tqdm = poll_watching_workers, Bar
+def _block_sizes(rows: np.ndarray, ids_bytes: int) -> np.ndarray:
+    return rows["size"].astype(np.int64) + ids_bytes
+
+
+def plan_beton(chunks: Callable[[], Iterator[BetonChunk]], label_fields: dict[str, tuple[str, int]],
+               codec: str) -> BetonLayout:
+    """The layout of the .beton that :func:`write_beton` writes for ``chunks``."""
+    fields = beton_fields(label_fields)
+    ids = sum(f.block_bytes for f in fields)
+    n, largest = 0, 1
+    for chunk in chunks():
+        n += len(chunk.rows)
+        if len(chunk.rows):
+            largest = max(largest, int(_block_sizes(chunk.rows, ids).max()))
+    layout = BetonLayout(fields, codec, n, largest)
+    for _ in layout.block_offsets(_block_sizes(c.rows, ids) for c in chunks()):
+        pass
+    return layout
+
+
+def beton_offsets(layout: BetonLayout, chunks: Callable[[], Iterator[BetonChunk]]) -> Iterator[np.ndarray]:
+    """Each chunk's image offsets in the .beton (what the records index stores)."""
+    return layout.block_offsets(_block_sizes(c.rows, layout.ids_bytes) for c in chunks())
+
+
+def write_beton(path: Path, layout: BetonLayout, chunks: Callable[[], Iterator[BetonChunk]],
+                progress: Callable[[int], None] | None = None) -> tuple[int, str]:
+    """Write the .beton ``layout`` plans (see :func:`plan_beton`) to ``path``: one sequential
+    pass, hashed as it goes. ``chunks()`` is called once per section (metadata, data, allocation
+    table), each time yielding the same chunks in order; ``progress(n)`` counts samples whose
+    bytes are written. Returns (size, sha256 hex)."""
     try:
-        writer = ffcv.writer.DatasetWriter(str(path), fields, num_workers=max(1, num_workers))
-        writer.from_indexed_dataset(dataset, chunksize=64)
+        with open(path, "wb") as raw:
+            return _write_sections(HashingFile(raw), layout, chunks, progress)
     except BaseException:
-        for child in set(mp.active_children()) - before:  # blocked waiting for a page that never comes
-            child.kill()
-            child.join()
+        Path(path).unlink(missing_ok=True)  # no half-written .beton left behind (a full disk, ^C)
         raise
-    finally:
-        ffcv.writer.worker_job_indexed_dataset, ffcv.writer.sleep, ffcv.writer.tqdm = work, poll, bar
-        torch.set_num_threads(threads)
 
 
-def beton_image_locations(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """(offset, size, height, width) of every image in a .beton, in sample order."""
-    import_ffcv()
-    from ffcv.reader import Reader
-    reader = Reader(str(path))
-    meta = reader.metadata["f0"]
-    table = reader.alloc_table
-    ptr_to_size = dict(zip(table["ptr"].tolist(), table["size"].tolist()))
-    offsets = meta["data_ptr"].astype(np.uint64)
-    sizes = np.array([ptr_to_size[int(p)] for p in offsets], dtype=np.uint64)
-    return offsets, sizes, meta["height"].astype(np.uint32), meta["width"].astype(np.uint32)
+def _write_sections(f, layout: BetonLayout, chunks, progress) -> tuple[int, str]:
+    fields, ids = layout.fields, layout.ids_bytes
+
+    def offsets_per_chunk():
+        return zip(chunks(), beton_offsets(layout, chunks))
+
+    header = np.zeros(1, HEADER)
+    header["version"], header["num_fields"] = FILE_VERSION, len(fields)
+    header["page_size"], header["num_samples"] = layout.page_size, layout.num_samples
+    header["alloc_table_ptr"] = layout.data_end
+    f.write(header.tobytes())
+    descriptors = np.zeros(len(fields), FIELD_DESCRIPTOR)
+    for i, field in enumerate(fields):
+        name = np.frombuffer(field.name.encode("ascii"), "<u1")[:16]
+        descriptors[i]["type_id"] = field.type_id
+        descriptors[i]["name"][:len(name)] = name
+        descriptors[i]["arguments"][:len(field.arguments)] = np.frombuffer(field.arguments, "<u1")
+    f.write(descriptors.tobytes())
+
+    for chunk, offsets in offsets_per_chunk():  # the metadata table
+        meta = np.zeros(len(chunk.rows), layout.metadata_type)
+        image = meta["f0"]
+        image["mode"], image["data_ptr"] = IMAGE_MODES[layout.codec], offsets
+        image["height"], image["width"] = chunk.rows["height"], chunk.rows["width"]
+        for k, field in enumerate(fields[1:], start=1):
+            if field.type_id == NDARRAY_FIELD:
+                meta[f"f{k}"] = offsets + chunk.rows["size"]
+            else:
+                meta[f"f{k}"] = chunk.rows["label" if k == 1 else field.name]
+        f.write(meta.tobytes())
+
+    pos = layout.data_start
+    for chunk, offsets in offsets_per_chunk():  # the data blocks
+        if not len(offsets):
+            continue
+        end = int(offsets[-1]) + int(chunk.rows["size"][-1]) + ids
+        block = np.zeros(end - pos, np.uint8)
+        source = np.memmap(chunk.source, dtype=np.uint8, mode="r")
+        starts = (offsets - pos).astype(np.int64).tolist()
+        for at, src, size in zip(starts, chunk.rows["offset"].tolist(), chunk.rows["size"].tolist()):
+            block[at:at + size] = source[src:src + size]
+        if ids:  # the ids array right after its image, as ffcv's NDArrayField reads it
+            labels = np.ascontiguousarray(chunk.rows["label"], dtype="<i2").view(np.uint8)
+            for row, (at, size) in enumerate(zip(starts, chunk.rows["size"].tolist())):
+                block[at + size:at + size + ids] = labels[row]
+        del source
+        f.write(block)
+        pos = end
+        if progress is not None:
+            progress(len(offsets))
+    if pos != layout.data_end:
+        raise AssertionError(f"data ends at {pos}, planned {layout.data_end}")
+
+    sample = 0
+    for chunk, offsets in offsets_per_chunk():  # the allocation table, to the end of the file
+        n = len(offsets)
+        table = np.zeros(n * (2 if ids else 1), ALLOC_TABLE)
+        sample_ids = np.arange(sample, sample + n, dtype=np.uint64)
+        table["sample_id"][:n], table["ptr"][:n], table["size"][:n] = sample_ids, offsets, chunk.rows["size"]
+        if ids:
+            table["sample_id"][n:], table["ptr"][n:] = sample_ids, offsets + chunk.rows["size"]
+            table["size"][n:] = ids
+        f.write(table.tobytes())
+        sample += n
+    f.f.flush()
+    os.fsync(f.f.fileno())
+    return f.size, f.sha256.hexdigest()

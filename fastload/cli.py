@@ -47,10 +47,11 @@ def convert(source, fmt, out, splits, workers, max_side, jpeg_quality, skip_corr
     from fastload.converters.sources import SchemaError
     import time
     t0 = time.perf_counter()
+    phases = []
     try:
         m = run(source, out, format=fmt, splits=list(splits) or None, workers=workers, max_side=max_side,
                 jpeg_quality=jpeg_quality, skip_corrupt=skip_corrupt, label=label, shard_size=shard_size,
-                preset=preset, overwrite=overwrite, image_codec=image_codec)
+                preset=preset, overwrite=overwrite, image_codec=image_codec, phases=phases)
     except (ConversionError, CorruptImageError, SchemaError, ValueError) as e:
         _fail(str(e))
     except OSError as e:  # the environment, not a bug: a read-only or vanished path
@@ -62,7 +63,9 @@ def convert(source, fmt, out, splits, workers, max_side, jpeg_quality, skip_corr
         info = m.split(s)
         click.echo(f"{s}: {info.num_examples} images, {len(info.skipped)} skipped, stats mean={info.stats['mean']} "
                    f"std={info.stats['std']}")
-    click.echo(f"wrote {out} ({m.storage}) in {dt:.1f}s, {total / max(dt, 1e-9):.0f} images/s")
+    # the rates the bars showed, phase by phase, then the whole command (opening the source included)
+    click.echo(f"wrote {out} ({m.storage}): {total} images in {dt:.1f}s"
+               + "".join(f"; {p}" for p in phases))
 
 
 @main.command()

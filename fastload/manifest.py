@@ -29,13 +29,35 @@ def sha256_file(path: Path) -> str:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
+class HashingFile:
+    """Sequential writes to file ``f``, hashed (sha256) and counted on the way: a checksum with
+    no second read of what was written."""
+
+    def __init__(self, f):
+        self.f, self.sha256, self.size = f, hashlib.sha256(), 0
+
+    def write(self, data) -> None:
+        self.f.write(data)
+        self.sha256.update(data)
+        self.size += memoryview(data).nbytes
+
+
+def atomic_write_bytes(path: Path, data: bytes, durable: bool = True) -> None:
+    """Write ``path`` whole or not at all (a temporary name, renamed). ``durable``: on disk
+    before the rename (fsync); without it the file survives the process (kill -9) but not a
+    power cut, for bookkeeping that a later step syncs or can redo."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     with open(tmp, "wb") as f:
         f.write(data)
         f.flush()
-        os.fsync(f.fileno())
+        if durable:
+            os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def fsync_file(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
 
 
 @dataclass(frozen=True)

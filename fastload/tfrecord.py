@@ -7,6 +7,7 @@ index file of ``"<offset> <size>"`` lines (DALI itself checks no CRC: ``verify``
 """
 from __future__ import annotations
 
+import functools
 import struct
 from dataclasses import dataclass
 from typing import BinaryIO, Iterator, Mapping, Sequence
@@ -28,7 +29,7 @@ def masked_crc32c(data: bytes | memoryview) -> int:
 
 
 # --------------------------------------------------------------------------- protobuf bits
-def _varint(value: int) -> bytes:
+def _varint_of(value: int) -> bytes:
     if value < 0:
         value += 1 << 64  # int64 two's complement, as protobuf writes it
     out = bytearray()
@@ -40,6 +41,13 @@ def _varint(value: int) -> bytes:
         else:
             out.append(b)
             return bytes(out)
+
+
+_SMALL_VARINTS = [_varint_of(v) for v in range(1 << 14)]  # 1-2 byte varints: lengths, labels, sizes
+
+
+def _varint(value: int) -> bytes:
+    return _SMALL_VARINTS[value] if 0 <= value < 16384 else _varint_of(value)
 
 
 def _read_varint(buf: memoryview, pos: int) -> tuple[int, int]:
@@ -61,6 +69,12 @@ def _len_field(number: int, payload: bytes) -> bytes:
     return _varint(number << 3 | 2) + _varint(len(payload)) + payload
 
 
+@functools.lru_cache(maxsize=256)
+def _feature_key(name: str) -> bytes:
+    """A map entry's key field: the same bytes for every record."""
+    return _len_field(1, name.encode())
+
+
 @dataclass(frozen=True)
 class EncodedExample:
     data: bytes
@@ -76,8 +90,7 @@ def encode_example(bytes_features: Mapping[str, bytes], int_features: Mapping[st
         value = bytes(value)
         bytes_list = _len_field(1, value)            # BytesList.value
         feature = _len_field(1, bytes_list)          # Feature.bytes_list
-        key = _len_field(1, name.encode())           # map entry key
-        entry_body = key + _len_field(2, feature)    # map entry value
+        entry_body = _feature_key(name) + _len_field(2, feature)  # map entry key, value
         entry = _len_field(1, entry_body)            # Features.feature
         if image_offset < 0:
             # payload is the tail of `entry`
@@ -88,7 +101,7 @@ def encode_example(bytes_features: Mapping[str, bytes], int_features: Mapping[st
         packed = b"".join(_varint(int(v)) for v in values)
         int_list = _len_field(1, packed)             # Int64List.value (packed)
         feature = _len_field(3, int_list)            # Feature.int64_list
-        entry = _len_field(1, _len_field(1, name.encode()) + _len_field(2, feature))
+        entry = _len_field(1, _feature_key(name) + _len_field(2, feature))
         parts.append(entry)
     features = b"".join(parts)
     header = _varint(1 << 3 | 2) + _varint(len(features))  # Example.features

@@ -4,6 +4,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -85,11 +86,48 @@ def test_beton_round_trip_through_ffcv_reader_and_loader(imagenet_dirs, imagenet
     sizes = dict(zip(reader.alloc_table["ptr"].tolist(), reader.alloc_table["size"].tolist()))
     stored = [data[p:p + sizes[int(p)]].tobytes() for p in reader.metadata["f0"]["data_ptr"]]
     _check_stored_images(stored, _source_bytes(imagenet_source), Manifest.read(d).split("validation"))
-    # and ffcv's own Loader decodes every image, labels in order
-    loader = Loader(beton, batch_size=50, num_workers=1, order=OrderOption.SEQUENTIAL, drop_last=False,
-                    pipelines={"image": [CenterCropRGBImageDecoder((64, 64), 1.0)], "label": [IntDecoder()]})
-    got = np.concatenate([np.asarray(lab).reshape(-1) for _, lab in loader])
-    assert got.tolist() == list(imagenet_source["label"])
+    # no page padding: the file is its images plus ~100 bytes of tables per sample and, per 8 MiB
+    # page, the tail where the next image did not fit (ffcv's own writer pads to whole pages)
+    size = os.path.getsize(beton)
+    pages = -(-size // int(reader.page_size))
+    assert size <= sum(map(len, stored)) + 200 * 100 + pages * max(map(len, stored))
+    # and ffcv's own Loader decodes every image, labels in order, with either of its memory
+    # managers: the process cache reads whole pages, so no image may cross a page boundary
+    decoded = {}
+    for os_cache in (True, False):
+        loader = Loader(beton, batch_size=50, num_workers=1, order=OrderOption.SEQUENTIAL, drop_last=False,
+                        os_cache=os_cache,
+                        pipelines={"image": [CenterCropRGBImageDecoder((64, 64), 1.0)], "label": [IntDecoder()]})
+        batches = [(np.array(x), np.array(lab).reshape(-1)) for x, lab in loader]
+        assert np.concatenate([lab for _, lab in batches]).tolist() == list(imagenet_source["label"])
+        decoded[os_cache] = np.concatenate([x for x, _ in batches])
+    assert reader.page_size == 8 * 2**20 and pages >= 3  # several pages: crossings were handled
+    assert np.array_equal(decoded[True], decoded[False])
+
+
+def test_beton_layout_constants_are_ffcvs():
+    """fastload writes .beton files without importing ffcv: its copy of ffcv's file format must
+    match the installed ffcv's, byte for byte."""
+    from fastload import beton
+    beton.import_ffcv()
+    from ffcv.fields import IntField, NDArrayField, RGBImageField
+    from ffcv.fields.ndarray import NDArrayArgsType
+    from ffcv.fields.rgb_image import IMAGE_MODES
+    from ffcv.types import (ALLOC_TABLE_TYPE, CURRENT_VERSION, FieldDescType, HeaderType, TYPE_ID_HANDLER,
+                            get_metadata_type)
+    from ffcv.writer import MAX_PAGE_SIZE
+    assert (beton.HEADER, beton.FIELD_DESCRIPTOR, beton.ALLOC_TABLE) == (HeaderType, FieldDescType, ALLOC_TABLE_TYPE)
+    assert beton.FILE_VERSION == CURRENT_VERSION and beton.MAX_PAGE_BYTES == MAX_PAGE_SIZE
+    assert beton.NDARRAY_ARGUMENTS == NDArrayArgsType
+    assert beton.IMAGE_MODES == {"jpeg": IMAGE_MODES["jpg"], "raw": IMAGE_MODES["raw"]}
+    ours = beton.beton_fields({"label": ("ids", 7), "coarse": ("int", 0)})
+    theirs = [RGBImageField(), NDArrayField(np.dtype("<i2"), (7,)), IntField()]
+    assert [f.type_id for f in ours] == [next(k for k, v in TYPE_ID_HANDLER.items() if v is type(t)) for t in theirs]
+    assert [f.metadata_type for f in ours] == [t.metadata_type for t in theirs]
+    for f, t in zip(ours, theirs):
+        assert (f.arguments + bytes(1024 - len(f.arguments))) == t.to_binary().tobytes()
+    layout = beton.BetonLayout(ours, "jpeg", 10, 100)
+    assert layout.metadata_type == get_metadata_type(theirs)
 
 
 def _check_stored_images(stored: list[bytes], source: list[bytes], info):
@@ -299,6 +337,18 @@ def test_kill9_midway_then_rerun_resumes(tmp_path, fmt):
     assert SplitReader(m, "test").labels.tolist() == labels
     assert not (out / ".partial").exists()
     assert kept  # finished shards were not redone: their records were reused (checked by the message)
+    # each phase had a bar, and the summary line repeats what the bars showed: the images that
+    # phase handled (the resumed ones are not counted again) at the rate the bar ended on
+    remaining = 400 * (25 - len(done_before))
+    shown = {name: (int(n), float(rate)) for name, n, rate in
+             re.findall(r"(convert|write test\.beton): 100%\|[^|]*\| (\d+)/\d+ \[[^,\]]*, ([\d.]+)img/s\]", r.stderr)}
+    summary = {name: (int(n), float(rate)) for name, n, rate in
+               re.findall(r"; (convert|write test\.beton) (\d+) images in [\d.]+s \((\d+) images/s\)", r.stdout)}
+    expected = {"convert": remaining, **({"write test.beton": 10000} if fmt == "beton" else {})}
+    assert {k: v[0] for k, v in shown.items()} == expected == {k: v[0] for k, v in summary.items()}, (r.stderr[-500:],
+                                                                                                    r.stdout)
+    for name, (_, rate) in shown.items():
+        assert summary[name][1] == pytest.approx(rate, rel=0.1), (name, rate, r.stdout)
 
 
 # --------------------------------------------------------------------------- verify
@@ -360,3 +410,31 @@ def test_image_folder_with_class_subfolders(tmp_path):
     means = [np.asarray(r.image(i)).mean() for i in range(len(r))]
     assert [("cat" if v < 120 else "dog") for v in means] == [m.class_names[int(y)] for y in r.labels]
     assert sorted(r.labels.tolist()) == [0, 0, 0, 1, 1, 1]
+
+
+def _resident_arrow_bytes() -> int:
+    total, arrow = 0, False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split()
+            if "-" in head[0] and len(head) >= 5:  # a mapping's header line
+                arrow = len(head) >= 6 and head[-1].endswith(".arrow")
+            elif arrow and head[0] == "Rss:":
+                total += int(head[1]) * 1024
+    return total
+
+
+@needs_shared
+def test_source_pages_read_by_the_converter_are_released(tmp_path):
+    """The converter's memory must not grow with the source: pages of the memory-mapped Arrow
+    files it has read are dropped from the process, and reading them again still works."""
+    from fastload.converters.jobs import release_arrow_pages
+    from fastload.converters.sources import open_source
+    ds = open_source(str(CIFAR10), ["test"])["test"]
+    first = ds[0:2000]["img"]
+    _ = ds[2000:10000]["label"], [v for v in ds.with_format("arrow")[:]["img"]]  # touch every page
+    assert _resident_arrow_bytes() > 5 * 2**20
+    release_arrow_pages()
+    assert _resident_arrow_bytes() < 2**20
+    again = ds[0:2000]["img"]
+    assert [np.asarray(a).tobytes() for a in again] == [np.asarray(a).tobytes() for a in first]

@@ -192,31 +192,42 @@ def test_full_disk_tfrecord_is_one_line_and_leaves_no_temp_files(tmp_path):
 
 
 @needs_shared
-def test_full_disk_beton_fails_fast_instead_of_hanging(tmp_path):
-    """Too little room: refused before writing. Room that runs out while ffcv's writer works (its
-    worker dies of ENOSPC): an error within seconds, and no writer process left behind."""
-    from fastload.beton import write_beton
+def test_full_disk_beton_convert_is_one_line(tmp_path):
+    """Too little room for the staged shards: one line from the CLI, no .beton, no manifest."""
     src = _small_imagenet(tmp_path, 60)
     with small_disk(tmp_path / "disk", "3m") as disk:
         r = subprocess.run([*FASTLOAD, "convert", str(src), "--format", "beton", "--out", str(disk / "out")],
                            capture_output=True, text=True, timeout=120)
         _one_line_error(r, "full")
-        shutil.rmtree(disk / "out", ignore_errors=True)
-        reader = SplitReader(Manifest.read(_converted(tmp_path, src)), "train")
+        out = disk / "out"  # what is kept is the resumable staging, never a half .beton or a manifest
+        assert not (out / "manifest.json").exists() and not list(out.rglob("*.beton*")), list(out.rglob("*"))
 
-        class Samples:
-            def __len__(self):
-                return len(reader)
 
-            def __getitem__(self, i):
-                return (np.array(reader.stored(i)), int(reader.heights[i]), int(reader.widths[i])), int(reader.labels[i])
-        import multiprocessing
-        before = set(multiprocessing.active_children())  # other tests' DataLoader workers
-        t0 = time.time()
-        with pytest.raises(OSError, match="No space left"):
-            write_beton(disk / "x.beton", Samples(), {"label": ("int", 0)}, num_workers=2)
-        assert time.time() - t0 < 60
-        assert not set(multiprocessing.active_children()) - before
+@needs_shared
+def test_disk_that_fills_while_the_beton_is_written(tmp_path):
+    """Room for the staged shards but not for the .beton: refused before writing it, staging
+    kept for the rerun; and a write that runs out of room anyway (the disk filled by someone
+    else) raises ENOSPC, leaving no half file in place of the .beton."""
+    import errno
+    from fastload.beton import BetonChunk, plan_beton, write_beton
+    src = _small_imagenet(tmp_path, 60)
+    staged = _converted(tmp_path, src)
+    size = sum(f.stat().st_size for f in staged.glob("*.tfrecord"))
+    with small_disk(tmp_path / "disk", f"{int(size * 1.5) // 1024}k") as disk:
+        r = subprocess.run([*FASTLOAD, "convert", str(src), "--format", "beton", "--out", str(disk / "out")],
+                           capture_output=True, text=True, timeout=120)
+        _one_line_error(r, "needs about", "rerun the same command")
+        out = disk / "out"
+        assert not list(out.rglob("*.beton*")) and len(list((out / ".partial").glob("*.tfrecord"))) >= 1
+
+        reader = SplitReader(Manifest.read(staged), "train")
+        rows = np.array(reader.records)
+        chunks = [BetonChunk(f, rows[rows["file"] == k]) for k, f in enumerate(reader.data_files)]
+        layout = plan_beton(lambda: iter(chunks), {"label": ("int", 0)}, "jpeg")
+        with pytest.raises(OSError) as e:
+            write_beton(disk / "x.beton", layout, lambda: iter(chunks))
+        assert e.value.errno == errno.ENOSPC
+        assert not (disk / "x.beton").exists()
 
 
 def _converted(tmp_path: Path, src: Path) -> Path:
