@@ -20,6 +20,7 @@ import multiprocessing as mp
 import os
 import queue
 import shutil
+import threading
 import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass
@@ -98,8 +99,8 @@ def _write_shard(task: ShardTask) -> dict:
     # Raw bytes: we decide passthrough vs re-encode ourselves.
     ds = ds.cast_column(schema.image_column, datasets.Image(decode=False))
     tmp = task.tmp_path
-    # shards are synced to disk once, at assembly (fsync per shard cost ~10% of a CIFAR job);
-    # beton staging is temporary: no checksum either
+    # shards are not fsynced here (a fsync per shard cost ~10% of a CIFAR job): writeback starts
+    # in the background and assembly syncs them all; beton staging is temporary: no checksum either
     final = settings["format"] == "tfrecord"
     hist = np.zeros((3, 256), np.int64)
     rows, skipped, index_entries = [], [], []
@@ -164,6 +165,8 @@ def _write_shard(task: ShardTask) -> dict:
             "index": {"path": idx_path.name, "size": len(index_bytes),
                       "sha256": hashlib.sha256(index_bytes).hexdigest() if final else None}}
     atomic_write_bytes(Path(task.done_path), json.dumps(done).encode(), durable=False)
+    if final:  # start the shard's writeback now, beside the next shard's work (assembly waits for it)
+        threading.Thread(target=fsync_file, args=(Path(task.path),), daemon=True).start()
     return done
 
 

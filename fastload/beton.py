@@ -21,7 +21,9 @@ from __future__ import annotations
 
 import json
 import os
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -187,6 +189,18 @@ def write_beton(path: Path, layout: BetonLayout, chunks: Callable[[], Iterator[B
         raise
 
 
+_SYNC_EVERY = 2**28
+
+
+def _write_block(f, block: np.ndarray) -> None:
+    """Write and hash ``block``; every 256 MB, wait for the disk (the final fsync stays short)."""
+    before = f.size
+    f.write(block)
+    if f.size // _SYNC_EVERY != before // _SYNC_EVERY:
+        f.f.flush()
+        os.fdatasync(f.f.fileno())
+
+
 def _write_sections(f, layout: BetonLayout, chunks, progress) -> tuple[int, str]:
     fields, ids = layout.fields, layout.ids_bytes
 
@@ -218,25 +232,36 @@ def _write_sections(f, layout: BetonLayout, chunks, progress) -> tuple[int, str]
                 meta[f"f{k}"] = chunk.rows["label" if k == 1 else field.name]
         f.write(meta.tobytes())
 
-    pos = layout.data_start
-    for chunk, offsets in offsets_per_chunk():  # the data blocks
-        if not len(offsets):
-            continue
-        end = int(offsets[-1]) + int(chunk.rows["size"][-1]) + ids
-        block = np.zeros(end - pos, np.uint8)
-        source = np.memmap(chunk.source, dtype=np.uint8, mode="r")
-        starts = (offsets - pos).astype(np.int64).tolist()
-        for at, src, size in zip(starts, chunk.rows["offset"].tolist(), chunk.rows["size"].tolist()):
-            block[at:at + size] = source[src:src + size]
-        if ids:  # the ids array right after its image, as ffcv's NDArrayField reads it
-            labels = np.ascontiguousarray(chunk.rows["label"], dtype="<i2").view(np.uint8)
-            for row, (at, size) in enumerate(zip(starts, chunk.rows["size"].tolist())):
-                block[at + size:at + size + ids] = labels[row]
-        del source
-        f.write(block)
-        pos = end
-        if progress is not None:
-            progress(len(offsets))
+    # the data blocks: this thread gathers each chunk's bytes, a second one writes, hashes and
+    # syncs them (hashlib and file writes release the GIL): the two overlap
+    pos, in_flight = layout.data_start, deque()
+    with ThreadPoolExecutor(1, thread_name_prefix="fastload-beton-writer") as writer:
+        for chunk, offsets in offsets_per_chunk():
+            if not len(offsets):
+                continue
+            end = int(offsets[-1]) + int(chunk.rows["size"][-1]) + ids
+            block = np.zeros(end - pos, np.uint8)
+            source = np.memmap(chunk.source, dtype=np.uint8, mode="r")
+            starts = (offsets - pos).astype(np.int64).tolist()
+            for at, src, size in zip(starts, chunk.rows["offset"].tolist(), chunk.rows["size"].tolist()):
+                block[at:at + size] = source[src:src + size]
+            if ids:  # the ids array right after its image, as ffcv's NDArrayField reads it
+                labels = np.ascontiguousarray(chunk.rows["label"], dtype="<i2").view(np.uint8)
+                for row, (at, size) in enumerate(zip(starts, chunk.rows["size"].tolist())):
+                    block[at + size:at + size + ids] = labels[row]
+            del source
+            in_flight.append((writer.submit(_write_block, f, block), len(offsets)))
+            pos = end
+            while len(in_flight) > 2 or (in_flight and in_flight[0][0].done()):
+                done, n = in_flight.popleft()
+                done.result()
+                if progress is not None:
+                    progress(n)
+        while in_flight:
+            done, n = in_flight.popleft()
+            done.result()
+            if progress is not None:
+                progress(n)
     if pos != layout.data_end:
         raise AssertionError(f"data ends at {pos}, planned {layout.data_end}")
 
