@@ -34,7 +34,6 @@ SHARED = ROOT.parent / "shared" / "data"
 def cifar_png_source(cache: Path, tile: int) -> Path:
     """The CIFAR sample as PNGs (lossless, as the hub stores CIFAR), tiled."""
     import datasets
-    from PIL import Image
     out = cache / f"cifar-png-x{tile}"
     if not (out / "dataset_dict.json").exists():
         ds = datasets.load_dataset(str(SHARED / "cifar10-sample"), split="test")
