@@ -35,7 +35,7 @@ from fastload.records import records_dtype, records_filename
 
 from .images import CODEC_CHOICES, CorruptImageError, choose_codec, prepare_image, source_bytes, stats_from_histograms
 from .jobs import (ConversionError, OutputLock, check_free_space, children_die_with_parent, die_with_parent,
-                   full_disk_reported, arrow_pages_released, release_arrow_pages)
+                   full_disk_reported, pages_released_while_opening, SourcePages)
 from .progress import Phase, PhaseBars
 from .sources import Schema, SchemaError, detect_schema, guess_preset, open_source, source_fingerprint
 
@@ -76,7 +76,8 @@ _WORKER: dict = {}
 def _init_worker(datasets_by_split, schema: Schema, settings: dict, progress_queue) -> None:
     # fork start: the datasets (memory-mapped Arrow) are inherited, not pickled
     die_with_parent()  # a kill -9 of the job takes its workers with it
-    _WORKER.update(datasets=datasets_by_split, schema=schema, settings=settings, progress=progress_queue)
+    _WORKER.update(datasets=datasets_by_split, schema=schema, settings=settings, progress=progress_queue,
+                   source_pages=SourcePages(datasets_by_split))
 
 
 def _run_shard(task: ShardTask) -> dict:
@@ -87,7 +88,7 @@ def _run_shard(task: ShardTask) -> dict:
         task.tmp_path.unlink(missing_ok=True)  # no half-written shard left behind
         raise
     finally:
-        release_arrow_pages()  # the shard's source rows, read: not kept
+        _WORKER["source_pages"].release()  # the shard's source rows, read: not kept
 
 
 def _write_shard(task: ShardTask) -> dict:
@@ -235,17 +236,9 @@ def convert(source, out, format: str = "tfrecord", splits: list[str] | None = No
     if (out / MANIFEST).exists() and not overwrite:
         raise ConversionError(f"{out} already holds a complete dataset ({MANIFEST} exists); "
                               "pass overwrite=True (--overwrite) to replace it")
-    # memory flat at any source size: this process's pages of the source are released as it
-    # reads them (opening the dataset, its fingerprint; see release_arrow_pages)
-    with arrow_pages_released():
-        return _convert_source(source, out, format, splits, workers, max_side, jpeg_quality, skip_corrupt, label,
-                               shard_size, preset, overwrite, progress, image_codec, phases)
-
-
-def _convert_source(source, out, format, splits, workers, max_side, jpeg_quality, skip_corrupt, label, shard_size,
-                    preset, overwrite, progress, image_codec, phases) -> Manifest:
     # the source and its schema first: a bad source leaves nothing behind, and deletes nothing
-    data = open_source(source, splits)
+    with pages_released_while_opening():  # memory flat at any source size (converters/jobs.py)
+        data = open_source(source, splits)
     first = next(iter(data.values()))
     schema = detect_schema(first.features, label)
     empty = [s for s, d in data.items() if len(d) == 0]
@@ -285,7 +278,7 @@ def _convert_locked(source, out, data, schema, format, workers, max_side, jpeg_q
                 "splits": list(data), "max_side": max_side, "jpeg_quality": int(jpeg_quality), "image_codecs": codecs,
                 "skip_corrupt": bool(skip_corrupt), "label": schema.target,
                 "sizes": {s: len(d) for s, d in data.items()},
-                "fingerprint": source_fingerprint(data, schema)}
+                "fingerprint": source_fingerprint(data, schema, released=SourcePages(data).release)}
     plan = _load_or_make_plan(partial, settings, data, shard_size, workers)
 
     staging = out if format == "tfrecord" else partial

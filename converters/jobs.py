@@ -13,9 +13,11 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
+
 LOCK = ".lock"
 _PR_SET_PDEATHSIG = 1
-_MADV_DONTNEED = 4
+_MADV_DONTNEED, _MADV_PAGEOUT = 4, 21  # PAGEOUT: Linux >= 5.4
 
 
 class ConversionError(RuntimeError):
@@ -115,40 +117,78 @@ def check_free_space(directory: Path, needed: int) -> None:
                               "same command (finished shards are kept)")
 
 
-def release_arrow_pages() -> None:
-    """Drop this process's resident pages of memory-mapped Arrow files (read-only maps only).
+def _arrow_maps() -> list[tuple[int, int]]:
+    """(start, end) of this process's read-only maps of ``.arrow`` files, from /proc/self/maps."""
+    try:
+        with open("/proc/self/maps") as maps:
+            lines = maps.read().splitlines()
+    except OSError:
+        return []
+    ranges = []
+    for line in lines:
+        fields = line.split(maxsplit=5)
+        if len(fields) == 6 and fields[5].endswith(".arrow") and "w" not in fields[1]:
+            ranges.append(tuple(int(v, 16) for v in fields[0].split("-")))
+    return ranges
+
+
+def _madvise(ranges, advice: int) -> None:
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    except (OSError, AttributeError):  # not Linux: nothing to release
+        return
+    for start, end in ranges:
+        libc.madvise(start, end - start, advice)
+
+
+class SourcePages:
+    """Drops this process's resident pages of a source's memory-mapped Arrow files.
 
     ``datasets`` reads its Arrow files through memory maps: every page read stays in the reading
     process's RSS until unmapped, so a job over a 3 GB source would grow by 3 GB however little
-    it holds (opening a dataset alone maps 64 KB around each record batch header: ~0.8 GB for
-    1.3 M CIFAR images). The pages are clean copies of the page cache: ``MADV_DONTNEED`` drops
-    them from this process, and a later read maps them again from the cache. Linux only;
-    elsewhere a no-op."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        with open("/proc/self/maps") as maps:
-            lines = maps.read().splitlines()
-    except (OSError, AttributeError):
-        return
-    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    for line in lines:
-        fields = line.split(maxsplit=5)
-        if len(fields) < 6 or not fields[5].endswith(".arrow") or "w" in fields[1]:
-            continue
-        start, end = (int(v, 16) for v in fields[0].split("-"))
-        libc.madvise(start, end - start, _MADV_DONTNEED)
+    it holds. The pages are clean copies of the page cache: ``MADV_DONTNEED`` drops them from
+    this process, and a later read maps them again from the cache. Only maps holding a buffer
+    of ``data`` are touched: those cannot be unmapped (nor their addresses reused) while
+    ``data`` lives, where DONTNEED on a map another thread had just unmapped would zero
+    whatever memory took its place. Linux only; elsewhere a no-op."""
+
+    def __init__(self, data: dict):
+        addresses = []
+        for ds in data.values():
+            if not getattr(ds, "cache_files", None):
+                continue  # an in-memory dataset: nothing mapped
+            table = ds.data.table if hasattr(ds.data, "table") else ds.data
+            for column in table.columns:
+                for chunk in column.chunks:
+                    addresses += [b.address for b in chunk.buffers() if b is not None and b.size]
+        self.data = data  # keeps the maps alive
+        self.live = np.unique(np.asarray(addresses, np.uint64))
+
+    def release(self) -> None:
+        if not len(self.live):
+            return
+        ours = []
+        for start, end in _arrow_maps():
+            k = np.searchsorted(self.live, start)
+            if k < len(self.live) and self.live[k] < end:
+                ours.append((start, end))
+        _madvise(ours, _MADV_DONTNEED)
 
 
 @contextmanager
-def arrow_pages_released(every: float = 0.02):
-    """Release Arrow pages (:func:`release_arrow_pages`) every ``every`` seconds while the block
-    runs (opening a dataset, which ``datasets`` does in one call), and once at its end."""
+def pages_released_while_opening(every: float = 0.02):
+    """Opening a dataset maps 64 KB of its Arrow files around each record batch header (the
+    kernel's fault-around): ~0.8 GB for 1.3 M CIFAR images, in one ``datasets`` call. While the
+    block runs, every ``every`` seconds, ``MADV_PAGEOUT`` reclaims the pages of every Arrow map.
+    No buffer is known yet to pin those maps, so not DONTNEED (see :func:`release_source_pages`):
+    PAGEOUT never loses data, wherever it lands (at worst it swaps pages out). Linux >= 5.4."""
     import threading
     stop = threading.Event()
 
     def loop():
         while not stop.wait(every):
-            release_arrow_pages()
+            _madvise(_arrow_maps(), _MADV_PAGEOUT)
     thread = threading.Thread(target=loop, name="fastload-release-arrow-pages", daemon=True)
     thread.start()
     try:
@@ -156,4 +196,3 @@ def arrow_pages_released(every: float = 0.02):
     finally:
         stop.set()
         thread.join()
-        release_arrow_pages()

@@ -151,11 +151,12 @@ def guess_preset(schema: Schema) -> str:
     return "imagenet"
 
 
-def source_fingerprint(data: dict, schema: Schema) -> str:
+def source_fingerprint(data: dict, schema: Schema, released=None) -> str:
     """A digest of what a conversion reads, so that a resumed job can prove it continues the same
     source: per split, its row count, the bytes of its label columns, and either ``datasets``' own
     fingerprint of the Arrow files (which changes with the files and with every transform) or,
-    for an in-memory dataset, the bytes of every column."""
+    for an in-memory dataset, the bytes of every column. ``released()``, when given, is called
+    every 256 chunks read and at the end (a memory-mapped source's pages, read, are dropped)."""
     import hashlib
     h = hashlib.sha256()
     label_columns = [schema.objects_column] if schema.kind == "multi" else schema.label_columns
@@ -166,8 +167,12 @@ def source_fingerprint(data: dict, schema: Schema) -> str:
             h.update(str(ds._fingerprint).encode())
         table = ds.data.table if hasattr(ds.data, "table") else ds.data
         for col in (label_columns if on_disk else table.column_names):
-            for chunk in table.column(col).chunks:
+            for k, chunk in enumerate(table.column(col).chunks):
                 for buf in chunk.buffers():
                     if buf is not None:
                         h.update(memoryview(buf))
+                if released is not None and k % 256 == 255:
+                    released()
+    if released is not None:
+        released()
     return h.hexdigest()

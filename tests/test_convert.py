@@ -428,13 +428,14 @@ def _resident_arrow_bytes() -> int:
 def test_source_pages_read_by_the_converter_are_released(tmp_path):
     """The converter's memory must not grow with the source: pages of the memory-mapped Arrow
     files it has read are dropped from the process, and reading them again still works."""
-    from fastload.converters.jobs import release_arrow_pages
+    from fastload.converters.jobs import SourcePages
     from fastload.converters.sources import open_source
-    ds = open_source(str(CIFAR10), ["test"])["test"]
+    data = open_source(str(CIFAR10), ["test"])
+    ds = data["test"]
     first = ds[0:2000]["img"]
     _ = ds[2000:10000]["label"], [v for v in ds.with_format("arrow")[:]["img"]]  # touch every page
     assert _resident_arrow_bytes() > 5 * 2**20
-    release_arrow_pages()
+    SourcePages(data).release()
     assert _resident_arrow_bytes() < 2**20
     again = ds[0:2000]["img"]
     assert [np.asarray(a).tobytes() for a in again] == [np.asarray(a).tobytes() for a in first]
