@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import itertools
 import json
 import math
 import multiprocessing as mp
@@ -73,11 +72,11 @@ def shard_name(split: str, shard: int, num_shards: int) -> str:
 _WORKER: dict = {}
 
 
-def _init_worker(datasets_by_split, schema: Schema, settings: dict, progress_queue) -> None:
+def _init_worker(source_pages: SourcePages, schema: Schema, settings: dict, progress_queue) -> None:
     # fork start: the datasets (memory-mapped Arrow) are inherited, not pickled
     die_with_parent()  # a kill -9 of the job takes its workers with it
-    _WORKER.update(datasets=datasets_by_split, schema=schema, settings=settings, progress=progress_queue,
-                   source_pages=SourcePages(datasets_by_split))
+    _WORKER.update(datasets=source_pages.data, source_pages=source_pages, schema=schema, settings=settings,
+                   progress=progress_queue)
 
 
 def _run_shard(task: ShardTask) -> dict:
@@ -274,11 +273,12 @@ def _convert_locked(source, out, data, schema, format, workers, max_side, jpeg_q
                     preset, progress, codecs, phases) -> Manifest:
     partial = out / PARTIAL
     partial.mkdir(exist_ok=True)
+    source_pages = SourcePages(data)  # the parent's and (inherited at fork) every worker's
     settings = {"format": format, "source": str(source) if isinstance(source, (str, os.PathLike)) else "<in-memory>",
                 "splits": list(data), "max_side": max_side, "jpeg_quality": int(jpeg_quality), "image_codecs": codecs,
                 "skip_corrupt": bool(skip_corrupt), "label": schema.target,
                 "sizes": {s: len(d) for s, d in data.items()},
-                "fingerprint": source_fingerprint(data, schema, released=SourcePages(data).release)}
+                "fingerprint": source_fingerprint(data, schema, released=source_pages.release)}
     plan = _load_or_make_plan(partial, settings, data, shard_size, workers)
 
     staging = out if format == "tfrecord" else partial
@@ -297,7 +297,7 @@ def _convert_locked(source, out, data, schema, format, workers, max_side, jpeg_q
 
     bars = PhaseBars(progress, phases)
     with children_die_with_parent():
-        _run_tasks(todo, data, schema, settings, workers, bars)
+        _run_tasks(todo, source_pages, schema, settings, workers, bars)
         results = _shard_results(tasks)
         with full_disk_reported(out):
             manifest = _assemble(out, format, schema, settings, tasks, results, preset or guess_preset(schema), bars)
@@ -388,7 +388,8 @@ def _shard_done(task: ShardTask) -> bool:
         return False
 
 
-def _run_tasks(todo: list[ShardTask], data, schema, settings, workers, bars: PhaseBars) -> None:
+def _run_tasks(todo: list[ShardTask], source_pages: SourcePages, schema, settings, workers,
+               bars: PhaseBars) -> None:
     if not todo:
         return
     ctx = mp.get_context("fork")
@@ -396,7 +397,7 @@ def _run_tasks(todo: list[ShardTask], data, schema, settings, workers, bars: Pha
     total = sum(t.stop - t.start for t in todo)
     with bars.phase("convert", total) as advance, \
             ProcessPoolExecutor(max_workers=min(workers, len(todo)), mp_context=ctx, initializer=_init_worker,
-                                initargs=(data, schema, settings, progress_queue)) as pool:
+                                initargs=(source_pages, schema, settings, progress_queue)) as pool:
         pending = {pool.submit(_run_shard, t) for t in todo}
         try:
             while pending:
@@ -480,19 +481,20 @@ class _StagedSplit:
             yield BetonChunk(Path(t.path), rows)
 
 
-def _write_records(out: Path, split: str, staged: _StagedSplit, offsets=None) -> dict:
-    """``<split>.records.npy``, written shard by shard (``offsets``: each chunk's offsets in a
-    .beton, which replace the staged ones; None keeps the shard files' own)."""
+def _write_records(out: Path, split: str, staged: _StagedSplit, layout=None) -> dict:
+    """``<split>.records.npy``, written shard by shard; with a .beton ``layout``, each sample's
+    offset in the .beton replaces its offset in the staged shard."""
     path = out / records_filename(split)
     tmp = path.with_name(f".{path.name}.tmp")
     header = {"descr": np.lib.format.dtype_to_descr(staged.dtype), "fortran_order": False,
               "shape": (staged.num_samples,)}
+    placed = layout.placed(staged.chunks) if layout is not None else ((c, None) for c in staged.chunks())
     with open(tmp, "wb") as raw:
         f = HashingFile(raw)
         np.lib.format.write_array_header_1_0(f, header)
-        for chunk, placed in zip(staged.chunks(), offsets if offsets is not None else itertools.repeat(None)):
-            if placed is not None:
-                chunk.rows["file"], chunk.rows["offset"] = 0, placed
+        for chunk, offsets in placed:
+            if offsets is not None:
+                chunk.rows["file"], chunk.rows["offset"] = 0, offsets
             f.write(chunk.rows.tobytes())
         raw.flush()
         os.fsync(raw.fileno())
@@ -501,7 +503,7 @@ def _write_records(out: Path, split: str, staged: _StagedSplit, offsets=None) ->
 
 
 def _write_split_beton(out, split, schema, staged: _StagedSplit, bars: PhaseBars, codec) -> list[dict]:
-    from fastload.beton import beton_offsets, plan_beton, write_beton
+    from fastload.beton import plan_beton, write_beton
     path = out / f"{split}.beton"
     tmp = out / PARTIAL / f"{split}.beton.tmp"
     tmp.unlink(missing_ok=True)
@@ -513,7 +515,7 @@ def _write_split_beton(out, split, schema, staged: _StagedSplit, bars: PhaseBars
     with bars.phase(f"write {path.name}", staged.num_samples) as advance:
         size, sha256 = write_beton(tmp, layout, staged.chunks, progress=advance)
     os.replace(tmp, path)
-    records = _write_records(out, split, staged, beton_offsets(layout, staged.chunks))
+    records = _write_records(out, split, staged, layout)
     return [{"path": path.name, "size": size, "sha256": sha256, "records": staged.num_samples, "role": "data"},
             records]
 

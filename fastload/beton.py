@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 import os
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -124,13 +124,15 @@ class BetonLayout:
                              f"under {MAX_PAGE_BYTES} bytes): convert with --max-side to shrink it")
         self.metadata_start = HEADER.itemsize + FIELD_DESCRIPTOR.itemsize * len(fields)
         self.data_start = self.metadata_start + self.metadata_type.itemsize * num_samples
+        self.data_end = self.data_start  # where the allocation table starts (set by plan_beton)
 
-    def block_offsets(self, block_sizes: Iterable[np.ndarray]) -> Iterator[np.ndarray]:
-        """File offsets of consecutive blocks: packed in order from the data start, each moved to
-        the next page when it would cross a page boundary. After the last, ``self.data_end``."""
+    def placed(self, chunks: Callable[[], Iterator[BetonChunk]]) -> Iterator[tuple[BetonChunk, np.ndarray]]:
+        """Each chunk with the file offsets of its samples' blocks (one pass over ``chunks()``):
+        packed in order from the data start, a block that would cross a page boundary moved to
+        the next page."""
         pos, page = self.data_start, self.page_size
-        for sizes in block_sizes:
-            sizes = np.asarray(sizes, np.int64)
+        for chunk in chunks():
+            sizes = chunk.rows["size"].astype(np.int64) + self.ids_bytes
             offsets = np.empty(len(sizes), np.uint64)
             i = 0
             while i < len(sizes):  # vectorized between page crossings (one per page, not per sample)
@@ -146,39 +148,31 @@ class BetonLayout:
                 offsets[i + j] = pos
                 pos += int(sizes[i + j])
                 i += j + 1
-            yield offsets
-        self.data_end = pos
-
-
-def _block_sizes(rows: np.ndarray, ids_bytes: int) -> np.ndarray:
-    return rows["size"].astype(np.int64) + ids_bytes
+            yield chunk, offsets
 
 
 def plan_beton(chunks: Callable[[], Iterator[BetonChunk]], label_fields: dict[str, tuple[str, int]],
                codec: str) -> BetonLayout:
-    """The layout of the .beton that :func:`write_beton` writes for ``chunks``."""
+    """The layout of the .beton that :func:`write_beton` writes for ``chunks``: two passes, one
+    for the sample count and the page size, one for where the data ends."""
     fields = beton_fields(label_fields)
     ids = sum(f.block_bytes for f in fields)
     n, largest = 0, 1
     for chunk in chunks():
         n += len(chunk.rows)
         if len(chunk.rows):
-            largest = max(largest, int(_block_sizes(chunk.rows, ids).max()))
+            largest = max(largest, int(chunk.rows["size"].max()) + ids)
     layout = BetonLayout(fields, codec, n, largest)
-    for _ in layout.block_offsets(_block_sizes(c.rows, ids) for c in chunks()):
-        pass
+    for chunk, offsets in layout.placed(chunks):
+        if len(offsets):
+            layout.data_end = int(offsets[-1]) + int(chunk.rows["size"][-1]) + ids
     return layout
-
-
-def beton_offsets(layout: BetonLayout, chunks: Callable[[], Iterator[BetonChunk]]) -> Iterator[np.ndarray]:
-    """Each chunk's image offsets in the .beton (what the records index stores)."""
-    return layout.block_offsets(_block_sizes(c.rows, layout.ids_bytes) for c in chunks())
 
 
 def write_beton(path: Path, layout: BetonLayout, chunks: Callable[[], Iterator[BetonChunk]],
                 progress: Callable[[int], None] | None = None) -> tuple[int, str]:
     """Write the .beton ``layout`` plans (see :func:`plan_beton`) to ``path``: one sequential
-    pass, hashed as it goes. ``chunks()`` is called once per section (metadata, data, allocation
+    pass, hashed as it goes. ``chunks()`` is read once per section (metadata, data, allocation
     table), each time yielding the same chunks in order; ``progress(n)`` counts samples whose
     bytes are written. Returns (size, sha256 hex)."""
     try:
@@ -201,12 +195,16 @@ def _write_block(f, block: np.ndarray) -> None:
         os.fdatasync(f.f.fileno())
 
 
+def _finish(written, progress) -> None:
+    """Wait for one block's write (raising its error), then count its samples."""
+    done, n = written
+    done.result()
+    if progress is not None:
+        progress(n)
+
+
 def _write_sections(f, layout: BetonLayout, chunks, progress) -> tuple[int, str]:
     fields, ids = layout.fields, layout.ids_bytes
-
-    def offsets_per_chunk():
-        return zip(chunks(), beton_offsets(layout, chunks))
-
     header = np.zeros(1, HEADER)
     header["version"], header["num_fields"] = FILE_VERSION, len(fields)
     header["page_size"], header["num_samples"] = layout.page_size, layout.num_samples
@@ -220,7 +218,7 @@ def _write_sections(f, layout: BetonLayout, chunks, progress) -> tuple[int, str]
         descriptors[i]["arguments"][:len(field.arguments)] = np.frombuffer(field.arguments, "<u1")
     f.write(descriptors.tobytes())
 
-    for chunk, offsets in offsets_per_chunk():  # the metadata table
+    for chunk, offsets in layout.placed(chunks):  # the metadata table
         meta = np.zeros(len(chunk.rows), layout.metadata_type)
         image = meta["f0"]
         image["mode"], image["data_ptr"] = IMAGE_MODES[layout.codec], offsets
@@ -236,7 +234,7 @@ def _write_sections(f, layout: BetonLayout, chunks, progress) -> tuple[int, str]
     # syncs them (hashlib and file writes release the GIL): the two overlap
     pos, in_flight = layout.data_start, deque()
     with ThreadPoolExecutor(1, thread_name_prefix="fastload-beton-writer") as writer:
-        for chunk, offsets in offsets_per_chunk():
+        for chunk, offsets in layout.placed(chunks):
             if not len(offsets):
                 continue
             end = int(offsets[-1]) + int(chunk.rows["size"][-1]) + ids
@@ -253,20 +251,14 @@ def _write_sections(f, layout: BetonLayout, chunks, progress) -> tuple[int, str]
             in_flight.append((writer.submit(_write_block, f, block), len(offsets)))
             pos = end
             while len(in_flight) > 2 or (in_flight and in_flight[0][0].done()):
-                done, n = in_flight.popleft()
-                done.result()
-                if progress is not None:
-                    progress(n)
+                _finish(in_flight.popleft(), progress)
         while in_flight:
-            done, n = in_flight.popleft()
-            done.result()
-            if progress is not None:
-                progress(n)
+            _finish(in_flight.popleft(), progress)
     if pos != layout.data_end:
         raise AssertionError(f"data ends at {pos}, planned {layout.data_end}")
 
     sample = 0
-    for chunk, offsets in offsets_per_chunk():  # the allocation table, to the end of the file
+    for chunk, offsets in layout.placed(chunks):  # the allocation table, to the end of the file
         n = len(offsets)
         table = np.zeros(n * (2 if ids else 1), ALLOC_TABLE)
         sample_ids = np.arange(sample, sample + n, dtype=np.uint64)
