@@ -1,7 +1,7 @@
 """``fastload convert``: a source dataset -> a dataset directory (.beton or TFRecord shards).
 
 Work is cut into shards of consecutive source rows. Each shard is prepared by a worker
-process (decode check, passthrough or re-encode, pixel histogram), written as a TFRecord
+process (decode check, passthrough or re-encode, pixel histogram of the stats sample), written as a TFRecord
 file under a temporary name, renamed when complete, and recorded in ``.partial/`` (a done
 file, and the shard's records as .npy: the main process never holds every row, so its
 memory is flat at any dataset size). A rerun after any interruption (kill -9 included)
@@ -32,7 +32,8 @@ from fastload.manifest import (FORMAT_NAME, FORMAT_VERSION, MANIFEST, HashingFil
                                fsync_file)
 from fastload.records import records_dtype, records_filename
 
-from .images import CODEC_CHOICES, CorruptImageError, choose_codec, prepare_image, source_bytes, stats_from_histograms
+from .images import (CODEC_CHOICES, CorruptImageError, choose_codec, prepare_image, source_bytes, stats_every,
+                     stats_from_histograms)
 from .jobs import (ConversionError, OutputLock, check_free_space, children_die_with_parent, die_with_parent,
                    full_disk_reported, pages_released_while_opening, SourcePages)
 from .progress import Phase, PhaseBars
@@ -108,6 +109,8 @@ def _write_shard(task: ShardTask) -> dict:
     pos = 0
     pending = 0
     codec = settings["image_codecs"][task.split]
+    every = settings["stats_every"][task.split]
+    stats_images = 0
     with open(tmp, "wb") as raw:
         f = HashingFile(raw)  # checksum while writing: no second read of the shard
         for offset in range(task.start, task.stop, 256):
@@ -118,7 +121,7 @@ def _write_shard(task: ShardTask) -> dict:
                 row = {key: batch[key][k] for key in batch}
                 try:
                     img = prepare_image(source_bytes(row[schema.image_column]), settings["max_side"],
-                                        settings["jpeg_quality"], codec)
+                                        settings["jpeg_quality"], codec, histogram=index % every == 0)
                 except CorruptImageError as e:
                     if not settings["skip_corrupt"]:
                         tmp.unlink(missing_ok=True)
@@ -142,7 +145,9 @@ def _write_shard(task: ShardTask) -> dict:
                 rows.append((pos + tfrecord.RECORD_HEADER + ex.image_offset, len(img.data), img.height, img.width,
                              index, labels[schema.target], [labels[c][0] for c in schema.extra_labels]))
                 pos += size
-                hist += img.histogram
+                if img.histogram is not None:
+                    hist += img.histogram
+                    stats_images += 1
                 passthrough += img.passthrough
                 pending += 1
                 if pending >= 16:
@@ -159,7 +164,7 @@ def _write_shard(task: ShardTask) -> dict:
     atomic_write_bytes(task.rows_path, buffer.getvalue(), durable=False)
     os.replace(tmp, task.path)
     done = {"split": task.split, "shard": task.shard, "count": len(rows), "passthrough": passthrough,
-            "skipped": skipped, "histogram": hist.tolist(), "max_labels": _max_labels(records, schema),
+            "skipped": skipped, "histogram": hist.tolist(), "stats_images": stats_images, "max_labels": _max_labels(records, schema),
             "file": {"path": Path(task.path).name, "size": f.size,
                      "sha256": f.sha256.hexdigest() if final else None, "records": len(rows)},
             "index": {"path": idx_path.name, "size": len(index_bytes),
@@ -278,6 +283,7 @@ def _convert_locked(source, out, data, schema, format, workers, max_side, jpeg_q
                 "splits": list(data), "max_side": max_side, "jpeg_quality": int(jpeg_quality), "image_codecs": codecs,
                 "skip_corrupt": bool(skip_corrupt), "label": schema.target,
                 "sizes": {s: len(d) for s, d in data.items()},
+                "stats_every": {s: stats_every(len(d), codecs[s]) for s, d in data.items()},
                 "fingerprint": source_fingerprint(data, schema, released=source_pages.release)}
     plan = _load_or_make_plan(partial, settings, data, shard_size, workers)
 
@@ -445,7 +451,9 @@ def _assemble(out: Path, format: str, schema: Schema, settings: dict, tasks, res
                               "passthrough_jpegs": passthrough,
                               "reencoded": staged.num_samples - passthrough if codec == "jpeg" else 0,
                               "skipped": skipped, "max_labels": staged.max_labels,
-                              "stats": stats_from_histograms(hist), "files": files}
+                              "stats": {**stats_from_histograms(hist), "every": settings["stats_every"][split],
+                                        "images": sum(results[t]["stats_images"] for t in split_tasks)},
+                              "files": files}
     from fastload import __version__
     data = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "storage": format,
             "created_by": f"fastload {__version__}", "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

@@ -5,7 +5,8 @@ saves JPEGs at quality 90), copies every byte through a pool of processes that w
 other page by page, pads the file to whole 8 MiB pages (a 2,000-image CIFAR set took 17 MB for
 2.4 MB of pixels), hangs when one of its workers dies, and importing ffcv alone takes seconds.
 Here the already-prepared bytes (a passthrough JPEG, or raw pixels) are copied once, in order,
-from the staged shards, and the file is hashed while it is written. No ffcv import is needed
+from the staged shards straight into the file's pieces (``fastload/bulk_write.py``: past the
+page cache, hashed while written). No ffcv import is needed
 to write; reading with ffcv (``verify``, the tests, raw FFCV in the benchmarks) goes through
 :func:`import_ffcv`, which checks the version.
 
@@ -21,15 +22,13 @@ from __future__ import annotations
 
 import json
 import os
-from collections import deque
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from .manifest import HashingFile
+from .bulk_write import BulkFile
 
 FFCV_TESTED = ("1.0.2",)
 BETON_PAGE_BYTES = 8 * 2**20  # ffcv's DatasetWriter default page (4 x its 2 MiB minimum)
@@ -175,35 +174,35 @@ def write_beton(path: Path, layout: BetonLayout, chunks: Callable[[], Iterator[B
     pass, hashed as it goes. ``chunks()`` is read once per section (metadata, data, allocation
     table), each time yielding the same chunks in order; ``progress(n)`` counts samples whose
     bytes are written. Returns (size, sha256 hex)."""
+    out = BulkFile(path, progress)
     try:
-        with open(path, "wb") as raw:
-            return _write_sections(HashingFile(raw), layout, chunks, progress)
+        _write_sections(out, layout, chunks)
+        out.close()
     except BaseException:
+        out.abandon()
         Path(path).unlink(missing_ok=True)  # no half-written .beton left behind (a full disk, ^C)
         raise
+    return out.size, out.sha256.hexdigest()
 
 
-_SYNC_EVERY = 2**28
+def _read_blocks(piece: np.ndarray, fd: int, starts: np.ndarray, source_offsets: np.ndarray, sizes: np.ndarray,
+                 labels: np.ndarray | None) -> None:
+    """Each sample's stored bytes from file ``fd`` into ``piece`` at ``starts`` (read straight
+    in: no map of the source to fault in), its ids array right after (as ffcv's NDArrayField
+    reads it), and zeros in the gaps left before page boundaries."""
+    view = memoryview(piece)
+    ends = starts + sizes + (labels.shape[1] if labels is not None else 0)
+    piece[:starts[0]] = 0
+    for gap in np.flatnonzero(starts[1:] > ends[:-1]):
+        piece[ends[gap]:starts[gap + 1]] = 0
+    for k, (at, src, size) in enumerate(zip(starts.tolist(), source_offsets.tolist(), sizes.tolist())):
+        if os.preadv(fd, [view[at:at + size]], src) != size:
+            raise OSError(f"staged file ended before sample bytes {src}..{src + size}")
+        if labels is not None:
+            piece[at + size:at + size + labels.shape[1]] = labels[k]
 
 
-def _write_block(f, block: np.ndarray) -> None:
-    """Write and hash ``block``; every 256 MB, wait for the disk (the final fsync stays short)."""
-    before = f.size
-    f.write(block)
-    if f.size // _SYNC_EVERY != before // _SYNC_EVERY:
-        f.f.flush()
-        os.fdatasync(f.f.fileno())
-
-
-def _finish(written, progress) -> None:
-    """Wait for one block's write (raising its error), then count its samples."""
-    done, n = written
-    done.result()
-    if progress is not None:
-        progress(n)
-
-
-def _write_sections(f, layout: BetonLayout, chunks, progress) -> tuple[int, str]:
+def _write_sections(f: BulkFile, layout: BetonLayout, chunks) -> None:
     fields, ids = layout.fields, layout.ids_bytes
     header = np.zeros(1, HEADER)
     header["version"], header["num_fields"] = FILE_VERSION, len(fields)
@@ -230,30 +229,21 @@ def _write_sections(f, layout: BetonLayout, chunks, progress) -> tuple[int, str]
                 meta[f"f{k}"] = chunk.rows["label" if k == 1 else field.name]
         f.write(meta.tobytes())
 
-    # the data blocks: this thread gathers each chunk's bytes, a second one writes, hashes and
-    # syncs them (hashlib and file writes release the GIL): the two overlap
-    pos, in_flight = layout.data_start, deque()
-    with ThreadPoolExecutor(1, thread_name_prefix="fastload-beton-writer") as writer:
-        for chunk, offsets in layout.placed(chunks):
-            if not len(offsets):
-                continue
-            end = int(offsets[-1]) + int(chunk.rows["size"][-1]) + ids
-            block = np.zeros(end - pos, np.uint8)
-            source = np.memmap(chunk.source, dtype=np.uint8, mode="r")
-            starts = (offsets - pos).astype(np.int64).tolist()
-            for at, src, size in zip(starts, chunk.rows["offset"].tolist(), chunk.rows["size"].tolist()):
-                block[at:at + size] = source[src:src + size]
-            if ids:  # the ids array right after its image, as ffcv's NDArrayField reads it
-                labels = np.ascontiguousarray(chunk.rows["label"], dtype="<i2").view(np.uint8)
-                for row, (at, size) in enumerate(zip(starts, chunk.rows["size"].tolist())):
-                    block[at + size:at + size + ids] = labels[row]
-            del source
-            in_flight.append((writer.submit(_write_block, f, block), len(offsets)))
-            pos = end
-            while len(in_flight) > 2 or (in_flight and in_flight[0][0].done()):
-                _finish(in_flight.popleft(), progress)
-        while in_flight:
-            _finish(in_flight.popleft(), progress)
+    pos = layout.data_start  # the data blocks, read from the staged shards straight into the file's pieces
+    for chunk, offsets in layout.placed(chunks):
+        if not len(offsets):
+            continue
+        sizes = chunk.rows["size"].astype(np.int64)
+        ends = offsets.astype(np.int64) + sizes + ids
+        labels = np.ascontiguousarray(chunk.rows["label"], dtype="<i2").view(np.uint8) if ids else None
+        with open(chunk.source, "rb", buffering=0) as source:
+            i = 0
+            while i < len(offsets):  # the samples whose blocks fit in the current piece (at least one)
+                j = max(i + 1, int(np.searchsorted(ends, pos + f.room(), side="right")))
+                nbytes = int(ends[j - 1]) - pos
+                _read_blocks(f.take(nbytes, samples=j - i), source.fileno(), offsets[i:j].astype(np.int64) - pos,
+                             chunk.rows["offset"][i:j], sizes[i:j], labels[i:j] if ids else None)
+                pos, i = int(ends[j - 1]), j
     if pos != layout.data_end:
         raise AssertionError(f"data ends at {pos}, planned {layout.data_end}")
 
@@ -268,6 +258,3 @@ def _write_sections(f, layout: BetonLayout, chunks, progress) -> tuple[int, str]
             table["size"][n:] = ids
         f.write(table.tobytes())
         sample += n
-    f.f.flush()
-    os.fsync(f.f.fileno())
-    return f.size, f.sha256.hexdigest()

@@ -1,12 +1,10 @@
-/* Region-of-interest JPEG decoding for the ffcv backend, called through ctypes (the GIL is
- * released for the call). libjpeg's accurate integer DCT (JDCT_ISLOW) with fancy upsampling:
- * what PIL decodes, bit for bit. Only the rows a crop needs are decoded (jpeg_skip_scanlines
- * above, stop below) and, within them, the iMCU columns that cover it (jpeg_crop_scanline).
- *
- * Built as an extension module only so that pip compiles and installs it; Python never
- * imports it (fastload/pipelines/jpeg.py loads it for ctypes and, by symbol name, for numba).
+/* Region-of-interest JPEG decoding for the ffcv backend, and the converter's corruption check,
+ * called through ctypes (the GIL is released for the call) and from numba code by name.
+ * libjpeg's accurate integer DCT (JDCT_ISLOW) with fancy upsampling: what PIL decodes, bit for
+ * bit. Only the rows a crop needs are decoded (jpeg_skip_scanlines above, stop below) and,
+ * within them, the iMCU columns that cover it (jpeg_crop_scanline). Part of the _native
+ * library (_native.c).
  */
-#include <Python.h>
 #include <setjmp.h>
 #include <stdio.h>
 #include <string.h>
@@ -90,6 +88,32 @@ int fl_jpeg_decode_region(const unsigned char *data, unsigned long size, int y0,
     return 0;
 }
 
-static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_jpeg", "ctypes-only helpers", -1, NULL};
-
-PyMODINIT_FUNC PyInit__jpeg(void) { return PyModule_Create(&module); }
+/* The corruption check of a stored JPEG, at a fraction of a decode: every entropy-coded block
+ * is read (where truncated or garbled data shows, as an error or a warning) but reconstructed
+ * at 1/8 scale, DC only. Returns 0 when libjpeg neither fails nor warns, else 1 with a message. */
+int fl_jpeg_check(const unsigned char *data, unsigned long size, char *message, int message_len) {
+    struct jpeg_decompress_struct d;
+    struct error_state e;
+    init_errors(&d, &e);
+    if (setjmp(e.jump)) {
+        snprintf(message, message_len, "%s", e.message);
+        jpeg_destroy_decompress(&d);
+        return 1;
+    }
+    open_jpeg(&d, data, size);
+    d.scale_num = 1;
+    d.scale_denom = 8;
+    d.do_fancy_upsampling = FALSE;
+    jpeg_start_decompress(&d);
+    JSAMPARRAY row = (*d.mem->alloc_sarray)((j_common_ptr)&d, JPOOL_IMAGE,
+                                            d.output_width * (JDIMENSION)d.output_components, 1);
+    while (d.output_scanline < d.output_height) jpeg_read_scanlines(&d, row, 1);
+    int warnings = (int)e.pub.num_warnings; /* what the decoder above meets, no more: nothing after the last row */
+    jpeg_abort_decompress(&d);
+    jpeg_destroy_decompress(&d);
+    if (warnings) {
+        snprintf(message, message_len, "%s", e.message);
+        return 1;
+    }
+    return 0;
+}

@@ -25,14 +25,22 @@ from typing import Iterator
 import numba as nb
 import numpy as np
 import torch
+from numba import types
 
 from fastload.spec import RandomCrop
 
 from .base import Backend, BackendOptions
 from .buffers import BatchBuffers
-from .jpeg import MESSAGE_LEN, nb_decode_region
+from . import native
+from .jpeg import MESSAGE_LEN
 from .kernels import FILTER_CODES, PADDING_CODES, resample_window, source_window
 from .sampling import plan_batches
+
+# _jpeg.c's region decoder for numba code, by symbol name. Arguments as ``fl_jpeg_decode_region``.
+native.bind_for_numba()
+nb_decode_region = types.ExternalFunction("fl_jpeg_decode_region", types.int32(
+    types.voidptr, types.uint64, types.int32, types.int32, types.int32, types.int32, types.voidptr, types.int32,
+    types.CPointer(types.int32), types.voidptr, types.int32))
 
 _NO_NORMALIZE = (np.ones(3, np.float32), np.zeros(3, np.float32))
 _DONE = np.iinfo(np.int64).max

@@ -7,8 +7,10 @@ output window that survives the crop: Resize(256)+CenterCrop(224) costs a 224x22
 not a 256xN one. Bit-exact with Pillow on real photos (tests/test_kernels.py).
 
 Speed: the vertical pass runs over whole interleaved rows (``dw * 3`` int32 lanes per tap),
-which LLVM vectorizes; the horizontal pass reads each needed source row once. Compiled with
-``cache=True``: a fresh process loads machine code from ``__pycache__`` instead of compiling.
+which LLVM vectorizes; the horizontal pass reads each needed source row once, in C
+(``_resample.c``: one pixel's three channels in one SIMD multiply-add per tap, which numba does
+not emit). Compiled with ``cache=True``: a fresh process loads machine code from
+``__pycache__`` instead of compiling.
 
 ``source_window`` says which source rows and columns a window needs, so the decoder can
 decode only those (the ffcv backend's region-of-interest decode).
@@ -19,6 +21,9 @@ import math
 
 import numba as nb
 import numpy as np
+from numba import types
+
+from . import native
 
 PRECISION_BITS = 22  # Pillow: 32 - 8 - 2
 PAD_CONSTANT, PAD_EDGE, PAD_REFLECT = 0, 1, 2
@@ -30,6 +35,13 @@ FILTER_CODES = {"box": BOX, "bilinear": BILINEAR, "hamming": HAMMING, "bicubic":
 _SUPPORT = np.array([0.5, 1.0, 1.0, 2.0, 3.0, 0.0])
 _HAMMING_A, _HAMMING_B = float(np.float32(0.54)), float(np.float32(0.46))  # C float literals in Pillow
 _JIT = dict(cache=True, nogil=True)
+
+native.bind_for_numba()
+# _resample.c: (src, readable bytes, row bytes, rows, column 0's byte offset, bounds, coefficients,
+# taps per row of coefficients, output pixels per row, out)
+_resample_rows = types.ExternalFunction("fl_resample_rows", types.void(
+    types.voidptr, types.int64, types.int64, types.int32, types.int64, types.voidptr, types.voidptr, types.int32,
+    types.int32, types.voidptr))
 
 
 @nb.njit(**_JIT)
@@ -221,31 +233,16 @@ def resample_window(src, y0, x0, h, w, out_h, out_w, top, left, flip, pad_mode, 
         r1 = top + dh
     # horizontal pass: each needed source row once, into uint8 rows of dw pixels
     tmp = np.empty((r1 - r0, dw * 3), np.uint8)
-    flat = src.reshape(src.shape[0], src.shape[1] * 3)
-    for r in range(r0, r1):
-        row = flat[y0 + r]
-        out = tmp[r - r0]
-        if need_h:
-            # unsigned indices: numba then emits no negative-index wraparound per load
-            for xx in range(dw):
-                base = np.uint64((x0 + bh[xx, 0]) * 3)
-                s0 = half
-                s1 = half
-                s2 = half
-                for x in range(np.uint64(bh[xx, 1])):
-                    k = kh[xx, x]
-                    i = base + np.uint64(3) * x
-                    s0 += np.int32(row[i]) * k
-                    s1 += np.int32(row[i + np.uint64(1)]) * k
-                    s2 += np.int32(row[i + np.uint64(2)]) * k
-                j = np.uint64(3 * xx)
-                out[j] = _clip8(s0)
-                out[j + np.uint64(1)] = _clip8(s1)
-                out[j + np.uint64(2)] = _clip8(s2)
-        else:
-            base = (x0 + left) * 3
-            for j in range(dw * 3):
-                out[j] = row[base + j]
+    row_bytes = src.shape[1] * 3
+    first = (y0 + r0) * row_bytes
+    if need_h:
+        src_c = np.ascontiguousarray(src)  # the C pass walks rows by address (a no-op for decoded regions)
+        _resample_rows(src_c.ctypes.data + first, src_c.size - first, row_bytes, r1 - r0, x0 * 3, bh.ctypes.data,
+                       kh.ctypes.data, kh.shape[1], dw, tmp.ctypes.data)
+    else:
+        flat = src.reshape(src.shape[0], row_bytes)
+        for r in range(r0, r1):
+            tmp[r - r0] = flat[y0 + r, (x0 + left) * 3:(x0 + left + dw) * 3]
     # vertical pass: whole interleaved rows per tap (vectorized)
     n3 = dw * 3
     for yy in range(dh):

@@ -278,6 +278,62 @@ def test_dataset_stats_are_per_channel_pixel_stats(tmp_path):
     assert decoded.shape == (10, 10, 3)
 
 
+def test_stats_of_a_large_jpeg_split_come_from_an_even_sample(tmp_path):
+    """Over 1,000 JPEGs, every 2nd image's pixels (``stats_every``): exactly their stats, and
+    close to all images'; raw storage decodes every image anyway and counts them all."""
+    from fastload.converters.images import stats_from_histograms
+    rng = np.random.default_rng(0)
+    arrays = [(rng.integers(0, 256, (8, 8, 3)) // rng.integers(1, 4)).astype(np.uint8) for _ in range(1000)]
+    sources = [jpeg_bytes(a) for a in arrays]
+    src = save_splits(tmp_path / "src", train=_image_dataset(sources))
+    stats = convert(str(src), tmp_path / "out", format="tfrecord", progress=False).split("train").stats
+    assert (stats["every"], stats["images"]) == (2, 500)
+
+    def exact(images):
+        hist = np.zeros((3, 256), np.int64)
+        for b in images:
+            px = np.asarray(Image.open(io.BytesIO(b)).convert("RGB"))
+            for c in range(3):
+                hist[c] += np.bincount(px[..., c].ravel(), minlength=256)
+        return stats_from_histograms(hist)
+    sampled, everything = exact(sources[::2]), exact(sources)
+    assert stats["mean"] == sampled["mean"] and stats["std"] == sampled["std"]
+    assert np.allclose(stats["mean"], everything["mean"], atol=0.01) and stats["mean"] != everything["mean"]
+    raw = convert(str(src), tmp_path / "raw", format="tfrecord", image_codec="raw", progress=False).split("train").stats
+    assert (raw["every"], raw["images"]) == (1, 1000)
+
+
+@needs_shared
+def test_jpeg_that_libjpeg_warns_about_is_stored_reencoded(tmp_path, imagenet_source):
+    """A photo with a damaged byte that PIL still opens (libjpeg only warns) would be refused by
+    the backends' decoder at training time: it is stored re-encoded from PIL's pixels instead."""
+    from fastload.pipelines.jpeg import decode_rgb, jpeg_problem
+    photo = _source_bytes(imagenet_source.select(range(1)))[0]
+    rng = np.random.default_rng(1)
+    scan = photo.find(b"\xff\xda") + 20
+    while True:  # a flipped byte that libjpeg warns about and PIL decodes anyway
+        damaged = bytearray(photo)
+        damaged[int(rng.integers(scan, len(photo) - 10))] ^= 0xFF
+        damaged = bytes(damaged)
+        if jpeg_problem(damaged) is not None:
+            try:
+                Image.open(io.BytesIO(damaged)).load()
+                break
+            except OSError:
+                continue
+    src = save_splits(tmp_path / "src", train=_image_dataset([photo, damaged]))
+    m = convert(str(src), tmp_path / "out", format="beton", progress=False)
+    info = m.data["splits"]["train"]
+    assert (info["passthrough_jpegs"], info["reencoded"]) == (1, 1)
+    r = SplitReader(m, "train")
+    assert r.stored(0).tobytes() == photo
+    stored = r.stored(1).tobytes()
+    reencoded = io.BytesIO()  # PIL's pixels of the damaged photo, saved at the default quality
+    Image.open(io.BytesIO(damaged)).save(reencoded, format="JPEG", quality=90, progressive=False, optimize=False)
+    assert stored == reencoded.getvalue() and jpeg_problem(stored) is None
+    decode_rgb(np.frombuffer(stored, np.uint8), int(r.heights[1]), int(r.widths[1]))  # the ffcv backend's decoder
+
+
 # --------------------------------------------------------------------------- failures
 def test_corrupt_image_stops_with_split_and_index_and_skip_lists_it(tmp_path):
     good = jpeg_bytes(np.full((20, 20, 3), 100, np.uint8))

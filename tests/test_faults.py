@@ -38,12 +38,20 @@ def _one_line_error(r: subprocess.CompletedProcess, *needles: str) -> None:
 
 
 @contextmanager
-def small_disk(path: Path, size: str):
-    """A real filesystem of ``size`` (tmpfs), to fill up for real. Needs root (CI runs as root)."""
+def small_disk(path: Path, size: str, fs: str = "tmpfs"):
+    """A real filesystem of ``size`` (tmpfs, or ext4 in a loop-mounted image file), to fill up for
+    real. Needs root (CI runs as root)."""
     path.mkdir(parents=True, exist_ok=True)
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
-                      capture_output=True).returncode != 0:
-        pytest.skip("cannot mount a small tmpfs here (needs root)")
+    if fs == "tmpfs":
+        mount = ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)]
+    else:
+        image = path.with_suffix(".img")
+        subprocess.run(["truncate", "-s", size, str(image)], check=True)
+        if subprocess.run(["mkfs.ext4", "-q", str(image)], capture_output=True).returncode != 0:
+            pytest.skip("cannot make an ext4 image here (mkfs.ext4)")
+        mount = ["mount", "-o", "loop", str(image), str(path)]
+    if subprocess.run(mount, capture_output=True).returncode != 0:
+        pytest.skip(f"cannot mount a small {fs} here (needs root)")
     try:
         yield path
     finally:
@@ -224,6 +232,28 @@ def test_disk_that_fills_while_the_beton_is_written(tmp_path):
         rows = np.array(reader.records)
         chunks = [BetonChunk(f, rows[rows["file"] == k]) for k, f in enumerate(reader.data_files)]
         layout = plan_beton(lambda: iter(chunks), {"label": ("int", 0)}, "jpeg")
+        with pytest.raises(OSError) as e:
+            write_beton(disk / "x.beton", layout, lambda: iter(chunks))
+        assert e.value.errno == errno.ENOSPC
+        assert not (disk / "x.beton").exists()
+
+
+@needs_shared
+def test_direct_write_that_runs_out_of_room(tmp_path):
+    """The .beton is written past the page cache (O_DIRECT, here on ext4): a disk that fills
+    mid-file still raises ENOSPC and leaves no half file."""
+    import errno
+    from fastload.beton import BetonChunk, plan_beton, write_beton
+    from fastload.bulk_write import BulkFile
+    staged = _converted(tmp_path, _small_imagenet(tmp_path, 60))
+    reader = SplitReader(Manifest.read(staged), "train")
+    rows = np.array(reader.records)
+    chunks = [BetonChunk(f, rows[rows["file"] == k]) for k, f in enumerate(reader.data_files)]
+    layout = plan_beton(lambda: iter(chunks), {"label": ("int", 0)}, "jpeg")
+    with small_disk(tmp_path / "disk", f"{layout.data_end // 2 // 1024 + 1024}k", fs="ext4") as disk:
+        probe = BulkFile(disk / "probe")
+        assert probe.direct
+        probe.abandon()
         with pytest.raises(OSError) as e:
             write_beton(disk / "x.beton", layout, lambda: iter(chunks))
         assert e.value.errno == errno.ENOSPC

@@ -6,7 +6,7 @@ import pytest
 from PIL import Image
 
 from fastload import Manifest
-from fastload.pipelines.jpeg import JPEGDecodeError, decode_rgb, thread_decoder
+from fastload.pipelines.jpeg import JPEGDecodeError, decode_rgb, jpeg_problem, thread_decoder
 from fastload.pipelines.kernels import BILINEAR, FILTER_CODES, resample_window, source_window
 from fastload.pipelines.sampling import random_resized_crop_params
 from fastload.records import SplitReader
@@ -110,3 +110,34 @@ def test_corrupt_jpeg_is_refused(photos):
     cut = jpegs[0][:len(jpegs[0]) // 2]  # truncated: libjpeg warns and fills gray; we refuse
     with pytest.raises(JPEGDecodeError, match="(?i)premature|corrupt"):
         decode_rgb(cut, h, w)
+
+
+def _damaged(jpeg: bytes, rng) -> list[bytes]:
+    """Truncations (mid-file, just the end marker, the last rows) and flipped bytes in the
+    entropy-coded data."""
+    scan = jpeg.find(b"\xff\xda") + 20
+    flipped = []
+    for _ in range(4):
+        b = bytearray(jpeg)
+        b[int(rng.integers(scan, len(jpeg) - 10))] ^= 0xFF
+        flipped.append(bytes(b))
+    return [jpeg[:len(jpeg) // 2], jpeg[:-2], jpeg[:-300], *flipped]
+
+
+def test_jpeg_check_refuses_exactly_what_a_full_decode_refuses(photos):
+    """The converter's cheap check (coded data read whole, pixels at 1/8 scale) passes a stored
+    JPEG exactly when the backends' full decode does, on real photos damaged many ways."""
+    reader, jpegs = photos
+    rng = np.random.default_rng(0)
+    refused = 0
+    for i, jpeg in enumerate(jpegs[:40]):
+        assert jpeg_problem(jpeg.tobytes()) is None, i
+        for damaged in _damaged(jpeg.tobytes(), rng):
+            try:
+                decode_rgb(np.frombuffer(damaged, np.uint8), reader.heights[i], reader.widths[i])
+                full = None
+            except JPEGDecodeError as e:
+                full = str(e)
+            assert (jpeg_problem(damaged) is None) == (full is None), (i, full)
+            refused += full is not None
+    assert refused >= 100  # most damage shows (a flipped byte sometimes only changes pixels)
