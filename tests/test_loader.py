@@ -198,8 +198,11 @@ def test_ffcv_drop_last_uses_fastload_order(labelled_colors):
     assert np.array_equal(np.concatenate(batches), order[:112])
 
 
-def test_ffcv_batches_stay_valid_after_the_next_arrives(color_loaders):
-    loader = color_loaders["ffcv"]
+@pytest.mark.parametrize("backend", ["ffcv", "dali"])
+def test_batches_stay_valid_after_the_next_arrives(color_loaders, backend):
+    """Pooled buffers (ffcv) and DALI's own output memory (no copy) alike: a batch the caller
+    keeps is never overwritten by a later one."""
+    loader = color_loaders[backend]
     loader.set_epoch(1)
     batches = [x for x, _ in loader]  # every batch kept alive at once
     copies = [b.clone() for b in batches]
