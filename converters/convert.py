@@ -1,10 +1,10 @@
 """``fastload convert``: a source dataset -> a dataset directory (.beton or TFRecord shards).
 
 Work is cut into shards of consecutive source rows. Each shard is prepared by a worker
-process (decode check, passthrough or re-encode, pixel histogram of the stats sample), written as a TFRecord
-file under a temporary name, renamed when complete, and recorded in ``.partial/`` (a done
-file, and the shard's records as .npy: the main process never holds every row, so its
-memory is flat at any dataset size). A rerun after any interruption (kill -9 included)
+process (decode check, passthrough or re-encode, pixel histogram of the stats sample),
+written as a TFRecord file under a temporary name, renamed when complete, and recorded in
+``.partial/`` (a done file, and the shard's records as .npy: the main process never holds
+every row, so its memory is flat at any dataset size). A rerun after any interruption (kill -9 included)
 keeps finished shards. Only when every shard is done are the final files assembled (the
 records index streamed shard by shard; for a .beton, the shards' bytes copied once into
 it) and ``manifest.json`` written, last.
@@ -164,7 +164,8 @@ def _write_shard(task: ShardTask) -> dict:
     atomic_write_bytes(task.rows_path, buffer.getvalue(), durable=False)
     os.replace(tmp, task.path)
     done = {"split": task.split, "shard": task.shard, "count": len(rows), "passthrough": passthrough,
-            "skipped": skipped, "histogram": hist.tolist(), "stats_images": stats_images, "max_labels": _max_labels(records, schema),
+            "skipped": skipped, "histogram": hist.tolist(), "stats_images": stats_images,
+            "max_labels": _max_labels(records, schema),
             "file": {"path": Path(task.path).name, "size": f.size,
                      "sha256": f.sha256.hexdigest() if final else None, "records": len(rows)},
             "index": {"path": idx_path.name, "size": len(index_bytes),

@@ -6,9 +6,9 @@ other page by page, pads the file to whole 8 MiB pages (a 2,000-image CIFAR set 
 2.4 MB of pixels), hangs when one of its workers dies, and importing ffcv alone takes seconds.
 Here the already-prepared bytes (a passthrough JPEG, or raw pixels) are copied once, in order,
 from the staged shards straight into the file's pieces (``fastload/bulk_write.py``: past the
-page cache, hashed while written). No ffcv import is needed
-to write; reading with ffcv (``verify``, the tests, raw FFCV in the benchmarks) goes through
-:func:`import_ffcv`, which checks the version.
+page cache, hashed while written). No ffcv import is needed to write; reading with ffcv
+(``verify``, the tests, raw FFCV in the benchmarks) goes through :func:`import_ffcv`, which
+checks the version.
 
 The layout is ffcv's file version 2, as ffcv 1.0.2's ``Reader`` and both of its memory
 managers read it: header, field descriptors, the metadata table (one row per sample), data
