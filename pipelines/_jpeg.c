@@ -44,6 +44,19 @@ static void open_jpeg(struct jpeg_decompress_struct *d, const unsigned char *dat
     jpeg_read_header(d, TRUE);
 }
 
+/* Stop decoding (whatever is left of the file is not read) and free `d`: 0, or 1 with the
+ * first warning's message when libjpeg warned (corrupt or truncated data). */
+static int finish(struct jpeg_decompress_struct *d, struct error_state *e, char *message, int message_len) {
+    int warnings = (int)e->pub.num_warnings;
+    jpeg_abort_decompress(d);
+    jpeg_destroy_decompress(d);
+    if (warnings) {
+        snprintf(message, message_len, "%s", e->message);
+        return 1;
+    }
+    return 0;
+}
+
 /* Decode rows [y0, y1) and at least columns [x0, x1) of a JPEG as RGB into `out` (row pitch
  * `stride` bytes, room for y1 - y0 rows of the full image width). On success returns 0 and the
  * first decoded column in *col0 (<= x0). Returns 1 with a message on an error or a warning. */
@@ -78,14 +91,7 @@ int fl_jpeg_decode_region(const unsigned char *data, unsigned long size, int y0,
         JSAMPROW row = out + (size_t)(r - y0) * (size_t)stride;
         jpeg_read_scanlines(&d, &row, 1);
     }
-    int warnings = (int)e.pub.num_warnings;
-    jpeg_abort_decompress(&d);
-    jpeg_destroy_decompress(&d);
-    if (warnings) {
-        snprintf(message, message_len, "%s", e.message);
-        return 1;
-    }
-    return 0;
+    return finish(&d, &e, message, message_len);
 }
 
 /* The corruption check of a stored JPEG, at a fraction of a decode: every entropy-coded block
@@ -108,12 +114,5 @@ int fl_jpeg_check(const unsigned char *data, unsigned long size, char *message, 
     JSAMPARRAY row = (*d.mem->alloc_sarray)((j_common_ptr)&d, JPOOL_IMAGE,
                                             d.output_width * (JDIMENSION)d.output_components, 1);
     while (d.output_scanline < d.output_height) jpeg_read_scanlines(&d, row, 1);
-    int warnings = (int)e.pub.num_warnings; /* what the decoder above meets, no more: nothing after the last row */
-    jpeg_abort_decompress(&d);
-    jpeg_destroy_decompress(&d);
-    if (warnings) {
-        snprintf(message, message_len, "%s", e.message);
-        return 1;
-    }
-    return 0;
+    return finish(&d, &e, message, message_len); /* nothing after the last row is read: as the decoder above */
 }
