@@ -7,8 +7,8 @@ several seconds per loader, had to be patched in five private places (thread cou
 traversal order, buffer allocation, error reporting), decoded with the fast DCT (1 level
 off PIL), and kept an abandoned epoch's thread and buffers alive.
 
-Per sample, on ``num_workers`` threads (each takes whole batches, in one compiled call that
-releases the GIL):
+Per sample, on ``num_workers`` threads (each takes a 1/num_workers part of a batch, in one
+compiled call that releases the GIL):
 1. decode only the source rows and columns the output window reads (``kernels.source_window``),
    with libjpeg's accurate DCT (``_jpeg.c``): PIL's pixels, bit for bit;
 2. resample that region with PIL's filter (antialiased bilinear, bicubic, lanczos...), flip, and (fused) normalize
@@ -141,37 +141,47 @@ class FFCVBackend(Backend):
             while batches or in_flight:
                 while batches and len(in_flight) <= self.options.num_workers:  # workers busy + one ready
                     index, rows = batches.popleft()
-                    in_flight.append((self.workers.submit(self._batch, index, rows), index))
-                future, index = in_flight.popleft()
-                yield future.result(), index
-        finally:  # an abandoned epoch: drop queued batches, let running ones finish
-            for future, _ in in_flight:
-                future.cancel()
-            wait([f for f, _ in in_flight])
+                    in_flight.append(self._submit(index, np.ascontiguousarray(rows, np.int64)))
+                parts, out, index = in_flight.popleft()
+                for part in parts:
+                    part.result()
+                yield out, index
+        finally:  # an abandoned epoch: drop queued parts, let running ones finish
+            parts = [part for queued, _, _ in in_flight for part in queued]
+            for part in parts:
+                part.cancel()
+            wait(parts)
 
-    def _batch(self, index: np.ndarray, rows: np.ndarray) -> torch.Tensor:
-        """One batch on one worker thread: a single compiled call decodes and resamples every image."""
+    def _submit(self, index: np.ndarray, rows: np.ndarray):
+        """One batch as one part per worker thread (each a single compiled call that releases the
+        GIL): a batch is ready in 1/num_workers of one thread's time, and the last batch of an
+        epoch keeps every thread busy, as raw FFCV's prange over a batch does."""
         out = self.buffers.empty((len(index), *self.shape), self.dtype)
+        bounds = np.linspace(0, len(index), min(len(index), self.options.num_workers) + 1).astype(int)
+        parts = [self.workers.submit(self._part, out, index, rows, int(lo), int(hi))
+                 for lo, hi in zip(bounds[:-1], bounds[1:])]
+        return parts, out, index
+
+    def _part(self, out: torch.Tensor, index: np.ndarray, rows: np.ndarray, lo: int, hi: int) -> None:
+        """Samples lo..hi of a batch, decoded and resampled into ``out[lo:hi]``."""
+        dst, index, rows = out.numpy()[lo:hi], index[lo:hi], rows[lo:hi]
         if self.reader.codec == "raw":
             r = self.reader.records
             resample_raw_batch(self.reader.mapped(0), np.asarray(r["offset"][index], np.int64),
-                               self.heights[index], self.widths[index], np.ascontiguousarray(rows, np.int64),
-                               self.resample, self.pad_mode, self.filter, out.numpy(), self.chw, self.fused, self.scale,
-                               self.shift)
-            return out
+                               self.heights[index], self.widths[index], rows, self.resample, self.pad_mode,
+                               self.filter, dst, self.chw, self.fused, self.scale, self.shift)
+            return
         addresses, sizes = self.reader.stored_addresses(index)
         widths = self.widths[index]
-        rows = np.ascontiguousarray(rows, np.int64)
         message = np.zeros(MESSAGE_LEN, np.uint8)
         while True:
             scratch = getattr(self._local, "scratch", None)
             if scratch is None:
                 scratch = self._local.scratch = np.empty(1 << 20, np.uint8)
             status = decode_resample_batch(addresses, sizes, widths, rows, self.resample, self.pad_mode, self.filter,
-                                           out.numpy(),
-                                           self.chw, self.fused, self.scale, self.shift, scratch, message)
+                                           dst, self.chw, self.fused, self.scale, self.shift, scratch, message)
             if status == _DONE:
-                return out
+                return
             if status >= 0:
                 text = bytes(message).split(b"\0", 1)[0].decode(errors="replace")
                 raise self.reader.sample_error(int(index[status]), text)
