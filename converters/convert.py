@@ -356,10 +356,14 @@ def _load_or_make_plan(partial: Path, settings: dict, data, shard_size, workers)
     path = partial / "plan.json"
     if path.exists():
         plan = json.loads(path.read_text())
-        if plan["settings"].get("fingerprint") != settings["fingerprint"]:
-            # same path, different data: finished shards hold the old rows, so none can be kept
-            print(f"the source changed since the unfinished conversion in {partial.parent} started (its rows "
-                  "differ): starting over")
+        # same path, different data: finished shards hold the old rows, so none can be kept; an
+        # older fastload's shards lack what this one records (settings it did not have)
+        restart = ("the source changed since the unfinished conversion in {} started (its rows differ)"
+                   if plan["settings"].get("fingerprint") != settings["fingerprint"] else
+                   "the unfinished conversion in {} was started by an older fastload"
+                   if set(settings) - set(plan["settings"]) else None)
+        if restart:
+            print(restart.format(partial.parent) + ": starting over")
             shutil.rmtree(partial)
             partial.mkdir()
             for stale in partial.parent.glob("*.tfrecord"):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import io
+import json
 import os
 import shutil
 import signal
@@ -347,6 +348,27 @@ def test_resume_proves_it_continues_the_same_source(tmp_path, capsys):
     m = convert(str(src), out, format="tfrecord", shard_size=8, workers=1, skip_corrupt=True, progress=False)
     assert "source changed" in capsys.readouterr().out
     assert SplitReader(m, "train").labels.tolist() == labels_b[:rows - 1]
+    assert verify(out) == []
+
+
+@needs_shared
+def test_resume_of_a_conversion_an_older_fastload_started(tmp_path, capsys):
+    """Its plan lacks a setting this version records (stats_every): the rerun starts over
+    rather than refusing a setting the user never gave, or mixing old shards in."""
+    rows = 24
+    images, labels, names = _cifar_rows(rows)
+    images[-1] = images[-1][:60]
+    src = save_splits(tmp_path / "src", train=_dataset(images, labels, names))
+    out = tmp_path / "out"
+    with pytest.raises(Exception, match="index 23"):
+        convert(str(src), out, format="tfrecord", shard_size=8, workers=1, progress=False)
+    plan_path = out / ".partial" / "plan.json"
+    plan = json.loads(plan_path.read_text())
+    del plan["settings"]["stats_every"]  # as fastload wrote it before this setting existed
+    plan_path.write_text(json.dumps(plan))
+    m = convert(str(src), out, format="tfrecord", shard_size=8, workers=1, skip_corrupt=True, progress=False)
+    assert "started by an older fastload: starting over" in capsys.readouterr().out
+    assert m.split("train").num_examples == rows - 1 and m.split("train").stats["images"] == rows - 1
     assert verify(out) == []
 
 
