@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageOps
 
-from fastload.pipelines.jpeg import jpeg_problem
+from fastload.pipelines.jpeg import JPEGDecodeError, decode_rgb, jpeg_problem
 
 _ORIENTATION = 0x0112
 
@@ -76,9 +76,10 @@ def choose_codec(sample: list[bytes], requested: str) -> str:
 
 def prepare_image(raw: bytes, max_side: int | None, quality: int, codec: str = "jpeg",
                   histogram: bool = True) -> PreparedImage:
-    """What to store for one source image. ``histogram=False`` (an image outside the stats
-    sample, see ``stats_every``) lets a storable JPEG skip the full decode: libjpeg's check
-    reads all its coded data instead (``jpeg_problem``), about 60% of a decode's cost."""
+    """What to store for one source image. A storable JPEG is judged by the backends' own
+    decoder (``pipelines/jpeg.py``), in one libjpeg pass: for an image in the stats sample (see
+    ``stats_every``) a full decode, whose pixels are PIL's bit for bit; for any other, a read of
+    all its coded data without the pixels (``jpeg_problem``), about 60% of a decode's cost."""
     try:
         im = Image.open(io.BytesIO(raw))
         fmt = im.format
@@ -87,13 +88,17 @@ def prepare_image(raw: bytes, max_side: int | None, quality: int, codec: str = "
     except Exception as e:  # PIL raises many types for bad data
         raise CorruptImageError(f"image does not decode ({type(e).__name__}: {e})") from None
     too_big = max_side is not None and max(im.size) > max_side
-    storable = (codec == "jpeg" and fmt == "JPEG" and im.mode == "RGB" and not progressive
-                and orientation in (1, None) and not too_big)
-    # a JPEG libjpeg warns about decodes in PIL but is refused by the backends' decoders:
-    # stored re-encoded from PIL's pixels, like any other JPEG that cannot pass through
-    clean = storable and jpeg_problem(raw) is None
-    if clean and not histogram:
-        return PreparedImage(data=raw, height=im.height, width=im.width, passthrough=True, histogram=None)
+    if (codec == "jpeg" and fmt == "JPEG" and im.mode == "RGB" and not progressive
+            and orientation in (1, None) and not too_big):
+        try:
+            hist = None
+            if histogram:
+                hist = _histogram(Image.fromarray(decode_rgb(np.frombuffer(raw, np.uint8), im.height, im.width)))
+            elif jpeg_problem(raw) is not None:
+                raise JPEGDecodeError
+            return PreparedImage(data=raw, height=im.height, width=im.width, passthrough=True, histogram=hist)
+        except JPEGDecodeError:
+            pass  # libjpeg warns (PIL may decode it anyway): stored re-encoded below, as the backends refuse it
     try:
         im.load()  # full decode: a truncated or garbled file fails here, not in training
     except Exception as e:
@@ -107,16 +112,19 @@ def prepare_image(raw: bytes, max_side: int | None, quality: int, codec: str = "
         w, h = im.size
         s = max_side / max(w, h)
         im = im.resize((max(1, round(w * s)), max(1, round(h * s))), Image.LANCZOS)
-    hist = np.asarray(im.histogram(), dtype=np.int64).reshape(3, 256) if histogram else None
     if codec == "raw":
         data = im.tobytes()  # RGB, row-major: (height, width, 3) uint8
-    elif clean:
-        data = raw
     else:
         buf = io.BytesIO()
         im.save(buf, format="JPEG", quality=quality, progressive=False, optimize=False)
         data = buf.getvalue()
-    return PreparedImage(data=data, height=im.height, width=im.width, passthrough=clean, histogram=hist)
+    return PreparedImage(data=data, height=im.height, width=im.width, passthrough=False,
+                         histogram=_histogram(im) if histogram else None)
+
+
+def _histogram(im: Image.Image) -> np.ndarray:
+    """(3, 256) pixel counts of an RGB image."""
+    return np.asarray(im.histogram(), dtype=np.int64).reshape(3, 256)
 
 
 def stats_every(num_images: int, codec: str) -> int:
