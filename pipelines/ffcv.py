@@ -17,9 +17,8 @@ Batches are tensors the caller owns (``buffers.py``: reused only once nothing ho
 """
 from __future__ import annotations
 
+import functools
 import threading
-from collections import deque
-from concurrent.futures import ThreadPoolExecutor, wait
 from typing import Iterator
 
 import numba as nb
@@ -27,13 +26,12 @@ import numpy as np
 import torch
 from numba import types
 
-from fastload.spec import RandomCrop
-
 from .base import Backend, BackendOptions
 from .buffers import BatchBuffers
 from . import native
+from .engine import KernelOutput, PartWorkers
 from .jpeg import MESSAGE_LEN
-from .kernels import FILTER_CODES, PADDING_CODES, resample_window, source_window
+from .kernels import FILTER_CODES, resample_window, source_window
 from .sampling import plan_batches
 
 # _jpeg.c's region decoder for numba code, by symbol name. Arguments as ``fl_jpeg_decode_region``.
@@ -42,7 +40,6 @@ nb_decode_region = types.ExternalFunction("fl_jpeg_decode_region", types.int32(
     types.voidptr, types.uint64, types.int32, types.int32, types.int32, types.int32, types.voidptr, types.int32,
     types.CPointer(types.int32), types.voidptr, types.int32))
 
-_NO_NORMALIZE = (np.ones(3, np.float32), np.zeros(3, np.float32))
 _DONE = np.iinfo(np.int64).max
 
 
@@ -114,18 +111,9 @@ class FFCVBackend(Backend):
 
     def __init__(self, reader, spec, options: BackendOptions, resample: bool = True):
         super().__init__(reader, spec, options)
-        self.pad_mode = PADDING_CODES[spec.geometry.padding_mode] if isinstance(spec.geometry, RandomCrop) else 0
-        self.filter = FILTER_CODES[getattr(spec.geometry, "interpolation", "bilinear")]  # RandomCrop: no resize
         self.resample = resample  # False: bench's decode stage (decode the same region, cut the window)
-        norm = self.normalize if resample else None
-        self.scale, self.shift = (tuple(np.asarray(v, np.float32) for v in norm) if norm is not None
-                                  else _NO_NORMALIZE)
-        self.fused = norm is not None
-        self.chw = self.fused and spec.layout == "NCHW"
-        h, w = spec.size
-        self.shape = (3, h, w) if self.chw else (h, w, 3)
-        self.dtype = torch.float32 if self.fused else torch.uint8
-        self.workers = ThreadPoolExecutor(max(1, options.num_workers), thread_name_prefix="fastload-ffcv")
+        self.out = KernelOutput.of(spec, self.normalize if resample else None)
+        self.workers = PartWorkers(options.num_workers, "fastload-ffcv")
         self.widths = reader.widths.astype(np.int64)
         self.heights = reader.heights.astype(np.int64)
         self._local = threading.local()
@@ -135,41 +123,22 @@ class FFCVBackend(Backend):
         return FFCVBackend(self.reader, self.spec, self.options, resample=False)
 
     def run_epoch(self, order: np.ndarray, params: np.ndarray) -> Iterator[tuple[torch.Tensor, np.ndarray]]:
-        batches = deque(plan_batches(order, params, self.options.batch_size, self.options.drop_last))
-        in_flight = deque()
-        try:
-            while batches or in_flight:
-                while batches and len(in_flight) <= self.options.num_workers:  # workers busy + one ready
-                    index, rows = batches.popleft()
-                    in_flight.append(self._submit(index, np.ascontiguousarray(rows, np.int64)))
-                parts, out, index = in_flight.popleft()
-                for part in parts:
-                    part.result()
-                yield out, index
-        finally:  # an abandoned epoch: drop queued parts, let running ones finish
-            parts = [part for queued, _, _ in in_flight for part in queued]
-            for part in parts:
-                part.cancel()
-            wait(parts)
+        return self.workers.in_order(self._jobs(order, params))
 
-    def _submit(self, index: np.ndarray, rows: np.ndarray):
-        """One batch as one part per worker thread (each a single compiled call that releases the
-        GIL): a batch is ready in 1/num_workers of one thread's time, and the last batch of an
-        epoch keeps every thread busy, as raw FFCV's prange over a batch does."""
-        out = self.buffers.empty((len(index), *self.shape), self.dtype)
-        bounds = np.linspace(0, len(index), min(len(index), self.options.num_workers) + 1).astype(int)
-        parts = [self.workers.submit(self._part, out, index, rows, int(lo), int(hi))
-                 for lo, hi in zip(bounds[:-1], bounds[1:])]
-        return parts, out, index
+    def _jobs(self, order, params):
+        for index, rows in plan_batches(order, params, self.options.batch_size, self.options.drop_last):
+            out = self.buffers.empty((len(index), *self.out.shape), self.out.dtype)
+            rows = np.ascontiguousarray(rows, np.int64)
+            yield len(index), functools.partial(self._part, out, index, rows), (out, index)
 
     def _part(self, out: torch.Tensor, index: np.ndarray, rows: np.ndarray, lo: int, hi: int) -> None:
         """Samples lo..hi of a batch, decoded and resampled into ``out[lo:hi]``."""
-        dst, index, rows = out.numpy()[lo:hi], index[lo:hi], rows[lo:hi]
+        dst, index, rows, o = out.numpy()[lo:hi], index[lo:hi], rows[lo:hi], self.out
         if self.reader.codec == "raw":
             r = self.reader.records
             resample_raw_batch(self.reader.mapped(0), np.asarray(r["offset"][index], np.int64),
-                               self.heights[index], self.widths[index], rows, self.resample, self.pad_mode,
-                               self.filter, dst, self.chw, self.fused, self.scale, self.shift)
+                               self.heights[index], self.widths[index], rows, self.resample, o.pad_mode,
+                               o.filter, dst, o.chw, o.fused, o.scale, o.shift)
             return
         addresses, sizes = self.reader.stored_addresses(index)
         widths = self.widths[index]
@@ -178,8 +147,8 @@ class FFCVBackend(Backend):
             scratch = getattr(self._local, "scratch", None)
             if scratch is None:
                 scratch = self._local.scratch = np.empty(1 << 20, np.uint8)
-            status = decode_resample_batch(addresses, sizes, widths, rows, self.resample, self.pad_mode, self.filter,
-                                           dst, self.chw, self.fused, self.scale, self.shift, scratch, message)
+            status = decode_resample_batch(addresses, sizes, widths, rows, self.resample, o.pad_mode, o.filter,
+                                           dst, o.chw, o.fused, o.scale, o.shift, scratch, message)
             if status == _DONE:
                 return
             if status >= 0:
@@ -188,4 +157,4 @@ class FFCVBackend(Backend):
             self._local.scratch = np.empty(-status, np.uint8)  # a bigger region than ever: grow, redo
 
     def close(self) -> None:
-        self.workers.shutdown(wait=True, cancel_futures=True)
+        self.workers.close()

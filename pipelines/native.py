@@ -26,3 +26,14 @@ def bind_for_numba() -> None:
     ctypes pointer would stop numba from caching compiled code on disk)."""
     import llvmlite.binding
     llvmlite.binding.load_library_permanently(LIBRARY_PATH)
+
+
+LIB.fl_resample_level.argtypes = [ctypes.c_int]
+LIB.fl_resample_level.restype = ctypes.c_int
+RESAMPLE_PATHS = ("portable", "sse4.1", "avx2")
+
+
+def resample_path(at_most: str | None = None) -> str:
+    """The horizontal resampling pass's code path in use (``_resample.c``), after capping it at
+    ``at_most`` when given: tests compare every path the CPU has, bit for bit."""
+    return RESAMPLE_PATHS[LIB.fl_resample_level(-1 if at_most is None else RESAMPLE_PATHS.index(at_most))]

@@ -36,7 +36,8 @@ def test_filters_match_pil_in_every_backend(imagenet_dirs, interpolation, train)
         diff = ((_all(imagenet_dirs[BACKEND_FORMAT[backend]], backend, spec) - ref) * STD255).abs()
         per_image = diff.mean(dim=(1, 2, 3))
         assert diff.mean() <= 2.0 and per_image.max() <= 4.0, (backend, diff.mean(), per_image.max())
-        if backend == "ffcv":  # Pillow's own arithmetic; Pillow 13's pass order moves a few edge pixels
+        # PIL's arithmetic (DALI's too when decoding on CPU); Pillow 13's pass order moves a few edge pixels
+        if backend == "ffcv" or not torch.cuda.is_available():
             assert diff.mean() <= 0.1, diff.mean()
 
 

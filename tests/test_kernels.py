@@ -6,6 +6,7 @@ import pytest
 from PIL import Image
 
 from fastload import Manifest
+from fastload.pipelines import native
 from fastload.pipelines.jpeg import JPEGDecodeError, decode_rgb, jpeg_problem, thread_decoder
 from fastload.pipelines.kernels import BILINEAR, FILTER_CODES, resample_window, source_window
 from fastload.pipelines.sampling import random_resized_crop_params
@@ -63,8 +64,19 @@ def _pil_two_pass(image: np.ndarray, out_h: int, out_w: int, resample=Image.BILI
     return np.asarray(im)
 
 
+@pytest.fixture(params=native.RESAMPLE_PATHS)
+def resample_path(request):
+    """Each code path of the horizontal pass this CPU has (portable C, SSE4.1, AVX2)."""
+    best = native.resample_path()
+    if native.RESAMPLE_PATHS.index(request.param) > native.RESAMPLE_PATHS.index(best):
+        pytest.skip(f"this CPU has no {request.param}")
+    native.resample_path(request.param)
+    yield request.param
+    native.resample_path(best)
+
+
 @pytest.mark.parametrize("interpolation", sorted(PIL_FILTERS))
-def test_resample_is_pils_on_random_resized_crops(photos, interpolation):
+def test_resample_is_pils_on_random_resized_crops(photos, interpolation, resample_path):
     """RandomResizedCrop boxes of real photos, resampled from the decoded region only: exactly
     Pillow's two-pass result for each of its filters; a one-call ``Image.resize`` is that, or
     (Pillow 13, for some shapes) the vertical pass first, which rounds and clips differently

@@ -14,6 +14,7 @@ import torch
 
 from conftest import ROOT, coco_dataset, color_label, needs_shared, save_splits
 from fastload import FastLoader, PreprocessSpec, convert
+from fastload.spec import RandomCrop
 from fastload.manifest import DatasetError
 from fastload.pipelines.sampling import FLIP, H, TOP, W, X0, Y0, epoch_indices, geometry_params
 
@@ -25,6 +26,12 @@ BACKEND_FORMAT = {"ffcv": "beton", "dali": "tfrecord", "reference": "tfrecord"}
 def _pixels(x: torch.Tensor) -> torch.Tensor:
     """Back to 0..255 levels (ImageNet normalization undone)."""
     return x.float() * STD255 + MEAN255 if x.is_floating_point() else x.float()
+
+
+def _kernel_geometry(backend: str) -> bool:
+    """Backends whose decode and geometry are PIL's arithmetic: ffcv, and DALI decoding on CPU
+    (on a GPU, DALI decodes with nvJPEG and resamples itself)."""
+    return backend == "ffcv" or (backend == "dali" and not torch.cuda.is_available())
 
 
 def _all(loader):
@@ -61,8 +68,24 @@ def test_backends_match_the_reference(imagenet_outputs, spec_name, backend):
     per_image = diff.mean(dim=(1, 2, 3))
     assert diff.mean() <= 2.0, diff.mean()
     assert per_image.max() <= 4.0, per_image.max()
-    if backend == "ffcv":  # PIL's own decode and resample: exact but for Pillow 13's pass order (<= 1 level)
+    if _kernel_geometry(backend):  # PIL's decode and resample: exact but for Pillow 13's pass order (<= 1 level)
         assert diff.mean() <= 0.5 and diff.max() <= 1.0 + 1e-3, (diff.mean(), diff.max())
+
+
+@needs_shared
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU, DALI decodes with nvJPEG and resamples itself")
+def test_dali_on_cpu_gives_the_ffcv_backends_batches(imagenet_outputs, imagenet_dirs):
+    """DALI's CPU decode of each window's source region is PIL's, bit for bit, and fastload's kernel
+    does the geometry: the same batches as the ffcv backend, for every geometry and output."""
+    for spec_name in ("imagenet:eval", "imagenet:train"):
+        assert torch.equal(imagenet_outputs[(spec_name, "dali")][0], imagenet_outputs[(spec_name, "ffcv")][0])
+    cifar_crop = PreprocessSpec.preset("cifar10", train=True)  # RandomCrop(32, padding=4): windows in padding
+    for spec in (PreprocessSpec.preset("imagenet", train=True).replace(dtype="uint8"), cifar_crop,
+                 cifar_crop.replace(geometry=RandomCrop(64, padding=200))):
+        out = {b: _all(FastLoader(imagenet_dirs[BACKEND_FORMAT[b]], "validation", batch_size=50, spec=spec,
+                                  backend=b, num_workers=2, seed=5)) for b in ("dali", "ffcv")}
+        assert torch.equal(out["dali"][1], out["ffcv"][1])
+        assert out["dali"][0].dtype == out["ffcv"][0].dtype and torch.equal(out["dali"][0], out["ffcv"][0])
 
 
 @needs_shared
