@@ -64,12 +64,13 @@ class PartWorkers:
         Yields each result once its parts are done, in order, keeping the threads busy and one
         batch ready ahead. Closing the generator drops queued parts and waits for running ones
         (they write into buffers the caller may reuse)."""
-        jobs, in_flight = iter(jobs), deque()
+        jobs, in_flight, first = iter(jobs), deque(), True
         try:
             while True:
-                # top up, but not past a batch that is ready: taking a job may block (DALI's
-                # next decoded batch), and a ready batch should not wait for it
-                while len(in_flight) <= self.num_workers and not (in_flight and _done(in_flight[0][0])):
+                # top up, but not past a batch that is ready, nor past the epoch's first batch:
+                # taking a job may block (DALI's next decoded batch), and a batch that is ready
+                # or nearly so (the first: nothing else is running) should not wait for it
+                while len(in_flight) <= self.num_workers and not (in_flight and (first or _done(in_flight[0][0]))):
                     job = next(jobs, None)
                     if job is None:
                         break
@@ -80,6 +81,7 @@ class PartWorkers:
                 parts, result = in_flight.popleft()
                 for part in parts:
                     part.result()
+                first = False
                 yield result
         finally:
             parts = [part for queued, _ in in_flight for part in queued]

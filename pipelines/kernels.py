@@ -1,4 +1,5 @@
-"""Numba kernels that reproduce torchvision-on-PIL geometry exactly, for the ffcv backend.
+"""Numba kernels that reproduce torchvision-on-PIL geometry exactly, for the ffcv backend and the
+DALI backend on CPU.
 
 ``resample_window`` is PIL's ``Image.resize`` (Pillow's Resample.c: its filters, widened by
 the scale when downscaling, 22-bit fixed-point coefficients, horizontal pass then vertical,
@@ -8,9 +9,9 @@ not a 256xN one. Bit-exact with Pillow on real photos (tests/test_kernels.py).
 
 Speed: the vertical pass runs over whole interleaved rows (``dw * 3`` int32 lanes per tap),
 which LLVM vectorizes; the horizontal pass reads each needed source row once, in C
-(``_resample.c``: one pixel's three channels in one SIMD multiply-add per tap, which numba does
-not emit). Compiled with ``cache=True``: a fresh process loads machine code from
-``__pycache__`` instead of compiling.
+(``_resample.c``: a pixel's three channels and two taps in one pair of exact 16-bit SIMD
+multiply-adds, which numba does not emit). Compiled with ``cache=True``: a fresh process loads
+machine code from ``__pycache__`` instead of compiling.
 
 ``source_window`` says which source rows and columns a window needs, so the decoder can
 decode only those (the ffcv backend's region-of-interest decode).
