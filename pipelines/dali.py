@@ -304,7 +304,7 @@ class DALIBackend(Backend):
         if len(order) == 0 or (self.source.drop_last and len(order) < self.batch_size):
             return iter(())
         if self.kernel is not None:
-            return self.workers.in_order(self._resample_jobs(self._outputs()))
+            return self.workers.in_order(self._resample_jobs(self._outputs()), jobs_block=True)
         return ((self._to_torch(images), index) for images, index, _ in self._outputs())
 
     def _outputs(self):

@@ -59,18 +59,19 @@ class PartWorkers:
         self.num_workers = max(1, num_workers)
         self.pool = ThreadPoolExecutor(self.num_workers, thread_name_prefix=name)
 
-    def in_order(self, jobs: Iterable[tuple[int, Callable[[int, int], None], T]]) -> Iterator[T]:
+    def in_order(self, jobs: Iterable[tuple[int, Callable[[int, int], None], T]], jobs_block: bool = False
+                 ) -> Iterator[T]:
         """``jobs``: per batch (samples n, ``work(lo, hi)`` that computes samples lo..hi, result).
         Yields each result once its parts are done, in order, keeping the threads busy and one
-        batch ready ahead. Closing the generator drops queued parts and waits for running ones
-        (they write into buffers the caller may reuse)."""
+        batch ready ahead. ``jobs_block``: taking a job may wait (DALI's next decoded batch), so
+        none is taken while a batch is ready, nor before the epoch's first batch is out (nothing
+        else is running: it is nearly ready). Closing the generator drops queued parts and waits
+        for running ones (they write into buffers the caller may reuse)."""
         jobs, in_flight, first = iter(jobs), deque(), True
         try:
             while True:
-                # top up, but not past a batch that is ready, nor past the epoch's first batch:
-                # taking a job may block (DALI's next decoded batch), and a batch that is ready
-                # or nearly so (the first: nothing else is running) should not wait for it
-                while len(in_flight) <= self.num_workers and not (in_flight and (first or _done(in_flight[0][0]))):
+                while len(in_flight) <= self.num_workers and not (
+                        jobs_block and in_flight and (first or _done(in_flight[0][0]))):
                     job = next(jobs, None)
                     if job is None:
                         break
