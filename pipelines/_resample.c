@@ -1,5 +1,6 @@
-/* Pillow's horizontal resampling pass (Resample.c, ImagingResampleHorizontal_8bpc) over rows of
- * interleaved RGB, for pipelines/kernels.py's resample_window: the same 22-bit integer
+/* Pillow's resize, for both backends (pipelines/kernels.py for numba code, dali.py through
+ * ctypes). First its horizontal pass (Resample.c, ImagingResampleHorizontal_8bpc) over rows of
+ * interleaved RGB: the same 22-bit integer
  * coefficients, int32 sums started at 1 << 21, shifted and clipped to 0..255, so the output is
  * Pillow's bit for bit. Why C: numba (its SLP vectorizer is off) computes the three channels
  * one multiply-add at a time, which made this pass 80% of a RandomResizedCrop's geometry.
@@ -221,4 +222,285 @@ void fl_resample_rows(const unsigned char *src, int64_t readable, int64_t row_by
                       const int32_t *bounds, const int32_t *coeffs, int ksize, int dw, unsigned char *out) {
     pass_t a = {src, readable, row_bytes, col_base, rows, ksize, dw, bounds, coeffs, out};
     run_pass(&a);
+}
+
+/* ------------------------------------------------------------------------------------------
+ * The whole of kernels.py's geometry rules, in C: Pillow's support bounds and coefficients
+ * (Resample.c's precompute_coeffs + normalize_coeffs_8bpc; NEAREST as ImagingScaleAffine),
+ * which rows and columns a window reads, and the window's resample (horizontal pass above,
+ * then the vertical pass), flip and fused normalization. Called by numba code (ffcv backend)
+ * and through ctypes (DALI backend on CPU), so the rules are written once.
+ * Floating point as Python/numba computes it: no contraction into fused multiply-adds. */
+#pragma GCC optimize("fp-contract=off")
+#include <math.h>
+#include <stdlib.h>
+
+enum { F_BOX, F_BILINEAR, F_HAMMING, F_BICUBIC, F_LANCZOS, F_NEAREST };
+enum { PAD_CONSTANT, PAD_EDGE, PAD_REFLECT };
+static const double SUPPORT[6] = {0.5, 1.0, 1.0, 2.0, 3.0, 0.0};
+
+static double sinc(double x) {
+    if (x == 0.0) return 1.0;
+    x = x * M_PI;
+    return sin(x) / x;
+}
+
+static double weight(int filt, double x) {
+    switch (filt) {
+        case F_BILINEAR: x = fabs(x); return x < 1.0 ? 1.0 - x : 0.0;
+        case F_BICUBIC:
+            x = fabs(x);
+            if (x < 1.0) return ((-0.5 + 2.0) * x - (-0.5 + 3.0)) * x * x + 1;
+            if (x < 2.0) return (((x - 5) * x + 8) * x - 4) * -0.5;
+            return 0.0;
+        case F_LANCZOS: return (-3.0 <= x && x < 3.0) ? sinc(x) * sinc(x / 3) : 0.0;
+        case F_BOX: return (-0.5 < x && x <= 0.5) ? 1.0 : 0.0;
+        default: /* HAMMING, with Pillow's float constants */
+            x = fabs(x);
+            if (x == 0.0) return 1.0;
+            if (x >= 1.0) return 0.0;
+            x = x * M_PI;
+            return sin(x) / x * ((double)0.54f + (double)0.46f * cos(x));
+    }
+}
+
+/* First source index and tap count of outputs first..first+count-1 into bounds[2k], bounds[2k+1]. */
+void fl_support_bounds(int64_t in_size, int64_t out_size, int64_t first, int64_t count, int filt, int32_t *bounds) {
+    double scale = (double)in_size / (double)out_size;
+    if (filt == F_NEAREST) {
+        double xo = scale * 0.5;
+        for (int64_t i = 0; i < first; i++) xo += scale;
+        for (int64_t k = 0; k < count; k++) {
+            int64_t v = xo < 0.0 ? -1 : (int64_t)xo;
+            bounds[2 * k] = (int32_t)(v < in_size - 1 ? v : in_size - 1);
+            bounds[2 * k + 1] = 1;
+            xo += scale;
+        }
+        return;
+    }
+    double support = SUPPORT[filt] * (scale > 1.0 ? scale : 1.0);
+    for (int64_t k = 0; k < count; k++) {
+        double center = (double)(first + k) + 0.5;
+        center = center * scale;
+        int64_t xmin = (int64_t)(center - support + 0.5), xmax = (int64_t)(center + support + 0.5);
+        if (xmin < 0) xmin = 0;
+        if (xmax > in_size) xmax = in_size;
+        bounds[2 * k] = (int32_t)xmin;
+        bounds[2 * k + 1] = (int32_t)(xmax - xmin);
+    }
+}
+
+static int64_t kernel_size(int64_t in_size, int64_t out_size, int filt) {
+    double scale = (double)in_size / (double)out_size, filterscale = scale > 1.0 ? scale : 1.0;
+    return (int64_t)ceil(SUPPORT[filt] * filterscale) * 2 + 1;
+}
+
+/* bounds as above and int32 coefficients [count, ksize] (zero past each output's taps). */
+static void coefficients(int64_t in_size, int64_t out_size, int64_t first, int64_t count, int filt, int32_t *bounds,
+                         int32_t *kk, int64_t ksize, double *tmp) {
+    double scale = (double)in_size / (double)out_size, filterscale = scale > 1.0 ? scale : 1.0;
+    fl_support_bounds(in_size, out_size, first, count, filt, bounds);
+    memset(kk, 0, (size_t)(count * ksize) * sizeof(int32_t));
+    if (filt == F_NEAREST) {
+        for (int64_t k = 0; k < count; k++) kk[k * ksize] = 1 << PRECISION_BITS;
+        return;
+    }
+    double ss = 1.0 / filterscale;
+    for (int64_t k = 0; k < count; k++) {
+        double center = ((double)(first + k) + 0.5) * scale;
+        int64_t xmin = bounds[2 * k], n = bounds[2 * k + 1];
+        double ww = 0.0;
+        for (int64_t x = 0; x < n; x++) {
+            double w = weight(filt, ((double)(x + xmin) - center + 0.5) * ss);
+            tmp[x] = w;
+            ww += w;
+        }
+        for (int64_t x = 0; x < n; x++) {
+            double v = ww != 0.0 ? tmp[x] / ww : tmp[x];
+            kk[k * ksize + x] = (int32_t)(v < 0 ? (int64_t)(-0.5 + v * (1 << PRECISION_BITS))
+                                                : (int64_t)(0.5 + v * (1 << PRECISION_BITS)));
+        }
+    }
+}
+
+/* Rows [r0, r1) and columns [c0, c1) of an h x w box that the (top, left, dh, dw) window of its
+ * resize to out_h x out_w reads (clipped to the box; padding reads nothing): out[0..3]. */
+void fl_source_window(int64_t h, int64_t w, int64_t out_h, int64_t out_w, int64_t top, int64_t left, int64_t dh,
+                      int64_t dw, int filt, int64_t *out) {
+    int32_t b[2];
+    int64_t r0, r1, c0, c1;
+    if (out_h != h) {
+        fl_support_bounds(h, out_h, top, 1, filt, b);
+        r0 = b[0];
+        fl_support_bounds(h, out_h, top + dh - 1, 1, filt, b);
+        r1 = (int64_t)b[0] + b[1];
+    } else {
+        r0 = top > 0 ? top : 0;
+        r1 = top + dh < h ? top + dh : h;
+    }
+    if (out_w != w) {
+        fl_support_bounds(w, out_w, left, 1, filt, b);
+        c0 = b[0];
+        fl_support_bounds(w, out_w, left + dw - 1, 1, filt, b);
+        c1 = (int64_t)b[0] + b[1];
+    } else {
+        c0 = left > 0 ? left : 0;
+        c1 = left + dw < w ? left + dw : w;
+    }
+    out[0] = r0;
+    out[1] = r1 > r0 ? r1 : r0;
+    out[2] = c0;
+    out[3] = c1 > c0 ? c1 : c0;
+}
+
+static int64_t reflect(int64_t i, int64_t n, int mode) {
+    if (mode == PAD_EDGE) return i < 0 ? 0 : (i >= n ? n - 1 : i);
+    if (n == 1) return 0; /* reflect without repeating the edge (numpy/torchvision 'reflect') */
+    int64_t period = 2 * n - 2;
+    i = (i < 0 ? -i : i) % period;
+    return i >= n ? period - i : i;
+}
+
+/* One output row of 0..255 levels (interleaved RGB) -> dst: uint8 HWC, or float
+ * level * scale[c] - shift[c] in HWC or CHW; mirrored when `flip`. */
+static inline void store_row(void *dst, int64_t yy, const int32_t *levels, int64_t dh, int64_t dw, int flip, int chw,
+                      int norm, const float *scale, const float *shift) {
+    if (chw) {
+        for (int c = 0; c < 3; c++) {
+            float *out = (float *)dst + ((int64_t)c * dh + yy) * dw, s = scale[c], b = shift[c];
+            for (int64_t xx = 0; xx < dw; xx++) out[flip ? dw - 1 - xx : xx] = (float)levels[xx * 3 + c] * s - b;
+        }
+        return;
+    }
+    for (int64_t xx = 0; xx < dw; xx++) {
+        int64_t at = (yy * dw + (flip ? dw - 1 - xx : xx)) * 3;
+        for (int c = 0; c < 3; c++) {
+            if (norm) ((float *)dst)[at + c] = (float)levels[xx * 3 + c] * scale[c] - shift[c];
+            else ((unsigned char *)dst)[at + c] = (unsigned char)levels[xx * 3 + c];
+        }
+    }
+}
+
+/* Write the (top, left) window (dh x dw) of resize(box -> out_h x out_w) into `dst`, where box
+ * pixel (y, x) is src[y0 + y][x0 + x] of the src_rows x src_cols RGB image `src` (y0/x0 may be
+ * negative when `src` holds only the rows/columns fl_source_window names). Returns 0, or 1 when
+ * out of memory (nothing sensible written). */
+#if defined(__x86_64__)
+/* the vertical pass and the store vectorize: wider with AVX2 where the CPU has it */
+__attribute__((target_clones("avx2", "default")))
+#endif
+int fl_resample_window(const unsigned char *src, int64_t src_rows, int64_t src_cols, int64_t y0, int64_t x0,
+                       int64_t h, int64_t w, int64_t out_h, int64_t out_w, int64_t top, int64_t left, int flip,
+                       int pad_mode, int filt, void *dst, int64_t dh, int64_t dw, int chw, int norm,
+                       const float *scale, const float *shift) {
+    int64_t n3 = dw * 3;
+    int32_t *levels = malloc((size_t)n3 * sizeof(int32_t));
+    if (!levels) return 1;
+    if (out_h == h && out_w == w) { /* no resampling: a (padded) crop */
+        for (int64_t yy = 0; yy < dh; yy++) {
+            int64_t sy = top + yy;
+            int inside_y = 0 <= sy && sy < h;
+            if (!inside_y && pad_mode != PAD_CONSTANT) {
+                sy = reflect(sy, h, pad_mode);
+                inside_y = 1;
+            }
+            for (int64_t xx = 0; xx < dw; xx++) {
+                int64_t sx = left + xx;
+                int inside = inside_y && 0 <= sx && sx < w;
+                if (inside_y && !inside && pad_mode != PAD_CONSTANT) {
+                    sx = reflect(sx, w, pad_mode);
+                    inside = 1;
+                }
+                for (int c = 0; c < 3; c++)
+                    levels[xx * 3 + c] = inside ? src[((y0 + sy) * src_cols + (x0 + sx)) * 3 + c] : 0;
+            }
+            store_row(dst, yy, levels, dh, dw, flip, chw, norm, scale, shift);
+        }
+        free(levels);
+        return 0;
+    }
+    int need_h = out_w != w, need_v = out_h != h;
+    int64_t ksh = kernel_size(w, out_w, filt), ksv = kernel_size(h, out_h, filt);
+    int64_t kmax = ksh > ksv ? ksh : ksv;
+    int32_t *bh = malloc((size_t)(2 * dw + dw * ksh + 2 * dh + dh * ksv) * sizeof(int32_t));
+    double *weights = malloc((size_t)kmax * sizeof(double));
+    if (!bh || !weights) {
+        free(levels); free(bh); free(weights);
+        return 1;
+    }
+    int32_t *kh = bh + 2 * dw, *bv = kh + dw * ksh, *kv = bv + 2 * dh;
+    coefficients(w, out_w, left, dw, filt, bh, kh, ksh, weights);
+    coefficients(h, out_h, top, dh, filt, bv, kv, ksv, weights);
+    int64_t r0 = need_v ? bv[0] : top, r1 = need_v ? (int64_t)bv[2 * (dh - 1)] + bv[2 * (dh - 1) + 1] : top + dh;
+    unsigned char *tmp = malloc((size_t)((r1 - r0) * n3 + 1));
+    if (!tmp) {
+        free(levels); free(bh); free(weights);
+        return 1;
+    }
+    /* horizontal pass: each needed source row once, into uint8 rows of dw pixels */
+    int64_t row_bytes = src_cols * 3, first = (y0 + r0) * row_bytes;
+    if (need_h) {
+        fl_resample_rows(src + first, src_rows * row_bytes - first, row_bytes, (int)(r1 - r0), x0 * 3, bh, kh,
+                         (int)ksh, (int)dw, tmp);
+    } else {
+        for (int64_t r = r0; r < r1; r++)
+            memcpy(tmp + (r - r0) * n3, src + (y0 + r) * row_bytes + (x0 + left) * 3, (size_t)n3);
+    }
+    /* vertical pass: whole interleaved rows per tap (the compiler vectorizes it) */
+    for (int64_t yy = 0; yy < dh; yy++) {
+        if (need_v) {
+            for (int64_t j = 0; j < n3; j++) levels[j] = 1 << (PRECISION_BITS - 1);
+            int64_t ymin = bv[2 * yy] - r0;
+            for (int64_t y = 0; y < bv[2 * yy + 1]; y++) {
+                int32_t k = kv[yy * ksv + y];
+                const unsigned char *line = tmp + (ymin + y) * n3;
+                for (int64_t j = 0; j < n3; j++) levels[j] += (int32_t)line[j] * k;
+            }
+            for (int64_t j = 0; j < n3; j++) levels[j] = clip8(levels[j]);
+        } else {
+            const unsigned char *line = tmp + yy * n3;
+            for (int64_t j = 0; j < n3; j++) levels[j] = line[j];
+        }
+        store_row(dst, yy, levels, dh, dw, flip, chw, norm, scale, shift);
+    }
+    free(tmp); free(levels); free(bh); free(weights);
+    return 0;
+}
+
+/* The DALI backend's batch on CPU. Per sample k: the image region its window reads (top, left,
+ * height, width: at least one pixel, inside the image) from its geometry row
+ * (sampling.PARAM_COLUMNS: y0, x0, h, w, out_h, out_w, top, left, flip). */
+void fl_source_regions(const int64_t *rows, int64_t n, const int64_t *heights, const int64_t *widths, int64_t dh,
+                       int64_t dw, int filt, int64_t *regions) {
+    for (int64_t k = 0; k < n; k++) {
+        const int64_t *p = rows + 9 * k;
+        int64_t win[4];
+        fl_source_window(p[2], p[3], p[4], p[5], p[6], p[7], dh, dw, filt, win);
+        int64_t *r = regions + 4 * k;
+        r[0] = p[0] + win[0] < heights[k] - 1 ? p[0] + win[0] : heights[k] - 1;
+        r[1] = p[1] + win[2] < widths[k] - 1 ? p[1] + win[2] : widths[k] - 1;
+        r[2] = win[1] - win[0] > 1 ? win[1] - win[0] : 1;
+        r[3] = win[3] - win[2] > 1 ? win[3] - win[2] : 1;
+    }
+}
+
+/* ... and each decoded region (uint8 RGB at addresses[k], placed as fl_source_regions says)
+ * resampled into image k of `dst`; resample = 0: its top-left window cut (the bench's decode
+ * stage). Returns 0, or 1 when out of memory. */
+int fl_resample_regions(const uint64_t *addresses, const int64_t *regions, const int64_t *rows, int64_t n,
+                        int resample, int pad_mode, int filt, void *dst, int64_t dh, int64_t dw, int chw, int norm,
+                        const float *scale, const float *shift) {
+    int64_t image_bytes = dh * dw * 3 * (norm ? (int64_t)sizeof(float) : 1);
+    for (int64_t k = 0; k < n; k++) {
+        const unsigned char *region = (const unsigned char *)(uintptr_t)addresses[k];
+        const int64_t *p = rows + 9 * k, *r = regions + 4 * k;
+        void *out = (char *)dst + k * image_bytes;
+        int failed = resample
+            ? fl_resample_window(region, r[2], r[3], p[0] - r[0], p[1] - r[1], p[2], p[3], p[4], p[5], p[6], p[7],
+                                 p[8] != 0, pad_mode, filt, out, dh, dw, chw, norm, scale, shift)
+            : fl_resample_window(region, r[2], r[3], 0, 0, r[2], r[3], r[2], r[3], 0, 0, 0, pad_mode, filt, out, dh,
+                                 dw, chw, norm, scale, shift);
+        if (failed) return 1;
+    }
+    return 0;
 }

@@ -9,8 +9,8 @@ all backends, and crops are the same as in the other backends for the same seed.
 
 On CPU, JPEG storage: DALI decodes only the source rows and columns the output window reads
 (``decoders.image_slice``, fused decode + crop, on DALI's threads, prefetched), and fastload's
-kernels resample, flip and normalize those regions straight into the batch on ``num_workers``
-threads of their own (``engine.py``). DALI's CPU decode is PIL's, bit for bit, so the batches are
+kernel (``_resample.c``, through ctypes: no numba here) resamples, flips and normalizes those
+regions straight into the batch on ``num_workers`` threads of its own (``engine.py``). DALI's CPU decode is PIL's, bit for bit, so the batches are
 the ffcv backend's; and one fused pass replaces DALI's ``resize`` + ``crop_mirror_normalize``
 (measured on 2 cores: 0.53 ms of geometry per ImageNet photo in DALI, 0.16 ms in the kernel).
 
@@ -27,72 +27,33 @@ the caller owns.
 from __future__ import annotations
 
 import functools
-import threading
 import warnings
 from collections import deque
 from typing import Iterator
 
-import numba as nb
 import numpy as np
 import torch
-from numba import types
-from numba.extending import intrinsic
 
 from fastload.spec import RandomCrop, RandomResizedCrop, ResizeCenterCrop
 
 from .base import Backend, BackendOptions
 from .buffers import BatchBuffers
+from . import native
 from .engine import KernelOutput, PartWorkers
-from .kernels import resample_window, source_window
 from .sampling import FLIP, H, LEFT, OUT_H, OUT_W, TOP, W, X0, Y0, plan_batches
 
 PREFETCH = 2  # DALI's prefetch_queue_depth
 
 
 # --------------------------------------------------------------------------- CPU: DALI decodes, fastload resamples
-@intrinsic
-def _pointer(typingctx, address):
-    """A uint64 address as a uint8 pointer, to view memory DALI owns with ``nb.carray``."""
-    def codegen(context, builder, signature, args):
-        return builder.inttoptr(args[0], context.get_value_type(signature.return_type))
-    return types.CPointer(types.uint8)(types.uint64), codegen
-
-
-@nb.njit(cache=True, nogil=True)
-def decode_regions(rows, heights, widths, dh, dw, filt):
-    """Per sample, the region (top, left, height, width) of the image that its output window reads
-    (``kernels.source_window``; at least one pixel: a window all padding reads none)."""
-    regions = np.empty((rows.shape[0], 4), np.int64)
-    for k in range(rows.shape[0]):
-        p = rows[k]
-        r0, r1, c0, c1 = source_window(p[2], p[3], p[4], p[5], p[6], p[7], dh, dw, filt)
-        regions[k, 0] = min(p[0] + r0, heights[k] - 1)
-        regions[k, 1] = min(p[1] + c0, widths[k] - 1)
-        regions[k, 2] = max(1, r1 - r0)
-        regions[k, 3] = max(1, c1 - c0)
-    return regions
-
-
-@nb.njit(cache=True, nogil=True)
-def resample_regions(addresses, regions, rows, resample, pad_mode, filt, dst, chw, norm, scale, shift):
-    """Resample each decoded region (uint8 HWC at ``addresses[k]``, placed as :func:`decode_regions`
-    says) into ``dst[k]``. ``resample=False``: cut its top-left window (the bench's decode stage)."""
-    dh, dw = (dst.shape[2], dst.shape[3]) if chw else (dst.shape[1], dst.shape[2])
-    for k in range(rows.shape[0]):
-        p = rows[k]
-        top, left, h, w = regions[k, 0], regions[k, 1], regions[k, 2], regions[k, 3]
-        region = nb.carray(_pointer(addresses[k]), (h, w, 3))
-        if resample:  # box pixel (y, x) is image pixel (p[0] + y, p[1] + x)
-            resample_window(region, p[0] - top, p[1] - left, p[2], p[3], p[4], p[5], p[6], p[7], p[8] != 0,
-                            pad_mode, filt, dst[k], dh, dw, chw, norm, scale, shift)
-        else:
-            resample_window(region, 0, 0, h, w, h, w, 0, 0, False, pad_mode, filt, dst[k], dh, dw, chw, norm,
-                            scale, shift)
-
-
 def _region_columns(heights, widths, out: KernelOutput, size, idx, p: np.ndarray) -> dict:
-    """What DALI decodes for fastload's kernel: each window's source region."""
-    regions = decode_regions(np.ascontiguousarray(p, np.int64), heights[idx], widths[idx], *size, out.filter)
+    """What DALI decodes for fastload's kernel: per sample, the image region (top, left, height,
+    width) its output window reads (``_resample.c``'s ``fl_source_window``, the ffcv backend's rule)."""
+    rows = np.ascontiguousarray(p, np.int64)
+    regions = np.empty((len(rows), 4), np.int64)
+    h, w = np.ascontiguousarray(heights[idx]), np.ascontiguousarray(widths[idx])
+    native.LIB.fl_source_regions(rows.ctypes.data, len(rows), h.ctypes.data, w.ctypes.data, *size, out.filter,
+                                 regions.ctypes.data)
     return {"box_anchor": regions[:, :2].astype(np.float32), "box_shape": regions[:, 2:].astype(np.float32),
             "regions": regions}
 
@@ -190,9 +151,6 @@ class DALIBackend(Backend):
             fields = ("box_anchor", "box_shape")
             self.workers = PartWorkers(options.num_workers, "fastload-dali")
             self.buffers = BatchBuffers(capacity=options.num_workers + 4)  # in flight, ready, and the caller's
-            # load the kernels' machine code (numba's disk cache) while DALI is imported and built:
-            # 0.1-0.2 s sooner to the first batch
-            threading.Thread(target=self._load_kernels, name="fastload-dali-load", daemon=True).start()
         elif isinstance(spec.geometry, ResizeCenterCrop):
             columns = functools.partial(_window_roi_columns, self.interpolation, spec.size)
             fields = ("box_anchor", "box_shape", "roi_start", "roi_end", "flip")
@@ -206,13 +164,6 @@ class DALIBackend(Backend):
         self.pipe = None
         self.decode_device = "cpu"
         self._epoch_finished = True
-
-    def _load_kernels(self) -> None:
-        """Call each kernel on no samples: numba loads the machine code for these argument types."""
-        k, none = self.kernel, np.zeros((0, 9), np.int64)
-        decode_regions(none, np.zeros(0, np.int64), np.zeros(0, np.int64), *self.spec.size, k.filter)
-        resample_regions(np.zeros(0, np.uint64), np.zeros((0, 4), np.int64), none, True, k.pad_mode, k.filter,
-                         torch.empty((0, *k.shape), dtype=k.dtype).numpy(), k.chw, k.fused, k.scale, k.shift)
 
     def decode_stage(self) -> "DALIBackend":
         return DALIBackend(self.reader, self.spec, self.options, decode_only=True)
@@ -341,8 +292,12 @@ class DALIBackend(Backend):
             rows = np.ascontiguousarray(rows, np.int64)
 
             def work(lo, hi, regions=regions, addresses=addresses, placed=placed, rows=rows, out=out):
-                resample_regions(addresses[lo:hi], placed[lo:hi], rows[lo:hi], not self.decode_only, k.pad_mode,
-                                 k.filter, out.numpy()[lo:hi], k.chw, k.fused, k.scale, k.shift)
+                # one C call per part, without the GIL (ctypes releases it)
+                if native.LIB.fl_resample_regions(
+                        addresses[lo:].ctypes.data, placed[lo:].ctypes.data, rows[lo:].ctypes.data, hi - lo,
+                        not self.decode_only, k.pad_mode, k.filter, out[lo:].data_ptr(), *self.spec.size, k.chw,
+                        k.fused, k.scale.ctypes.data, k.shift.ctypes.data):
+                    raise MemoryError("fastload's resampling kernel ran out of memory")
             yield n, work, (out, index)
 
     def close(self) -> None:

@@ -17,7 +17,7 @@ import torch
 
 from fastload.spec import RandomCrop
 
-from .kernels import FILTER_CODES, PADDING_CODES
+from .native import FILTER_CODES, PADDING_CODES
 
 T = TypeVar("T")
 _NO_NORMALIZE = (np.ones(3, np.float32), np.zeros(3, np.float32))
@@ -25,7 +25,7 @@ _NO_NORMALIZE = (np.ones(3, np.float32), np.zeros(3, np.float32))
 
 @dataclass(frozen=True)
 class KernelOutput:
-    """What :func:`~fastload.pipelines.kernels.resample_window` writes for a spec: its filter and
+    """What the resampling kernel (``_resample.c``) writes for a spec: its filter and
     padding codes, and either uint8 NHWC or float32 ``level * scale - shift`` (NCHW when the
     spec's layout is NCHW)."""
     filter: int

@@ -1,6 +1,7 @@
 """fastload's C helpers, one shared library (``fastload.pipelines._native``, built by pip from
-``_jpeg.c`` and ``_resample.c``): found and loaded once here, for ctypes (``jpeg.py``) and, by
-symbol name, for numba code (``kernels.py``, ``ffcv.py``). Python never imports it as a module."""
+``_jpeg.c`` and ``_resample.c``): found and loaded once here, for ctypes (``jpeg.py``, ``dali.py``)
+and, by symbol name, for numba code (``kernels.py``, ``ffcv.py``). Python never imports it as a
+module, and this module imports no numba."""
 from __future__ import annotations
 
 import ctypes
@@ -37,3 +38,17 @@ def resample_path(at_most: str | None = None) -> str:
     """The horizontal resampling pass's code path in use (``_resample.c``), after capping it at
     ``at_most`` when given: tests compare every path the CPU has, bit for bit."""
     return RESAMPLE_PATHS[LIB.fl_resample_level(-1 if at_most is None else RESAMPLE_PATHS.index(at_most))]
+
+
+# _resample.c's codes: Pillow's filters (NEAREST is its affine scale, not a convolution) and padding
+BOX, BILINEAR, HAMMING, BICUBIC, LANCZOS, NEAREST = range(6)
+FILTER_CODES = {"box": BOX, "bilinear": BILINEAR, "hamming": HAMMING, "bicubic": BICUBIC, "lanczos": LANCZOS,
+                "nearest": NEAREST}
+PAD_CONSTANT, PAD_EDGE, PAD_REFLECT = range(3)
+PADDING_CODES = {"constant": PAD_CONSTANT, "edge": PAD_EDGE, "reflect": PAD_REFLECT}
+
+_P, _I64, _INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+LIB.fl_source_regions.argtypes = [_P, _I64, _P, _P, _I64, _I64, _INT, _P]
+LIB.fl_source_regions.restype = None
+LIB.fl_resample_regions.argtypes = [_P, _P, _P, _I64, _INT, _INT, _INT, _P, _I64, _I64, _INT, _INT, _P, _P]
+LIB.fl_resample_regions.restype = _INT
