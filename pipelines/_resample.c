@@ -323,34 +323,28 @@ static void coefficients(int64_t in_size, int64_t out_size, int64_t first, int64
     }
 }
 
+/* Along one axis: the source span [lo, hi) that outputs start..start+n-1 of a resize from `size`
+ * to `out` read (clipped to the box; padding reads nothing). */
+static void axis_span(int64_t size, int64_t out, int64_t start, int64_t n, int filt, int64_t *lo, int64_t *hi) {
+    if (out == size) {
+        *lo = start > 0 ? start : 0;
+        *hi = start + n < size ? start + n : size;
+    } else {
+        int32_t b[2];
+        fl_support_bounds(size, out, start, 1, filt, b);
+        *lo = b[0];
+        fl_support_bounds(size, out, start + n - 1, 1, filt, b);
+        *hi = (int64_t)b[0] + b[1];
+    }
+    if (*hi < *lo) *hi = *lo;
+}
+
 /* Rows [r0, r1) and columns [c0, c1) of an h x w box that the (top, left, dh, dw) window of its
- * resize to out_h x out_w reads (clipped to the box; padding reads nothing): out[0..3]. */
+ * resize to out_h x out_w reads: out[0..3]. */
 void fl_source_window(int64_t h, int64_t w, int64_t out_h, int64_t out_w, int64_t top, int64_t left, int64_t dh,
                       int64_t dw, int filt, int64_t *out) {
-    int32_t b[2];
-    int64_t r0, r1, c0, c1;
-    if (out_h != h) {
-        fl_support_bounds(h, out_h, top, 1, filt, b);
-        r0 = b[0];
-        fl_support_bounds(h, out_h, top + dh - 1, 1, filt, b);
-        r1 = (int64_t)b[0] + b[1];
-    } else {
-        r0 = top > 0 ? top : 0;
-        r1 = top + dh < h ? top + dh : h;
-    }
-    if (out_w != w) {
-        fl_support_bounds(w, out_w, left, 1, filt, b);
-        c0 = b[0];
-        fl_support_bounds(w, out_w, left + dw - 1, 1, filt, b);
-        c1 = (int64_t)b[0] + b[1];
-    } else {
-        c0 = left > 0 ? left : 0;
-        c1 = left + dw < w ? left + dw : w;
-    }
-    out[0] = r0;
-    out[1] = r1 > r0 ? r1 : r0;
-    out[2] = c0;
-    out[3] = c1 > c0 ? c1 : c0;
+    axis_span(h, out_h, top, dh, filt, &out[0], &out[1]);
+    axis_span(w, out_w, left, dw, filt, &out[2], &out[3]);
 }
 
 static int64_t reflect(int64_t i, int64_t n, int mode) {
