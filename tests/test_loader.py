@@ -72,6 +72,19 @@ def test_backends_match_the_reference(imagenet_outputs, spec_name, backend):
         assert diff.mean() <= 0.5 and diff.max() <= 1.0 + 1e-3, (diff.mean(), diff.max())
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU, DALI resamples itself")
+def test_dali_on_cpu_runs_without_numba(labelled_colors):
+    """The DALI backend calls fastload's C kernel through ctypes: a fresh process neither imports
+    nor initializes numba (0.45 s of start-up) to produce its batches."""
+    code = ("import sys; from fastload import FastLoader; "
+            f"x, _ = next(iter(FastLoader({str(labelled_colors['tfrecord'])!r}, 'train', batch_size=8, "
+            "backend='dali', num_workers=1))); "
+            "assert x.shape == (8, 3, 224, 224), x.shape; "
+            "assert 'numba' not in sys.modules, sorted(m for m in sys.modules if 'numba' in m)[:5]")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+
+
 @needs_shared
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU, DALI decodes with nvJPEG and resamples itself")
 def test_dali_on_cpu_gives_the_ffcv_backends_batches(imagenet_outputs, imagenet_dirs):
