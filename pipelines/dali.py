@@ -10,8 +10,8 @@ all backends, and crops are the same as in the other backends for the same seed.
 On CPU, JPEG storage: DALI decodes only the source rows and columns the output window reads
 (``decoders.image_slice``, fused decode + crop, on DALI's threads, prefetched), and fastload's
 kernel (``_resample.c``, through ctypes: no numba here) resamples, flips and normalizes those
-regions straight into the batch on ``num_workers`` threads of its own (``engine.py``). DALI's CPU decode is PIL's, bit for bit, so the batches are
-the ffcv backend's; and one fused pass replaces DALI's ``resize`` + ``crop_mirror_normalize``
+regions straight into the batch on ``num_workers`` threads of its own (``engine.py``). DALI's
+CPU decode is PIL's, bit for bit, so the batches are the ffcv backend's; and one fused pass replaces DALI's ``resize`` + ``crop_mirror_normalize``
 (measured on 2 cores: 0.53 ms of geometry per ImageNet photo in DALI, 0.16 ms in the kernel).
 
 On GPU (nvJPEG) and for raw pixel storage, the geometry runs in DALI, per spec:
@@ -55,7 +55,7 @@ def _region_columns(heights, widths, out: KernelOutput, size, idx, p: np.ndarray
     native.LIB.fl_source_regions(rows.ctypes.data, len(rows), h.ctypes.data, w.ctypes.data, *size, out.filter,
                                  regions.ctypes.data)
     return {"box_anchor": regions[:, :2].astype(np.float32), "box_shape": regions[:, 2:].astype(np.float32),
-            "regions": regions}
+            "regions": regions, "rows": rows}
 
 
 # --------------------------------------------------------------------------- GPU and raw pixels: geometry in DALI
@@ -281,15 +281,14 @@ class DALIBackend(Backend):
         """Per batch of regions DALI decoded: the work of resampling them into a batch the caller
         owns (for :meth:`PartWorkers.in_order`). The work holds DALI's output until it has run."""
         k = self.kernel
-        for regions, index, (_, rows, columns) in outputs:
+        for regions, index, (_, _, columns) in outputs:
             n = len(index)
-            placed = columns["regions"]
+            placed, rows = columns["regions"], columns["rows"]
             # the kernel reads each region by address: its shape must be the one asked for
             if not np.array_equal(np.asarray(regions.shape(), np.int64).reshape(n, 3)[:, :2], placed[:, 2:]):
                 raise RuntimeError(f"DALI decoded regions of other shapes than asked: {regions.shape()[:4]} ...")
             addresses = np.array([regions[i].data_ptr() for i in range(n)], np.uint64)
             out = self.buffers.empty((n, *k.shape), k.dtype)
-            rows = np.ascontiguousarray(rows, np.int64)
 
             def work(lo, hi, regions=regions, addresses=addresses, placed=placed, rows=rows, out=out):
                 # one C call per part, without the GIL (ctypes releases it)

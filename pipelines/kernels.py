@@ -19,11 +19,13 @@ import numpy as np
 from numba import types
 
 from . import native
+from .native import (BICUBIC, BILINEAR, BOX, FILTER_CODES, HAMMING, LANCZOS, NEAREST, PAD_CONSTANT, PAD_EDGE,
+                     PAD_REFLECT, PADDING_CODES)
 
-PAD_CONSTANT, PAD_EDGE, PAD_REFLECT = native.PAD_CONSTANT, native.PAD_EDGE, native.PAD_REFLECT
-PADDING_CODES = native.PADDING_CODES
-BOX, BILINEAR, HAMMING, BICUBIC, LANCZOS, NEAREST = range(6)
-FILTER_CODES = native.FILTER_CODES
+# the codes are native.py's (numba-free, for the DALI backend); here beside the kernels that take them
+__all__ = ["source_window", "resample_window", "FILTER_CODES", "PADDING_CODES", "BOX", "BILINEAR", "HAMMING",
+           "BICUBIC", "LANCZOS", "NEAREST", "PAD_CONSTANT", "PAD_EDGE", "PAD_REFLECT"]
+
 _JIT = dict(cache=True, nogil=True)
 
 native.bind_for_numba()
