@@ -27,10 +27,10 @@ from pathlib import Path
 
 import numpy as np
 
-from fastload import tfrecord
-from fastload.manifest import (FORMAT_NAME, FORMAT_VERSION, MANIFEST, HashingFile, Manifest, atomic_write_bytes,
+from fastload.formats import tfrecord
+from fastload.formats.manifest import (FORMAT_NAME, FORMAT_VERSION, MANIFEST, HashingFile, Manifest, atomic_write_bytes,
                                fsync_file)
-from fastload.records import records_dtype, records_filename
+from fastload.formats.records import records_dtype, records_filename
 
 from .images import (CODEC_CHOICES, CorruptImageError, choose_codec, prepare_image, source_bytes, stats_every,
                      stats_from_histograms)
@@ -330,7 +330,7 @@ def _shard_results(tasks: list[ShardTask]) -> dict:
 
 def _warn_if_preset_misfits(manifest: Manifest) -> None:
     """The guessed preset crops 224 px from every image: say so when the images are far smaller."""
-    from fastload.records import SplitReader
+    from fastload.formats.records import SplitReader
     from fastload.spec import PreprocessSpec
     size = max(PreprocessSpec.preset(manifest.preset, train=True).size)
     reader = SplitReader(manifest, manifest.split_names[0])
@@ -481,7 +481,7 @@ class _StagedSplit:
         self.dtype = records_dtype(schema.label_columns, schema.kind == "multi", self.max_labels)
 
     def chunks(self):
-        from fastload.beton import BetonChunk
+        from fastload.formats.beton import BetonChunk
         for t in self.tasks:
             shard = np.load(t.rows_path)
             rows = np.zeros(len(shard), self.dtype)
@@ -516,7 +516,7 @@ def _write_records(out: Path, split: str, staged: _StagedSplit, layout=None) -> 
 
 
 def _write_split_beton(out, split, schema, staged: _StagedSplit, bars: PhaseBars, codec) -> list[dict]:
-    from fastload.beton import plan_beton, write_beton
+    from fastload.formats.beton import plan_beton, write_beton
     path = out / f"{split}.beton"
     tmp = out / PARTIAL / f"{split}.beton.tmp"
     tmp.unlink(missing_ok=True)

@@ -9,7 +9,8 @@ __version__ = "0.1.0"
 
 from .spec import PreprocessSpec, ProgressiveResolution  # light: stdlib only
 
-__all__ = ["PreprocessSpec", "ProgressiveResolution", "FastLoader", "convert", "verify", "Manifest", "DatasetError", "__version__"]
+__all__ = ["PreprocessSpec", "ProgressiveResolution", "FastLoader", "convert", "verify", "Manifest", "DatasetError",
+           "SampleDecodeError", "__version__"]
 
 
 def __getattr__(name):  # PEP 562 lazy exports
@@ -23,6 +24,9 @@ def __getattr__(name):  # PEP 562 lazy exports
         from .verification import verify
         return verify
     if name in ("Manifest", "DatasetError"):
-        from . import manifest
+        from .formats import manifest
         return getattr(manifest, name)
+    if name == "SampleDecodeError":
+        from .formats.records import SampleDecodeError
+        return SampleDecodeError
     raise AttributeError(f"module 'fastload' has no attribute {name!r}")

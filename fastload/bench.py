@@ -21,8 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .manifest import DatasetError, Manifest
-from .records import SplitReader
+from .formats.manifest import DatasetError, Manifest
+from .formats.records import SplitReader
 
 STAGES = ("read", "decode", "geometry", "batch_ops")
 

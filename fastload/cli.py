@@ -121,7 +121,7 @@ def bench(directories, split, spec, backend, batch_size, batches, repeats, worke
 def inspect(directory, split, spec, backend, out, n, seed):
     """Write a grid of augmented samples with their class names, to check a pipeline by eye."""
     from fastload.inspect_grid import inspect_grid
-    from fastload.manifest import DatasetError
+    from fastload.formats.manifest import DatasetError
     try:
         path = inspect_grid(directory, split=split, spec=_load_spec(spec), backend=backend, out=out, n=n, seed=seed)
     except (DatasetError, ValueError) as e:

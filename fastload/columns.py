@@ -12,7 +12,7 @@ from collections import namedtuple
 import numpy as np
 import torch
 
-from .records import RECORD_FIELDS
+from .formats.records import RECORD_FIELDS
 
 _FIXED = {name for name, *_ in RECORD_FIELDS} | {"label"}
 

@@ -33,7 +33,7 @@ def run_demo(source=None, out="demo-out", workers: int = 2) -> list[dict]:
     out = Path(out)
     rows = []
     print(f"fastload demo: source {source}")
-    from .beton import import_ffcv
+    from .formats.beton import import_ffcv
     import_ffcv()  # once, outside the timings (torch + numba + ffcv take seconds to import)
     for fmt in ("beton", "tfrecord"):
         t0 = time.perf_counter()

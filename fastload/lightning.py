@@ -17,7 +17,7 @@ except ImportError:  # the standalone package has the same API
         raise ImportError("fastload.lightning needs Lightning: pip install 'fastload[lightning]'") from None
 
 from .loader import FastLoader
-from .manifest import Manifest
+from .formats.manifest import Manifest
 
 VAL_SPLITS = ("validation", "val", "test")
 

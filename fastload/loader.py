@@ -13,9 +13,9 @@ import numpy as np
 import torch
 
 from .columns import ExtraColumns
-from .manifest import Manifest
+from .formats.manifest import Manifest
 from .pipelines import registry
-from .records import SplitReader
+from .formats.records import SplitReader
 from .spec import PreprocessSpec, resolve_spec
 from .subset import select_samples, subset_digest
 

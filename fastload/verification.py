@@ -5,9 +5,9 @@ import io
 
 import numpy as np
 
-from . import tfrecord
-from .manifest import DatasetError, Manifest, sha256_file
-from .records import SplitReader
+from .formats import tfrecord
+from .formats.manifest import DatasetError, Manifest, sha256_file
+from .formats.records import SplitReader
 
 
 def verify(root, decode_images: bool = True, progress: bool = False) -> list[str]:
@@ -82,7 +82,7 @@ def _check_tfrecords(manifest: Manifest, split: str, reader: SplitReader) -> lis
 
 def _check_beton(manifest: Manifest, split: str, reader: SplitReader) -> list[str]:
     try:
-        from .beton import import_ffcv
+        from .formats.beton import import_ffcv
         import_ffcv()
         from ffcv.reader import Reader
         beton = Reader(str(reader.data_files[0]))

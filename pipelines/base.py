@@ -41,7 +41,7 @@ class Backend(ABC):
     interpolations: ClassVar[tuple[str, ...]] = ("bilinear",)
 
     def __init__(self, reader, spec, options: BackendOptions):
-        """``reader``: a :class:`~fastload.records.SplitReader`; ``spec``: a PreprocessSpec.
+        """``reader``: a :class:`~fastload.formats.records.SplitReader`; ``spec``: a PreprocessSpec.
         Refuse what the backend cannot do here, by name (e.g. a padding mode)."""
         interpolation = getattr(spec.geometry, "interpolation", None)
         if interpolation is not None and interpolation not in self.interpolations:

@@ -55,7 +55,7 @@ def backends_for(storage: str) -> tuple[str, ...]:
 
 def resolve_backend(name: str, storage: str, root) -> BackendEntry:
     """The entry for ``name`` ('auto': the storage's default), checked against the storage."""
-    from fastload.manifest import DatasetError
+    from fastload.formats.manifest import DatasetError
     if name == "auto":
         names = backends_for(storage)
         if not names:

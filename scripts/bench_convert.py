@@ -65,7 +65,7 @@ def _run_fastload(source, out, fmt, workers) -> float:
 
 def _run_ffcv(source, out, column, mode, workers) -> float:
     import datasets
-    from fastload.beton import import_ffcv
+    from fastload.formats.beton import import_ffcv
     import_ffcv()
     from ffcv.fields import IntField, RGBImageField
     from ffcv.writer import DatasetWriter

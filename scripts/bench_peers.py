@@ -183,7 +183,7 @@ def _png(pixels: np.ndarray) -> bytes:
 def pil_system(cfg):
     import torch
     from fastload import Manifest
-    from fastload.records import SplitReader
+    from fastload.formats.records import SplitReader
     reader = SplitReader(Manifest.read(cfg["path"]), cfg["split"])
     # what a torchvision user starts from: encoded files (CIFAR as the hub's PNGs)
     jpegs = [_png(reader.pixels(i)) if reader.codec == "raw" else reader.stored(i).tobytes()
@@ -226,7 +226,7 @@ def _serve(cfg, conn, started):
 def prepare(args):
     import datasets
     from fastload import Manifest, convert
-    from fastload.beton import import_ffcv
+    from fastload.formats.beton import import_ffcv
     cache = ROOT / ".cache" / "peers"
     out = {}
     for name, src, column, tile, split in (("imagenet", args.data, "image", args.tile, "validation"),
@@ -283,7 +283,7 @@ def _receive(conn, process, name):
 def decode_limit(path, workers):
     from fastload import Manifest
     from fastload.bench import decode_limit as measure
-    from fastload.records import SplitReader
+    from fastload.formats.records import SplitReader
     limit = measure(SplitReader(Manifest.read(path), "train"), max_images=200)
     return limit["per_core_images_per_s"] * workers
 

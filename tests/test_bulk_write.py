@@ -7,7 +7,7 @@ import hashlib
 import numpy as np
 import pytest
 
-from fastload.bulk_write import ALIGN, PIECE_BYTES, BulkFile
+from fastload.formats.bulk_write import ALIGN, PIECE_BYTES, BulkFile
 
 
 @pytest.mark.parametrize("direct", [True, False])

@@ -19,8 +19,8 @@ from fastload import convert, verify
 from fastload.converters.convert import ConversionError
 from fastload.converters.images import CorruptImageError
 from fastload.converters.sources import SchemaError
-from fastload.manifest import DatasetError, Manifest
-from fastload.records import SplitReader
+from fastload.formats.manifest import DatasetError, Manifest
+from fastload.formats.records import SplitReader
 
 FASTLOAD = [sys.executable, "-m", "fastload.cli"]
 
@@ -71,7 +71,7 @@ def test_tfrecord_round_trip_through_dali_reader(imagenet_dirs, imagenet_source)
 
 @needs_shared
 def test_beton_round_trip_through_ffcv_reader_and_loader(imagenet_dirs, imagenet_source):
-    from fastload.beton import import_ffcv
+    from fastload.formats.beton import import_ffcv
     import_ffcv()
     from ffcv.fields.basics import IntDecoder
     from ffcv.fields.rgb_image import CenterCropRGBImageDecoder
@@ -157,7 +157,7 @@ def test_cifar100_keeps_both_labels(tmp_path):
         assert verify(tmp_path / fmt) == []
     coarse = convert(str(src), tmp_path / "coarse", format="tfrecord", label="coarse_label", progress=False)
     assert SplitReader(coarse, "train").labels.tolist() == ds["coarse_label"]
-    from fastload import tfrecord
+    from fastload.formats import tfrecord
     tm = Manifest.read(tmp_path / "tfrecord")
     shard = tmp_path / "tfrecord" / tm.split("train").files_with_role("data")[0]["path"]
     _, ints = tfrecord.decode_example(next(tfrecord.read_records(shard.read_bytes()))[1])
@@ -177,7 +177,7 @@ def test_coco_multilabel_ids_survive(tmp_path):
         assert got == expected
         assert verify(tmp_path / fmt) == []
     # the .beton's own label field, read with ffcv's Loader: padded ids, -1 past the last
-    from fastload.beton import import_ffcv
+    from fastload.formats.beton import import_ffcv
     import_ffcv()
     from ffcv.fields.ndarray import NDArrayDecoder
     from ffcv.loader import Loader, OrderOption
@@ -423,7 +423,7 @@ def test_verify_catches_flipped_byte_in_tfrecord(imagenet_dirs, tmp_path):
     r = subprocess.run([*FASTLOAD, "verify", str(d)], capture_output=True, text=True)
     assert r.returncode == 1 and shard.name in r.stderr
     # framing check on its own (manifest checksum updated as if the writer had lied)
-    from fastload.manifest import sha256_file
+    from fastload.formats.manifest import sha256_file
     m = json.loads((d / "manifest.json").read_text())
     for f in m["splits"]["validation"]["files"]:
         if f["path"] == shard.name:

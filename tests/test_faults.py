@@ -21,8 +21,8 @@ from PIL import Image
 
 from conftest import CIFAR10, IMAGENET, jpeg_bytes, needs_shared, save_splits
 from fastload import FastLoader, Manifest, PreprocessSpec, convert, verify
-from fastload.manifest import DatasetError
-from fastload.records import SampleDecodeError, SplitReader
+from fastload.formats.manifest import DatasetError
+from fastload.formats.records import SampleDecodeError, SplitReader
 
 FASTLOAD = [sys.executable, "-m", "fastload.cli"]
 BACKEND_FORMAT = {"ffcv": "beton", "dali": "tfrecord", "reference": "tfrecord"}
@@ -218,7 +218,7 @@ def test_disk_that_fills_while_the_beton_is_written(tmp_path):
     kept for the rerun; and a write that runs out of room anyway (the disk filled by someone
     else) raises ENOSPC, leaving no half file in place of the .beton."""
     import errno
-    from fastload.beton import BetonChunk, plan_beton, write_beton
+    from fastload.formats.beton import BetonChunk, plan_beton, write_beton
     src = _small_imagenet(tmp_path, 60)
     staged = _converted(tmp_path, src)
     size = sum(f.stat().st_size for f in staged.glob("*.tfrecord"))
@@ -244,8 +244,8 @@ def test_direct_write_that_runs_out_of_room(tmp_path):
     """The .beton is written past the page cache (O_DIRECT, here on ext4): a disk that fills
     mid-file still raises ENOSPC and leaves no half file."""
     import errno
-    from fastload.beton import BetonChunk, plan_beton, write_beton
-    from fastload.bulk_write import BulkFile
+    from fastload.formats.beton import BetonChunk, plan_beton, write_beton
+    from fastload.formats.bulk_write import BulkFile
     staged = _converted(tmp_path, _small_imagenet(tmp_path, 60))
     reader = SplitReader(Manifest.read(staged), "train")
     rows = np.array(reader.records)

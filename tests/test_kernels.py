@@ -10,7 +10,7 @@ from fastload.pipelines import native
 from fastload.pipelines.jpeg import JPEGDecodeError, decode_rgb, jpeg_problem, thread_decoder
 from fastload.pipelines.kernels import BILINEAR, FILTER_CODES, resample_window, source_window
 from fastload.pipelines.sampling import random_resized_crop_params
-from fastload.records import SplitReader
+from fastload.formats.records import SplitReader
 
 NO_NORM = (np.ones(3, np.float32), np.zeros(3, np.float32))
 

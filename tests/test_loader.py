@@ -15,7 +15,7 @@ import torch
 from conftest import ROOT, coco_dataset, color_label, needs_shared, save_splits
 from fastload import FastLoader, PreprocessSpec, convert
 from fastload.spec import RandomCrop
-from fastload.manifest import DatasetError
+from fastload.formats.manifest import DatasetError
 from fastload.pipelines.sampling import FLIP, H, TOP, W, X0, Y0, epoch_indices, geometry_params
 
 STD255 = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1) * 255

@@ -14,8 +14,8 @@ from PIL import Image
 
 from conftest import CIFAR10, color_label, needs_shared, save_splits
 from fastload import FastLoader, Manifest, PreprocessSpec, convert
-from fastload.manifest import DatasetError
-from fastload.records import SplitReader
+from fastload.formats.manifest import DatasetError
+from fastload.formats.records import SplitReader
 
 BACKEND_FORMAT = {"ffcv": "beton", "dali": "tfrecord", "reference": "tfrecord"}
 N = 400
@@ -77,7 +77,7 @@ def test_train_crops_are_the_same_pixels_in_every_backend(png_cifar):
 
 @needs_shared
 def test_stock_ffcv_and_stock_dali_read_raw_storage(png_cifar):
-    from fastload.beton import import_ffcv
+    from fastload.formats.beton import import_ffcv
     import_ffcv()
     from ffcv.fields.decoders import IntDecoder, SimpleRGBImageDecoder
     from ffcv.loader import Loader, OrderOption

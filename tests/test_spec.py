@@ -6,7 +6,8 @@ import pytest
 
 from fastload.spec import (AutoAugment, ColorJitter, Mixup, Normalize, PreprocessSpec, RandAugment, RandomCrop,
                            RandomErasing, RandomResizedCrop, ResizeCenterCrop, TimmAutoAugment, TimmRandAugment,
-                           TrivialAugmentWide, parse_auto_augment, policy_to_string, resolve_spec)
+                           TrivialAugmentWide, resolve_spec)
+from fastload.timm_dialect import parse_auto_augment, policy_to_string
 
 PRESETS = ["imagenet", "cifar10", "cifar100", "coco"]
 
@@ -35,7 +36,7 @@ def test_preset_contents():
 
 def test_json_yaml_round_trip_with_every_option():
     spec = PreprocessSpec(geometry=RandomResizedCrop(192, scale=(0.25, 1.0), ratio=(0.5, 2.0)), hflip=0.3,
-                          color_jitter=ColorJitter(0.4, 0.3, 0.2, 0.1), auto_augment=RandAugment(2, 27.0, 1.5, True),
+                          color_jitter=ColorJitter(0.4, 0.3, 0.2, 0.1), auto_augment=RandAugment(2, 27.0, 1.5),
                           mixup=Mixup(0.8, 1.0, 0.9, 0.4, 0.1), normalize=Normalize((0.5, 0.5, 0.5), (0.2, 0.2, 0.2)),
                           dtype="float16", layout="channels_last")
     assert PreprocessSpec.from_json(spec.to_json()) == spec

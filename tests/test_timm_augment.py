@@ -11,7 +11,7 @@ from conftest import needs_shared
 from fastload import Manifest
 from fastload.pipelines import timm_augment as T
 from fastload.pipelines.augment import rotate_matrix, shear_matrix, translate_matrix
-from fastload.records import SplitReader
+from fastload.formats.records import SplitReader
 from fastload.spec import TimmAutoAugment, TimmRandAugment
 from ks import ks_2samp_pvalue
 
