@@ -28,7 +28,8 @@ from pathlib import Path
 import numpy as np
 
 from fastload.formats import tfrecord
-from fastload.formats.manifest import (FORMAT_NAME, FORMAT_VERSION, MANIFEST, HashingFile, Manifest, atomic_write_bytes,
+from fastload.formats.manifest import (FORMAT_NAME, FORMAT_VERSION, MANIFEST, STORAGES, HashingFile, Manifest,
+                                       atomic_write_bytes,
                                fsync_file)
 from fastload.formats.records import records_dtype, records_filename
 
@@ -40,7 +41,6 @@ from .progress import Phase, PhaseBars
 from .sources import Schema, SchemaError, detect_schema, guess_preset, open_source, source_fingerprint
 
 PARTIAL = ".partial"
-FORMATS = ("beton", "tfrecord")
 IMAGE_FEATURES = {"jpeg": "image/encoded", "raw": "image/raw"}  # the TFRecord bytes feature per codec
 
 
@@ -227,8 +227,8 @@ def convert(source, out, format: str = "tfrecord", splits: list[str] | None = No
     interruption and finished shards are kept. ``phases``, when given, receives a
     :class:`Phase` (images, seconds) per progress bar shown, for a summary.
     """
-    if format not in FORMATS:
-        raise ValueError(f"format={format!r} is invalid: allowed {FORMATS}")
+    if format not in STORAGES:
+        raise ValueError(f"format={format!r} is invalid: allowed {STORAGES}")
     if image_codec not in CODEC_CHOICES:
         raise ValueError(f"image_codec={image_codec!r} is invalid: allowed {CODEC_CHOICES}")
     if not 1 <= int(jpeg_quality) <= 100:

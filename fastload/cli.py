@@ -6,7 +6,9 @@ from typing import NoReturn
 
 import click
 
-from fastload.pipelines.registry import backend_names  # light: names only, no backend imported
+from fastload.formats.manifest import STORAGES  # light: the rest loads when a command runs
+from fastload.pipelines.registry import backend_names  # names only, no backend imported
+from fastload.spec import PRESETS
 
 
 def _fail(message: str) -> NoReturn:
@@ -22,7 +24,7 @@ def main():
 
 @main.command()
 @click.argument("source")
-@click.option("--format", "fmt", type=click.Choice(["beton", "tfrecord"]), required=True,
+@click.option("--format", "fmt", type=click.Choice(STORAGES), required=True,
               help="beton for the ffcv backend, tfrecord for DALI.")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Dataset directory to write.")
 @click.option("--split", "splits", multiple=True, help="Split(s) to convert (default: all).")
@@ -33,7 +35,7 @@ def main():
 @click.option("--skip-corrupt", is_flag=True, help="Skip undecodable images and list them in the manifest.")
 @click.option("--label", default=None, help="Label column to train on (default: label / fine_label).")
 @click.option("--shard-size", type=click.IntRange(1), default=None, help="Images per shard (default: auto, <= 1024).")
-@click.option("--preset", type=click.Choice(["imagenet", "cifar10", "cifar100", "coco"]), default=None,
+@click.option("--preset", type=click.Choice(sorted(PRESETS)), default=None,
               help="Default spec preset recorded in the manifest (default: guessed from the schema).")
 @click.option("--overwrite", is_flag=True, help="Replace a complete dataset already in --out.")
 @click.option("--image-codec", type=click.Choice(["auto", "jpeg", "raw"]), default="auto", show_default=True,

@@ -125,7 +125,8 @@ class FastLoader:
         # backends that fuse normalization do it in their last pass when no op needs 0..255 levels
         fused = self.transform.normalize_params if self.transform.backend_may_normalize else None
         self._options = BackendOptions(batch_size=batch_size, num_workers=self.num_workers, drop_last=self.drop_last,
-                                       device=self.device, seed=self.seed, normalize=fused)
+                                       device=self.device, seed=self.seed, normalize=fused,
+                                       fallback_to_cpu=device in (None, "auto"))
         self._make_backend = entry.load()
         self.pipeline = self._make_backend(self.reader, self.spec_for_epoch(self.epoch), self._options)
 

@@ -22,6 +22,7 @@ DTYPES = ("uint8", "float32", "float16")
 LAYOUTS = ("NCHW", "channels_last")
 # PIL's filters (timm's names); every backend declares which it reproduces and refuses the rest
 INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "box", "hamming", "lanczos")
+DEFAULT_INTERPOLATION = "bilinear"  # torchvision's
 PADDING_MODES = ("constant", "edge", "reflect")
 CROP_MODES = ("center", "squash")  # timm's eval crop modes fastload reproduces ('border' pads with the mean)
 MIXUP_MODES = ("batch", "pair", "elem")
@@ -85,7 +86,7 @@ class RandomResizedCrop:
     size: tuple[int, int] = (224, 224)
     scale: tuple[float, float] = (0.08, 1.0)
     ratio: tuple[float, float] = (3 / 4, 4 / 3)
-    interpolation: str = "bilinear"
+    interpolation: str = DEFAULT_INTERPOLATION
     kind: Literal["random_resized_crop"] = "random_resized_crop"
 
     def __post_init__(self):
@@ -127,7 +128,7 @@ class ResizeCenterCrop:
     """
     size: tuple[int, int] = (224, 224)
     resize: int = 256
-    interpolation: str = "bilinear"
+    interpolation: str = DEFAULT_INTERPOLATION
     crop_mode: str = "center"
     kind: Literal["resize_center_crop"] = "resize_center_crop"
 
@@ -144,7 +145,7 @@ class ResizeCenterCrop:
             _fail("resize_center_crop.crop_mode", self.crop_mode, f"one of {CROP_MODES}")
 
     @classmethod
-    def from_crop_pct(cls, size, crop_pct: float, interpolation="bilinear", crop_mode="center") -> "ResizeCenterCrop":
+    def from_crop_pct(cls, size, crop_pct: float, interpolation=DEFAULT_INTERPOLATION, crop_mode="center") -> "ResizeCenterCrop":
         if not 0.0 < crop_pct <= 1.0:
             _fail("crop_pct", crop_pct, "a fraction in (0, 1]")
         h, w = _pair(size, "size")
@@ -473,6 +474,11 @@ class PreprocessSpec:
     @property
     def size(self) -> tuple[int, int]:
         return self.geometry.size
+
+    @property
+    def interpolation(self) -> str:
+        """The resize filter (RandomCrop resizes nothing: the default, unused)."""
+        return getattr(self.geometry, "interpolation", DEFAULT_INTERPOLATION)
 
     @property
     def train(self) -> bool:

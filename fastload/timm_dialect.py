@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import re
 
-from .spec import (CROP_MODES, IMAGENET_MEAN, IMAGENET_STD, INTERPOLATIONS, TIMM_AA_POLICIES, AutoAugment, ColorJitter,
-                   Geometry, Mixup, Normalize, Policy, PreprocessSpec, RandAugment, RandomErasing, RandomResizedCrop,
-                   ResizeCenterCrop, TimmAutoAugment, TimmRandAugment, TrivialAugmentWide, _fail)
+from .spec import (CROP_MODES, DEFAULT_INTERPOLATION, IMAGENET_MEAN, IMAGENET_STD, INTERPOLATIONS, TIMM_AA_POLICIES,
+                   AutoAugment, ColorJitter, Geometry, Mixup, Normalize, Policy, PreprocessSpec, RandAugment,
+                   RandomErasing, RandomResizedCrop, ResizeCenterCrop, TimmAutoAugment, TimmRandAugment,
+                   TrivialAugmentWide, _fail)
 
 
 def _sections(text: str, parts: list[str], allowed: str) -> dict[str, str]:
@@ -113,7 +114,7 @@ def from_timm(config: dict, train: bool | None = None, use_test_size: bool = Fal
     if not isinstance(size, (tuple, list)) or len(size) != 3 or size[0] != 3:
         _fail("input_size", size, "(3, height, width)")
     hw = (int(size[1]), int(size[2]))
-    interp = (c.get("train_interpolation") if train else None) or c.get("interpolation") or "bilinear"
+    interp = (c.get("train_interpolation") if train else None) or c.get("interpolation") or DEFAULT_INTERPOLATION
     if interp not in INTERPOLATIONS:
         _fail("interpolation", interp, f"one of {INTERPOLATIONS} ('random' is not supported)")
     if train:

@@ -55,7 +55,7 @@ def import_ffcv():
     try:
         installed = version("ffcv")
     except PackageNotFoundError:
-        raise ImportError("ffcv is not installed: `pip install 'fastload[ffcv]'` (ffcv==1.0.2) to read .beton "
+        raise ImportError("ffcv is not installed: `pip install 'fastload[stock-ffcv]'` (ffcv==1.0.2) to read .beton "
                           "files with ffcv") from None
     if installed not in FFCV_TESTED and not os.environ.get("FASTLOAD_FFCV_UNTESTED"):
         raise ImportError(f"ffcv {installed} is installed; fastload's .beton files are tested with "

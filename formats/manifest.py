@@ -16,7 +16,8 @@ FORMAT_NAME = "fastload-dataset"
 FORMAT_VERSION = 2           # 2: a split may store raw RGB pixels (``image_codec``); 1 stored JPEG only
 READABLE_VERSIONS = (1, 2)   # a version 1 directory reads as version 2 with every split 'jpeg'
 MANIFEST = "manifest.json"
-STORAGES = ("beton", "tfrecord")
+STORAGE_NAMES = {"beton": ".beton", "tfrecord": "TFRecord"}  # the storages, and what users call them
+STORAGES = tuple(STORAGE_NAMES)
 IMAGE_CODECS = ("jpeg", "raw")
 
 

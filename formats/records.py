@@ -43,7 +43,7 @@ def records_filename(split: str) -> str:
 
 
 class SplitReader:
-    """Read-only view of one split: ``len``, ``jpeg(i)``, ``image(i)``, labels, sizes.
+    """Read-only view of one split: ``len``, ``stored(i)``, ``pixels(i)``, ``image(i)``, labels, sizes.
 
     Opening checks what is cheap (every listed file present at its recorded size, row count,
     labels in range) and raises :class:`DatasetError` naming the problem; checksums and a

@@ -461,40 +461,41 @@ int fl_resample_window(const unsigned char *src, int64_t src_rows, int64_t src_c
     return 0;
 }
 
+/* A geometry row, as pipelines/sampling.py writes it (PARAM_COLUMNS): the source box (y0, x0,
+ * h, w), its resize (out_h, out_w), the output window's corner (top, left), the flip. native.py
+ * checks fl_param_columns() against sampling.py's names when it loads this library. */
+enum { P_Y0, P_X0, P_H, P_W, P_OUT_H, P_OUT_W, P_TOP, P_LEFT, P_FLIP, P_COLUMNS };
+const char *fl_param_columns(void) { return "y0 x0 h w out_h out_w top left flip"; }
+
 /* The DALI backend's batch on CPU. Per sample k: the image region its window reads (top, left,
- * height, width: at least one pixel, inside the image) from its geometry row
- * (sampling.PARAM_COLUMNS: y0, x0, h, w, out_h, out_w, top, left, flip). */
+ * height, width: at least one pixel, inside the image) from its geometry row. */
 void fl_source_regions(const int64_t *rows, int64_t n, const int64_t *heights, const int64_t *widths, int64_t dh,
                        int64_t dw, int filt, int64_t *regions) {
     for (int64_t k = 0; k < n; k++) {
-        const int64_t *p = rows + 9 * k;
+        const int64_t *p = rows + P_COLUMNS * k;
         int64_t win[4];
-        fl_source_window(p[2], p[3], p[4], p[5], p[6], p[7], dh, dw, filt, win);
+        fl_source_window(p[P_H], p[P_W], p[P_OUT_H], p[P_OUT_W], p[P_TOP], p[P_LEFT], dh, dw, filt, win);
         int64_t *r = regions + 4 * k;
-        r[0] = p[0] + win[0] < heights[k] - 1 ? p[0] + win[0] : heights[k] - 1;
-        r[1] = p[1] + win[2] < widths[k] - 1 ? p[1] + win[2] : widths[k] - 1;
+        r[0] = p[P_Y0] + win[0] < heights[k] - 1 ? p[P_Y0] + win[0] : heights[k] - 1;
+        r[1] = p[P_X0] + win[2] < widths[k] - 1 ? p[P_X0] + win[2] : widths[k] - 1;
         r[2] = win[1] - win[0] > 1 ? win[1] - win[0] : 1;
         r[3] = win[3] - win[2] > 1 ? win[3] - win[2] : 1;
     }
 }
 
 /* ... and each decoded region (uint8 RGB at addresses[k], placed as fl_source_regions says)
- * resampled into image k of `dst`; resample = 0: its top-left window cut (the bench's decode
- * stage). Returns 0, or 1 when out of memory. */
+ * resampled into image k of `dst` by its geometry row. Returns 0, or 1 when out of memory. */
 int fl_resample_regions(const uint64_t *addresses, const int64_t *regions, const int64_t *rows, int64_t n,
-                        int resample, int pad_mode, int filt, void *dst, int64_t dh, int64_t dw, int chw, int norm,
+                        int pad_mode, int filt, void *dst, int64_t dh, int64_t dw, int chw, int norm,
                         const float *scale, const float *shift) {
     int64_t image_bytes = dh * dw * 3 * (norm ? (int64_t)sizeof(float) : 1);
     for (int64_t k = 0; k < n; k++) {
         const unsigned char *region = (const unsigned char *)(uintptr_t)addresses[k];
-        const int64_t *p = rows + 9 * k, *r = regions + 4 * k;
-        void *out = (char *)dst + k * image_bytes;
-        int failed = resample
-            ? fl_resample_window(region, r[2], r[3], p[0] - r[0], p[1] - r[1], p[2], p[3], p[4], p[5], p[6], p[7],
-                                 p[8] != 0, pad_mode, filt, out, dh, dw, chw, norm, scale, shift)
-            : fl_resample_window(region, r[2], r[3], 0, 0, r[2], r[3], r[2], r[3], 0, 0, 0, pad_mode, filt, out, dh,
-                                 dw, chw, norm, scale, shift);
-        if (failed) return 1;
+        const int64_t *p = rows + P_COLUMNS * k, *r = regions + 4 * k;
+        if (fl_resample_window(region, r[2], r[3], p[P_Y0] - r[0], p[P_X0] - r[1], p[P_H], p[P_W], p[P_OUT_H],
+                               p[P_OUT_W], p[P_TOP], p[P_LEFT], p[P_FLIP] != 0, pad_mode, filt,
+                               (char *)dst + k * image_bytes, dh, dw, chw, norm, scale, shift))
+            return 1;
     }
     return 0;
 }

@@ -12,11 +12,14 @@ Add a backend: subclass :class:`Backend` in ``pipelines/<name>.py`` and add one 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+import dataclasses
 from dataclasses import dataclass
 from typing import ClassVar, Iterator
 
 import numpy as np
 import torch
+
+from .sampling import whole_image_rows
 
 
 @dataclass(frozen=True)
@@ -29,13 +32,17 @@ class BackendOptions:
     # None: yield uint8 NHWC. (scale[3], shift[3]): a backend that fuses normalization yields
     # float32 ``level * scale - shift``, NCHW when the spec's layout is NCHW, else NHWC.
     normalize: tuple[np.ndarray, np.ndarray] | None = None
+    # the device was 'auto': a backend whose GPU path cannot start may decode on CPU (with a warning)
+    fallback_to_cpu: bool = False
+
+    def on_cpu(self) -> "BackendOptions":
+        return dataclasses.replace(self, device=torch.device("cpu"), fallback_to_cpu=False)
 
 
 class Backend(ABC):
     """One decode + geometry engine over one split of a dataset directory."""
 
-    name: ClassVar[str]
-    storages: ClassVar[tuple[str, ...]]       # manifest storages it reads: 'beton', 'tfrecord'
+    name: ClassVar[str]                       # what it reads is the registry's to say (registry.py)
     fuses_normalization: ClassVar[bool] = False
     # resize filters it reproduces as PIL computes them (mean <= 2 levels); others are refused
     interpolations: ClassVar[tuple[str, ...]] = ("bilinear",)
@@ -64,23 +71,21 @@ class Backend(ABC):
     def decode_stage(self) -> "Backend":
         """For ``fastload bench``'s stage breakdown: a backend that decodes what this one decodes
         and cuts the output window without resampling or normalizing. The default serves backends
-        that decode whole images: this backend run on identity geometry rows."""
-        return _IdentityGeometry(self)
+        that decode whole images: this backend run on each whole image, cut unresampled."""
+        return OtherRows(self, lambda order, params: whole_image_rows(self.reader.heights[order],
+                                                                      self.reader.widths[order]))
 
     def close(self) -> None:
         """Release threads and pipelines (idempotent)."""
 
 
-class _IdentityGeometry(Backend):
+class OtherRows(Backend):
+    """``inner`` run on geometry rows derived from the epoch's, ``rows_of(order, params)``
+    (the decode stages of ``fastload bench``)."""
     name = "decode-only"
-    storages = ()
 
-    def __init__(self, inner: Backend):
-        self.inner = inner
+    def __init__(self, inner: Backend, rows_of):
+        self.inner, self.rows_of = inner, rows_of
 
     def run_epoch(self, order, params):
-        from .sampling import H, OUT_H, OUT_W, W
-        identity = np.zeros_like(params)
-        identity[:, H] = identity[:, OUT_H] = self.inner.reader.heights[order]
-        identity[:, W] = identity[:, OUT_W] = self.inner.reader.widths[order]
-        return self.inner.run_epoch(order, identity)
+        return self.inner.run_epoch(order, self.rows_of(order, params))

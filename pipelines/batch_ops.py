@@ -1,4 +1,4 @@
-"""Batch ops shared by every backend, run on the loader's device (timm's prefetcher style).
+"""Batch ops shared by every backend, run on the loader's device after the backend's decode and geometry.
 
 A backend hands over uint8 NHWC images after decode + geometry + flip; from there the
 same torch code makes the labels (int, multi-hot, smoothed, mixed), applies the
@@ -10,9 +10,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from fastload.spec import PreprocessSpec
-
-from fastload.spec import IMAGENET_MEAN, TIMM_POLICIES
+from fastload.spec import IMAGENET_MEAN, TIMM_POLICIES, PreprocessSpec
 
 from .augment import apply_color_jitter, apply_policy, sample_color_jitter, sample_policy_ops
 from .timm_augment import apply_timm_policy, sample_timm_policy, timm_fill

@@ -44,7 +44,7 @@ class KernelOutput:
         scale, shift = (tuple(np.asarray(v, np.float32) for v in normalize) if fused else _NO_NORMALIZE)
         chw = fused and spec.layout == "NCHW"
         h, w = spec.size
-        return cls(filter=FILTER_CODES[getattr(spec.geometry, "interpolation", "bilinear")],  # RandomCrop: no resize
+        return cls(filter=FILTER_CODES[spec.interpolation],
                    pad_mode=PADDING_CODES[spec.geometry.padding_mode] if isinstance(spec.geometry, RandomCrop) else 0,
                    fused=fused, chw=chw, scale=scale, shift=shift, shape=(3, h, w) if chw else (h, w, 3),
                    dtype=torch.float32 if fused else torch.uint8)

@@ -1,6 +1,6 @@
 """Region-of-interest JPEG decoding and the converter's corruption check (``_jpeg.c``), called
-through ctypes from Python (the GIL is released per call); the ffcv engine's numba code calls
-the same decoder by symbol name (``pipelines/ffcv.py``).
+through ctypes from Python (the GIL is released per call); the ffcv backend's numba code calls
+the same decoder by symbol name (``native_numba.py``).
 
 Pixels are PIL's: libjpeg's accurate DCT with fancy upsampling, bit-exact with
 ``Image.open(...).convert('RGB')`` on the stored RGB baseline JPEGs, whether the whole image
@@ -22,18 +22,7 @@ class JPEGDecodeError(ValueError):
     """A stored JPEG that libjpeg refuses or warns about (corrupt or truncated data)."""
 
 
-def _declare(lib):
-    c_int_p = ctypes.POINTER(ctypes.c_int)
-    lib.fl_jpeg_decode_region.argtypes = [ctypes.c_void_p, ctypes.c_ulong, ctypes.c_int, ctypes.c_int, ctypes.c_int,
-                                          ctypes.c_int, ctypes.c_void_p, ctypes.c_int, c_int_p, ctypes.c_char_p,
-                                          ctypes.c_int]
-    lib.fl_jpeg_decode_region.restype = ctypes.c_int
-    lib.fl_jpeg_check.argtypes = [ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p, ctypes.c_int]
-    lib.fl_jpeg_check.restype = ctypes.c_int
-    return lib
-
-
-_LIB = _declare(native.LIB)
+_LIB = native.LIB  # signatures: native.SIGNATURES
 
 
 def jpeg_problem(jpeg: bytes) -> str | None:

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from fastload.spec import RandomCrop
+from fastload.spec import DEFAULT_INTERPOLATION, RandomCrop
 
 from .base import Backend, BackendOptions
 from .sampling import FLIP, H, LEFT, OUT_H, OUT_W, TOP, W, X0, Y0, num_batches, plan_batches
@@ -25,7 +25,7 @@ PIL_FILTERS = {"nearest": Image.NEAREST, "bilinear": Image.BILINEAR, "bicubic": 
 
 
 def apply_geometry(image: Image.Image, p: np.ndarray, size: tuple[int, int], padding_mode: str = "constant",
-                   interpolation: str = "bilinear") -> np.ndarray:
+                   interpolation: str = DEFAULT_INTERPOLATION) -> np.ndarray:
     """One sample's geometry row applied with PIL; returns HWC uint8."""
     th, tw = size
     y0, x0, h, w = int(p[Y0]), int(p[X0]), int(p[H]), int(p[W])
@@ -78,7 +78,6 @@ class _EpochBatches:
 
 class ReferenceBackend(Backend):
     name = "reference"
-    storages = ("beton", "tfrecord")
     interpolations = tuple(PIL_FILTERS)
 
     def __init__(self, reader, spec, options: BackendOptions):
@@ -87,7 +86,7 @@ class ReferenceBackend(Backend):
         workers = options.num_workers
         self.batches = _EpochBatches(options.batch_size, options.drop_last)
         self.loader = torch.utils.data.DataLoader(
-            _SampleDataset(reader, spec.size, padding_mode, getattr(spec.geometry, "interpolation", "bilinear")),
+            _SampleDataset(reader, spec.size, padding_mode, spec.interpolation),
             batch_sampler=self.batches,
             num_workers=workers, persistent_workers=workers > 0,
             multiprocessing_context="fork" if workers > 0 else None)

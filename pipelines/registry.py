@@ -7,35 +7,37 @@ from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass
+from typing import Callable
+
+from fastload.formats.manifest import STORAGE_NAMES, DatasetError
 
 
 @dataclass(frozen=True)
 class BackendEntry:
     name: str
     storages: tuple[str, ...]     # what it reads; the first backend listed for a storage is its default
-    target: str | type            # 'module:Class', or the class itself
+    target: str | Callable        # a Backend subclass or factory (reader, spec, options), or its 'module:name'
 
-    def load(self) -> type:
-        if isinstance(self.target, type):
+    def load(self) -> Callable:
+        if not isinstance(self.target, str):
             return self.target
         module, _, cls = self.target.partition(":")
         return getattr(importlib.import_module(module), cls)
 
 
 _REGISTRY: dict[str, BackendEntry] = {}
-STORAGE_NAMES = {"beton": ".beton", "tfrecord": "TFRecord"}  # as users call them
 
 
 def register_backend(name: str, storages, target) -> None:
     """Add (or replace) a backend: ``target`` is a :class:`~fastload.pipelines.base.Backend`
-    subclass or its 'module:Class' path."""
+    subclass, or a function ``(reader, spec, options) -> Backend``, or its 'module:name' path."""
     if name == "auto":
         raise ValueError("backend name 'auto' is reserved (it picks the storage's default)")
     _REGISTRY[name] = BackendEntry(name, tuple(storages), target)
 
 
 register_backend("ffcv", ("beton",), "fastload.pipelines.ffcv:FFCVBackend")
-register_backend("dali", ("tfrecord",), "fastload.pipelines.dali:DALIBackend")
+register_backend("dali", ("tfrecord",), "fastload.pipelines.dali:dali_backend")
 register_backend("reference", ("beton", "tfrecord"), "fastload.pipelines.reference:ReferenceBackend")
 
 
@@ -55,7 +57,6 @@ def backends_for(storage: str) -> tuple[str, ...]:
 
 def resolve_backend(name: str, storage: str, root) -> BackendEntry:
     """The entry for ``name`` ('auto': the storage's default), checked against the storage."""
-    from fastload.formats.manifest import DatasetError
     if name == "auto":
         names = backends_for(storage)
         if not names:

@@ -145,6 +145,22 @@ def geometry_params(geometry, hflip: float, heights: np.ndarray, widths: np.ndar
     return p
 
 
+def crop_rows(params: np.ndarray) -> np.ndarray:
+    """Rows that cut each row's box out at its top-left output window, unresampled and unflipped:
+    what ``fastload bench``'s decode stage runs (the decode without the geometry)."""
+    rows = params.copy()
+    rows[:, OUT_H], rows[:, OUT_W] = rows[:, H], rows[:, W]
+    rows[:, TOP] = rows[:, LEFT] = rows[:, FLIP] = 0
+    return rows
+
+
+def whole_image_rows(heights: np.ndarray, widths: np.ndarray) -> np.ndarray:
+    """:func:`crop_rows` of boxes that are the whole images."""
+    rows = np.zeros((len(heights), len(PARAM_COLUMNS)), np.int32)
+    rows[:, H], rows[:, W] = heights, widths
+    return crop_rows(rows)
+
+
 def random_resized_crop_params(rng: np.random.Generator, height: np.ndarray, width: np.ndarray,
                                scale, ratio, attempts: int = 10):
     """``torchvision.transforms.RandomResizedCrop.get_params`` for every sample at once:

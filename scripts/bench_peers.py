@@ -37,9 +37,10 @@ from pathlib import Path
 
 import numpy as np
 
+from fastload.spec import IMAGENET_MEAN, IMAGENET_STD
+
 ROOT = Path(__file__).resolve().parents[1]
-MEAN = np.array([0.485, 0.456, 0.406])
-STD = np.array([0.229, 0.224, 0.225])
+MEAN, STD = np.array(IMAGENET_MEAN), np.array(IMAGENET_STD)
 
 
 # --------------------------------------------------------------------------- systems (built in their process)

@@ -32,7 +32,8 @@ ref = FastLoader(out, "validation", batch_size=64, spec="imagenet:eval", backend
                  num_workers=4, order="sequential", drop_last=False)
 gpu = FastLoader(out, "validation", batch_size=64, spec="imagenet:eval", backend="dali", device="cuda",
                  num_workers=4, order="sequential", drop_last=False)
-std = torch.tensor([0.229, 0.224, 0.225], device="cuda").view(1, 3, 1, 1) * 255
+from fastload.spec import IMAGENET_STD
+std = torch.tensor(IMAGENET_STD, device="cuda").view(1, 3, 1, 1) * 255
 d = torch.cat([((a - b) * std).abs().mean(dim=(1, 2, 3)) for (a, _), (b, _) in zip(gpu, ref)])
 print(f"nvJPEG eval vs reference: mean abs {d.mean():.2f}, worst image {d.max():.2f} (0..255 levels)")
 PY

@@ -11,12 +11,21 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
+
+from fastload.spec import IMAGENET_MEAN, IMAGENET_STD
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
 IMAGENET = SHARED / "imagenet-1k-sample"
 CIFAR10 = SHARED / "cifar10-sample"
+
+# ImageNet normalization in 0..255 levels, (1, 3, 1, 1): to undo a batch's normalization
+MEAN255 = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1) * 255
+STD255 = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1) * 255
+# the storage each backend's tests read (the reference reads both; tests give it TFRecord)
+BACKEND_FORMAT = {"ffcv": "beton", "dali": "tfrecord", "reference": "tfrecord"}
 
 needs_shared = pytest.mark.skipif(not IMAGENET.exists() or not CIFAR10.exists(),
                                   reason="../shared/data is absent (outside CI): real-image tests need it")

@@ -15,7 +15,6 @@ from fastload.pipelines.sampling import FLIP, H, LEFT, OUT_H, OUT_W, TOP, W, X0,
 
 class NearestBackend(Backend):
     name = "nearest"
-    storages = ("beton", "tfrecord")
 
     def run_epoch(self, order, params):
         th, tw = self.spec.size

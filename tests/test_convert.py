@@ -108,7 +108,7 @@ def test_beton_round_trip_through_ffcv_reader_and_loader(imagenet_dirs, imagenet
 def test_beton_layout_constants_are_ffcvs():
     """fastload writes .beton files without importing ffcv: its copy of ffcv's file format must
     match the installed ffcv's, byte for byte."""
-    from fastload import beton
+    from fastload.formats import beton
     beton.import_ffcv()
     from ffcv.fields import IntField, NDArrayField, RGBImageField
     from ffcv.fields.ndarray import NDArrayArgsType

@@ -19,13 +19,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import CIFAR10, IMAGENET, jpeg_bytes, needs_shared, save_splits
+from conftest import BACKEND_FORMAT, CIFAR10, IMAGENET, jpeg_bytes, needs_shared, save_splits
 from fastload import FastLoader, Manifest, PreprocessSpec, convert, verify
 from fastload.formats.manifest import DatasetError
 from fastload.formats.records import SampleDecodeError, SplitReader
 
 FASTLOAD = [sys.executable, "-m", "fastload.cli"]
-BACKEND_FORMAT = {"ffcv": "beton", "dali": "tfrecord", "reference": "tfrecord"}
 
 
 def _one_line_error(r: subprocess.CompletedProcess, *needles: str) -> None:

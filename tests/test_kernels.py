@@ -8,7 +8,8 @@ from PIL import Image
 from fastload import Manifest
 from fastload.pipelines import native
 from fastload.pipelines.jpeg import JPEGDecodeError, decode_rgb, jpeg_problem, thread_decoder
-from fastload.pipelines.kernels import BILINEAR, FILTER_CODES, resample_window, source_window
+from fastload.pipelines.native import BILINEAR, FILTER_CODES
+from fastload.pipelines.native_numba import resample_window, source_window
 from fastload.pipelines.sampling import random_resized_crop_params
 from fastload.formats.records import SplitReader
 

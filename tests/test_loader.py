@@ -12,15 +12,12 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, coco_dataset, color_label, needs_shared, save_splits
+from conftest import BACKEND_FORMAT, MEAN255, ROOT, STD255, coco_dataset, color_label, needs_shared, save_splits
 from fastload import FastLoader, PreprocessSpec, convert
 from fastload.spec import RandomCrop
 from fastload.formats.manifest import DatasetError
 from fastload.pipelines.sampling import FLIP, H, TOP, W, X0, Y0, epoch_indices, geometry_params
 
-STD255 = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1) * 255
-MEAN255 = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1) * 255
-BACKEND_FORMAT = {"ffcv": "beton", "dali": "tfrecord", "reference": "tfrecord"}
 
 
 def _pixels(x: torch.Tensor) -> torch.Tensor:
@@ -29,9 +26,9 @@ def _pixels(x: torch.Tensor) -> torch.Tensor:
 
 
 def _kernel_geometry(backend: str) -> bool:
-    """Backends whose decode and geometry are PIL's arithmetic: ffcv, and DALI decoding on CPU
-    (on a GPU, DALI decodes with nvJPEG and resamples itself)."""
-    return backend == "ffcv" or (backend == "dali" and not torch.cuda.is_available())
+    """Backends whose decode and geometry are PIL's arithmetic on device='cpu' (these tests' device):
+    ffcv, and DALI (on device='cuda' it decodes with nvJPEG and resamples itself)."""
+    return backend in ("ffcv", "dali")
 
 
 def _all(loader):
@@ -72,7 +69,6 @@ def test_backends_match_the_reference(imagenet_outputs, spec_name, backend):
         assert diff.mean() <= 0.5 and diff.max() <= 1.0 + 1e-3, (diff.mean(), diff.max())
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU, DALI resamples itself")
 def test_dali_on_cpu_runs_without_numba(labelled_colors):
     """The DALI backend calls fastload's C kernel through ctypes: a fresh process neither imports
     nor initializes numba (0.45 s of start-up) to produce its batches."""
@@ -86,7 +82,6 @@ def test_dali_on_cpu_runs_without_numba(labelled_colors):
 
 
 @needs_shared
-@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU, DALI decodes with nvJPEG and resamples itself")
 def test_dali_on_cpu_gives_the_ffcv_backends_batches(imagenet_outputs, imagenet_dirs):
     """DALI's CPU decode of each window's source region is PIL's, bit for bit, and fastload's kernel
     does the geometry: the same batches as the ffcv backend, for every geometry and output."""

@@ -12,12 +12,11 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import CIFAR10, color_label, needs_shared, save_splits
+from conftest import BACKEND_FORMAT, CIFAR10, MEAN255, STD255, color_label, needs_shared, save_splits
 from fastload import FastLoader, Manifest, PreprocessSpec, convert
 from fastload.formats.manifest import DatasetError
 from fastload.formats.records import SplitReader
 
-BACKEND_FORMAT = {"ffcv": "beton", "dali": "tfrecord", "reference": "tfrecord"}
 N = 400
 
 
@@ -134,8 +133,8 @@ def test_raw_storage_of_larger_images_resamples_like_the_reference(labelled_colo
         loader = FastLoader(out, "train", batch_size=40, backend=backend, spec="imagenet:train", num_workers=1,
                             drop_last=False)
         x, y = next(iter(loader))
-        levels = x * torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1) * 255 + \
-            torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1) * 255
+        levels = x * STD255 + \
+            MEAN255
         assert [color_label(m) for m in levels.mean(dim=(2, 3)).tolist()] == y.tolist()
 
 

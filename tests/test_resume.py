@@ -13,11 +13,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ROOT
+from conftest import BACKEND_FORMAT, ROOT
 from fastload import FastLoader
 
 WORKER = str(ROOT / "tests" / "resume_worker.py")
-BACKEND_FORMAT = {"ffcv": "beton", "dali": "tfrecord", "reference": "tfrecord"}
 
 
 def _torchrun(nproc: int) -> list[str]:

@@ -4,8 +4,8 @@ import math
 
 import pytest
 
-from fastload.spec import (AutoAugment, ColorJitter, Mixup, Normalize, PreprocessSpec, RandAugment, RandomCrop,
-                           RandomErasing, RandomResizedCrop, ResizeCenterCrop, TimmAutoAugment, TimmRandAugment,
+from fastload.spec import (IMAGENET_MEAN, IMAGENET_STD, AutoAugment, ColorJitter, Mixup, Normalize, PreprocessSpec,
+                           RandAugment, RandomCrop, RandomErasing, RandomResizedCrop, ResizeCenterCrop, TimmAutoAugment, TimmRandAugment,
                            TrivialAugmentWide, resolve_spec)
 from fastload.timm_dialect import parse_auto_augment, policy_to_string
 
@@ -168,23 +168,23 @@ def test_import_is_light():
 # resolve_data_config(model=...) and model.pretrained_cfg as timm 1.0 builds them from its model
 # registry (default tags; read from timm's source: timm does not install beside the CPU torch pin)
 TIMM_DATA_CONFIGS = {
-    "resnet50.a1_in1k": {"input_size": (3, 224, 224), "interpolation": "bicubic", "mean": (0.485, 0.456, 0.406),
-                         "std": (0.229, 0.224, 0.225), "crop_pct": 0.95, "crop_mode": "center"},
+    "resnet50.a1_in1k": {"input_size": (3, 224, 224), "interpolation": "bicubic", "mean": IMAGENET_MEAN,
+                         "std": IMAGENET_STD, "crop_pct": 0.95, "crop_mode": "center"},
     "vit_base_patch16_224.augreg2_in21k_ft_in1k": {"input_size": (3, 224, 224), "interpolation": "bicubic",
                                                    "mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5), "crop_pct": 0.9,
                                                    "crop_mode": "center"},
     "convnext_tiny.in12k_ft_in1k": {"input_size": (3, 224, 224), "interpolation": "bicubic",
-                                    "mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225), "crop_pct": 0.95,
+                                    "mean": IMAGENET_MEAN, "std": IMAGENET_STD, "crop_pct": 0.95,
                                     "crop_mode": "center"},
     "efficientnet_b0.ra_in1k": {"input_size": (3, 224, 224), "interpolation": "bicubic",
-                                "mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225), "crop_pct": 0.875,
+                                "mean": IMAGENET_MEAN, "std": IMAGENET_STD, "crop_pct": 0.875,
                                 "crop_mode": "center"},
 }
 RESNET50_A1_PRETRAINED_CFG = {
     "url": "", "hf_hub_id": "timm/resnet50.a1_in1k", "architecture": "resnet50", "tag": "a1_in1k",
     "custom_load": False, "input_size": (3, 224, 224), "test_input_size": (3, 288, 288), "fixed_input_size": False,
     "interpolation": "bicubic", "crop_pct": 0.95, "test_crop_pct": 1.0, "crop_mode": "center",
-    "mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225), "num_classes": 1000, "pool_size": (7, 7),
+    "mean": IMAGENET_MEAN, "std": IMAGENET_STD, "num_classes": 1000, "pool_size": (7, 7),
     "first_conv": "conv1", "classifier": "fc", "license": "apache-2.0", "origin_url": "https://github.com/huggingface/pytorch-image-models",
     "paper_ids": "arXiv:2110.00476", "paper_name": "ResNet strikes back: An improved training procedure in timm"}
 

@@ -5,13 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import needs_shared
+from conftest import BACKEND_FORMAT, STD255, needs_shared
 from fastload import FastLoader, PreprocessSpec
+from fastload.spec import IMAGENET_MEAN, IMAGENET_STD
 
-BACKEND_FORMAT = {"ffcv": "beton", "dali": "tfrecord", "reference": "tfrecord"}
-STD255 = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1) * 255
-RESNET50_A1 = {"input_size": (3, 224, 224), "interpolation": "bicubic", "mean": (0.485, 0.456, 0.406),
-               "std": (0.229, 0.224, 0.225), "crop_pct": 0.95, "crop_mode": "center"}
+RESNET50_A1 = {"input_size": (3, 224, 224), "interpolation": "bicubic", "mean": IMAGENET_MEAN,
+               "std": IMAGENET_STD, "crop_pct": 0.95, "crop_mode": "center"}
 
 
 def _all(path, backend, spec, **kw):

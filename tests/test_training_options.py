@@ -6,14 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import cifar100_dataset, color_label, needs_shared, save_splits
+from conftest import BACKEND_FORMAT, MEAN255, STD255, cifar100_dataset, color_label, needs_shared, save_splits
 from fastload import FastLoader, PreprocessSpec, convert
 from fastload.pipelines.sampling import repeated_epoch_indices
 from fastload.spec import ProgressiveResolution, ResizeCenterCrop
 
-BACKEND_FORMAT = {"ffcv": "beton", "dali": "tfrecord", "reference": "tfrecord"}
-MEAN255 = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1) * 255
-STD255 = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1) * 255
 
 
 def _levels(x: torch.Tensor) -> torch.Tensor:
