@@ -7,7 +7,7 @@ STAMP := $(VENV)/.fastload-setup-done
 
 setup: $(STAMP)
 
-$(STAMP): scripts/setup.sh pyproject.toml constraints.txt pipelines/_native.c pipelines/_jpeg.c pipelines/_resample.c
+$(STAMP): scripts/setup.sh pyproject.toml constraints.txt pipelines/_native.c pipelines/_jpeg.c pipelines/_samples.c pipelines/_resample.c
 	bash scripts/setup.sh
 
 demo: $(STAMP)

@@ -26,21 +26,22 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from crc32c import crc32c
 
 from fastload.formats import tfrecord
 from fastload.formats.manifest import (FORMAT_NAME, FORMAT_VERSION, MANIFEST, STORAGES, HashingFile, Manifest,
                                        atomic_write_bytes,
                                fsync_file)
-from fastload.formats.records import records_dtype, records_filename
+from fastload.formats.records import DEFAULT_MAX_PIXELS, check_max_pixels, records_dtype, records_filename
 
 from .images import (CODEC_CHOICES, CorruptImageError, choose_codec, prepare_image, source_bytes, stats_every,
                      stats_from_histograms)
-from .jobs import (ConversionError, OutputLock, check_free_space, children_die_with_parent, die_with_parent,
+from . import replace
+from .jobs import (PARTIAL, ConversionError, OutputLock, check_free_space, children_die_with_parent, die_with_parent,
                    full_disk_reported, pages_released_while_opening, SourcePages)
 from .progress import Phase, PhaseBars
 from .sources import Schema, SchemaError, detect_schema, guess_preset, open_source, source_fingerprint
 
-PARTIAL = ".partial"
 IMAGE_FEATURES = {"jpeg": "image/encoded", "raw": "image/raw"}  # the TFRecord bytes feature per codec
 
 
@@ -121,7 +122,8 @@ def _write_shard(task: ShardTask) -> dict:
                 row = {key: batch[key][k] for key in batch}
                 try:
                     img = prepare_image(source_bytes(row[schema.image_column]), settings["max_side"],
-                                        settings["jpeg_quality"], codec, histogram=index % every == 0)
+                                        settings["jpeg_quality"], codec, histogram=index % every == 0,
+                                        max_pixels=settings["max_pixels"])
                 except CorruptImageError as e:
                     if not settings["skip_corrupt"]:
                         tmp.unlink(missing_ok=True)
@@ -142,8 +144,9 @@ def _write_shard(task: ShardTask) -> dict:
                 ex = tfrecord.encode_example({IMAGE_FEATURES[codec]: img.data}, ints)
                 size = tfrecord.write_record(f, ex.data)
                 index_entries.append((pos, size))
-                rows.append((pos + tfrecord.RECORD_HEADER + ex.image_offset, len(img.data), img.height, img.width,
-                             index, labels[schema.target], [labels[c][0] for c in schema.extra_labels]))
+                rows.append((pos + tfrecord.RECORD_HEADER + ex.image_offset, len(img.data), crc32c(img.data),
+                             img.height, img.width, index, labels[schema.target],
+                             [labels[c][0] for c in schema.extra_labels]))
                 pos += size
                 if img.histogram is not None:
                     hist += img.histogram
@@ -180,12 +183,12 @@ def _shard_records(rows: list[tuple], shard: int, schema: Schema) -> np.ndarray:
     """A shard's rows as a records array (``file`` = the shard, ``offset`` into its file), kept
     in ``.partial/`` rather than in memory: the job's memory stays flat at any dataset size."""
     multi = schema.kind == "multi"
-    width = max([len(r[5]) for r in rows] + [1]) if multi else 1
+    width = max([len(r[6]) for r in rows] + [1]) if multi else 1
     records = np.zeros(len(rows), records_dtype(schema.label_columns, multi, width))
     if not rows:
         return records
-    offset, size, height, width_px, source_index, target, extras = zip(*rows)
-    records["file"], records["offset"], records["size"] = shard, offset, size
+    offset, size, crc, height, width_px, source_index, target, extras = zip(*rows)
+    records["file"], records["offset"], records["size"], records["crc32c"] = shard, offset, size, crc
     records["height"], records["width"], records["source_index"] = height, width_px, source_index
     if multi:
         records["label"] = -1
@@ -219,13 +222,15 @@ def convert(source, out, format: str = "tfrecord", splits: list[str] | None = No
             max_side: int | None = None, jpeg_quality: int = 90, skip_corrupt: bool = False,
             label: str | None = None, shard_size: int | None = None, preset: str | None = None,
             overwrite: bool = False, progress: bool = True, image_codec: str = "auto",
-            phases: list[Phase] | None = None) -> Manifest:
+            phases: list[Phase] | None = None, max_pixels: int = DEFAULT_MAX_PIXELS) -> Manifest:
     """Convert ``source`` into the dataset directory ``out``; returns its manifest.
 
     ``image_codec``: 'auto' (raw pixels for small images from a lossless source, see
     ``converters/images.py``), 'jpeg' or 'raw'. Resumable: rerun the same call after an
     interruption and finished shards are kept. ``phases``, when given, receives a
-    :class:`Phase` (images, seconds) per progress bar shown, for a summary.
+    :class:`Phase` (images, seconds) per progress bar shown, for a summary. ``max_pixels``: the
+    decompression-bomb guard; a larger source image is refused by name, or with ``max_side`` a
+    JPEG is decoded at a reduced size and stored downscaled.
     """
     if format not in STORAGES:
         raise ValueError(f"format={format!r} is invalid: allowed {STORAGES}")
@@ -235,12 +240,12 @@ def convert(source, out, format: str = "tfrecord", splits: list[str] | None = No
         raise ValueError(f"jpeg_quality={jpeg_quality!r} is invalid: allowed 1..100")
     if max_side is not None and max_side < 16:
         raise ValueError(f"max_side={max_side!r} is invalid: allowed >= 16 (or None to keep sizes)")
+    check_max_pixels(max_pixels)
     if workers < 1:
         raise ValueError(f"workers={workers!r} is invalid: allowed >= 1")
     out = Path(out)
-    if (out / MANIFEST).exists() and not overwrite:
-        raise ConversionError(f"{out} already holds a complete dataset ({MANIFEST} exists); "
-                              "pass overwrite=True (--overwrite) to replace it")
+    if (out / MANIFEST).exists() and not overwrite:  # at once; checked again under the lock
+        raise _already_complete(out)
     # the source and its schema first: a bad source leaves nothing behind, and deletes nothing
     with pages_released_while_opening():  # memory flat at any source size (converters/jobs.py)
         data = open_source(source, splits)
@@ -255,11 +260,27 @@ def convert(source, out, format: str = "tfrecord", splits: list[str] | None = No
     except OSError as e:
         raise ConversionError(f"cannot create {out} ({e.strerror}): choose a writable --out") from None
     with OutputLock(out):
-        if (out / MANIFEST).exists():
-            _remove_dataset(out)  # overwrite, now that the source is known to be good
+        replacing = (out / MANIFEST).exists()
+        if replacing and not overwrite:  # another conversion finished it meanwhile
+            raise _already_complete(out)
+        # an overwrite builds beside the finished dataset and swaps it in when complete (replace.py)
+        target = replace.prepare(out) if replacing else out
         codecs = {split: choose_codec(_first_images(ds, schema), image_codec) for split, ds in data.items()}
-        return _convert_locked(source, out, data, schema, format, workers, max_side, jpeg_quality, skip_corrupt,
-                               shard_size, preset, progress, codecs, phases)
+        manifest = _convert_locked(source, target, data, schema, codecs, format=format, workers=workers,
+                                   max_side=max_side, jpeg_quality=jpeg_quality, max_pixels=max_pixels,
+                                   skip_corrupt=skip_corrupt, shard_size=shard_size, preset=preset,
+                                   progress=progress, phases=phases)
+        if replacing:
+            replace.swap_in(target, out)
+            manifest = Manifest(out, manifest.data)
+    if preset is None:
+        _warn_if_preset_misfits(manifest)
+    return manifest
+
+
+def _already_complete(out: Path) -> ConversionError:
+    return ConversionError(f"{out} already holds a complete dataset ({MANIFEST} exists); pass overwrite=True "
+                           "(--overwrite) to replace it")
 
 
 def _first_images(ds, schema: Schema, n: int = 16) -> list[bytes]:
@@ -275,17 +296,19 @@ def _first_images(ds, schema: Schema, n: int = 16) -> list[bytes]:
     return out
 
 
-def _convert_locked(source, out, data, schema, format, workers, max_side, jpeg_quality, skip_corrupt, shard_size,
-                    preset, progress, codecs, phases) -> Manifest:
+def _convert_locked(source, out, data, schema, codecs, *, format, workers, max_side, jpeg_quality, max_pixels,
+                    skip_corrupt, shard_size, preset, progress, phases) -> Manifest:
     partial = out / PARTIAL
     partial.mkdir(exist_ok=True)
     source_pages = SourcePages(data)  # the parent's and (inherited at fork) every worker's
     settings = {"format": format, "source": str(source) if isinstance(source, (str, os.PathLike)) else "<in-memory>",
                 "splits": list(data), "max_side": max_side, "jpeg_quality": int(jpeg_quality), "image_codecs": codecs,
+                "max_pixels": max_pixels,
                 "skip_corrupt": bool(skip_corrupt), "label": schema.target,
                 "sizes": {s: len(d) for s, d in data.items()},
                 "stats_every": {s: stats_every(len(d), codecs[s]) for s, d in data.items()},
-                "fingerprint": source_fingerprint(data, schema, released=source_pages.release)}
+                "fingerprint": source_fingerprint(data, schema, released=source_pages.release),
+                "format_version": FORMAT_VERSION}  # staged records of another version are not reused
     plan = _load_or_make_plan(partial, settings, data, shard_size, workers)
 
     staging = out if format == "tfrecord" else partial
@@ -309,8 +332,6 @@ def _convert_locked(source, out, data, schema, format, workers, max_side, jpeg_q
         with full_disk_reported(out):
             manifest = _assemble(out, format, schema, settings, tasks, results, preset or guess_preset(schema), bars)
     shutil.rmtree(partial, ignore_errors=True)
-    if preset is None:
-        _warn_if_preset_misfits(manifest)
     return manifest
 
 
@@ -339,17 +360,7 @@ def _warn_if_preset_misfits(manifest: Manifest) -> None:
         import warnings
         warnings.warn(f"{manifest.root}: images are small (median longer side {side:.0f} px) for the default preset "
                       f"{manifest.preset!r}, which crops {size} px: convert with --preset cifar10 for 32 px images, "
-                      "or give FastLoader a spec", UserWarning, stacklevel=4)  # at the caller of convert()
-
-
-def _remove_dataset(out: Path) -> None:
-    """Delete what the manifest lists (and the manifest), nothing else the folder may hold."""
-    old = Manifest.read(out)
-    for split in old.split_names:
-        for f in old.split(split).files:
-            (out / f["path"]).unlink(missing_ok=True)
-    (out / MANIFEST).unlink()
-    shutil.rmtree(out / PARTIAL, ignore_errors=True)
+                      "or give FastLoader a spec", UserWarning, stacklevel=3)  # at the caller of convert()
 
 
 def _load_or_make_plan(partial: Path, settings: dict, data, shard_size, workers) -> dict:
@@ -463,7 +474,8 @@ def _assemble(out: Path, format: str, schema: Schema, settings: dict, tasks, res
     data = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "storage": format,
             "created_by": f"fastload {__version__}", "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "source": {"name": settings["source"], "image_column": schema.image_column},
-            "encoding": {"jpeg_quality": settings["jpeg_quality"], "max_side": settings["max_side"]},
+            "encoding": {"jpeg_quality": settings["jpeg_quality"], "max_side": settings["max_side"],
+                         "max_pixels": settings["max_pixels"]},
             "preset": preset, "labels": schema.to_manifest(), "splits": splits_meta}
     manifest = Manifest(out, data)
     manifest.write()

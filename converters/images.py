@@ -14,11 +14,14 @@ the data; at ImageNet sizes raw would be 5-10x the JPEG bytes on disk and in pag
 from __future__ import annotations
 
 import io
+import math
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image, ImageOps
 
+from fastload.formats.records import DEFAULT_MAX_PIXELS
 from fastload.pipelines.jpeg import JPEGDecodeError, decode_rgb, jpeg_problem
 
 _ORIENTATION = 0x0112
@@ -74,14 +77,49 @@ def choose_codec(sample: list[bytes], requested: str) -> str:
     return "raw" if sample else "jpeg"
 
 
+class ImageTooLargeError(CorruptImageError):
+    """A source image over ``max_pixels`` that cannot be decoded smaller (named; ``--skip-corrupt`` skips it)."""
+
+
+@contextmanager
+def _pil_guard_off():
+    """PIL's own decompression-bomb check off while a source image opens: fastload's ``max_pixels``
+    is applied instead, with a reduced-size decode where the image allows one."""
+    saved = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = None
+    try:
+        yield
+    finally:
+        Image.MAX_IMAGE_PIXELS = saved
+
+
+def _within_max_pixels(im: Image.Image, max_side: int | None, max_pixels: int) -> None:
+    """Bring an image over ``max_pixels`` under it before it is decoded: a JPEG, with ``max_side``,
+    is decoded at 1/2, 1/4 or 1/8 scale (libjpeg's DCT scaling, PIL's ``draft``), no smaller than
+    ``max_side`` needs; anything else is refused by name."""
+    w, h = im.size
+    if w * h <= max_pixels:
+        return
+    if max_side is not None and im.format == "JPEG":
+        s = max_side / max(w, h)
+        im.draft(None, (max(1, math.ceil(w * s)), max(1, math.ceil(h * s))))
+        if im.size[0] * im.size[1] <= max_pixels:
+            return
+    how = ("a reduced-size decode is possible for JPEGs only" if max_side is not None else
+           "pass --max-side N to store it downscaled (JPEGs are then decoded at a reduced size)")
+    raise ImageTooLargeError(f"image is {w}x{h} ({w * h} pixels), over max_pixels={max_pixels} (a decompression-"
+                             f"bomb guard): {how}, or raise --max-pixels if you trust the source")
+
+
 def prepare_image(raw: bytes, max_side: int | None, quality: int, codec: str = "jpeg",
-                  histogram: bool = True) -> PreparedImage:
+                  histogram: bool = True, max_pixels: int = DEFAULT_MAX_PIXELS) -> PreparedImage:
     """What to store for one source image. A storable JPEG is judged by the backends' own
     decoder (``pipelines/jpeg.py``), in one libjpeg pass: for an image in the stats sample (see
     ``stats_every``) a full decode, whose pixels are PIL's bit for bit; for any other, a read of
     all its coded data without the pixels (``jpeg_problem``), about 60% of a decode's cost."""
     try:
-        im = Image.open(io.BytesIO(raw))
+        with _pil_guard_off():
+            im = Image.open(io.BytesIO(raw))
         fmt = im.format
         progressive = bool(im.info.get("progressive") or im.info.get("progression"))
         orientation = im.getexif().get(_ORIENTATION, 1)
@@ -89,7 +127,7 @@ def prepare_image(raw: bytes, max_side: int | None, quality: int, codec: str = "
         raise CorruptImageError(f"image does not decode ({type(e).__name__}: {e})") from None
     too_big = max_side is not None and max(im.size) > max_side
     if (codec == "jpeg" and fmt == "JPEG" and im.mode == "RGB" and not progressive
-            and orientation in (1, None) and not too_big):
+            and orientation in (1, None) and not too_big and im.size[0] * im.size[1] <= max_pixels):
         try:
             hist = None
             if histogram:
@@ -99,6 +137,7 @@ def prepare_image(raw: bytes, max_side: int | None, quality: int, codec: str = "
             return PreparedImage(data=raw, height=im.height, width=im.width, passthrough=True, histogram=hist)
         except JPEGDecodeError:
             pass  # libjpeg warns (PIL may decode it anyway): stored re-encoded below, as the backends refuse it
+    _within_max_pixels(im, max_side, max_pixels)
     try:
         im.load()  # full decode: a truncated or garbled file fails here, not in training
     except Exception as e:

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 LOCK = ".lock"
+PARTIAL = ".partial"  # an unfinished conversion's progress, inside its output directory
 _PR_SET_PDEATHSIG = 1
 _MADV_DONTNEED, _MADV_PAGEOUT = 4, 21  # PAGEOUT: Linux >= 5.4
 

@@ -84,7 +84,7 @@ def decode_limit(reader: SplitReader, max_images: int = 128) -> dict:
 
             def decode(i):
                 h, w = sizes[i]
-                region.decode(jpegs[i], w, 0, h, 0, w)
+                region.decode(jpegs[i], h, w, 0, h, 0, w)
             decoder = "libjpeg-turbo full decode, accurate DCT"
         except ImportError:
             import io

@@ -7,6 +7,7 @@ from typing import NoReturn
 import click
 
 from fastload.formats.manifest import STORAGES  # light: the rest loads when a command runs
+from fastload.formats.records import DEFAULT_MAX_PIXELS
 from fastload.pipelines.registry import backend_names  # names only, no backend imported
 from fastload.spec import PRESETS
 
@@ -38,11 +39,14 @@ def main():
 @click.option("--preset", type=click.Choice(sorted(PRESETS)), default=None,
               help="Default spec preset recorded in the manifest (default: guessed from the schema).")
 @click.option("--overwrite", is_flag=True, help="Replace a complete dataset already in --out.")
+@click.option("--max-pixels", type=click.IntRange(1), default=DEFAULT_MAX_PIXELS, show_default=True,
+              help="Refuse source images with more pixels (a decompression-bomb guard); with --max-side, larger "
+                   "JPEGs are decoded at a reduced size instead.")
 @click.option("--image-codec", type=click.Choice(["auto", "jpeg", "raw"]), default="auto", show_default=True,
               help="How images are stored: auto = raw RGB pixels for small images (longer side <= 64 px) from a "
                    "lossless source such as CIFAR's PNGs, JPEG otherwise.")
 def convert(source, fmt, out, splits, workers, max_side, jpeg_quality, skip_corrupt, label, shard_size,
-            preset, overwrite, image_codec):
+            preset, overwrite, max_pixels, image_codec):
     """Convert SOURCE (hub name, parquet folder, save_to_disk folder or image folder). Resumable."""
     from fastload.converters.convert import ConversionError, convert as run
     from fastload.converters.images import CorruptImageError
@@ -53,7 +57,7 @@ def convert(source, fmt, out, splits, workers, max_side, jpeg_quality, skip_corr
     try:
         m = run(source, out, format=fmt, splits=list(splits) or None, workers=workers, max_side=max_side,
                 jpeg_quality=jpeg_quality, skip_corrupt=skip_corrupt, label=label, shard_size=shard_size,
-                preset=preset, overwrite=overwrite, image_codec=image_codec, phases=phases)
+                preset=preset, overwrite=overwrite, image_codec=image_codec, phases=phases, max_pixels=max_pixels)
     except (ConversionError, CorruptImageError, SchemaError, ValueError) as e:
         _fail(str(e))
     except OSError as e:  # the environment, not a bug: a read-only or vanished path
@@ -73,10 +77,14 @@ def convert(source, fmt, out, splits, workers, max_side, jpeg_quality, skip_corr
 @main.command()
 @click.argument("directory", type=click.Path())
 @click.option("--no-decode", is_flag=True, help="Skip decoding every image (framing, checksums, labels only).")
-def verify(directory, no_decode):
-    """Re-read a dataset directory: framing, CRCs, checksums, counts, labels, every image decodes."""
+@click.option("--max-pixels", type=click.IntRange(1), default=DEFAULT_MAX_PIXELS, show_default=True,
+              help="Refuse images with more pixels (a decompression-bomb guard).")
+def verify(directory, no_decode, max_pixels):
+    """Vet a dataset directory, e.g. one from elsewhere, before training on it: every file inside it and
+    matching its sha256, the records index in bounds, framing and CRCs, each sample's checksum and
+    JPEG header against the index, and (unless --no-decode) a decode of every image."""
     from fastload.verification import verify as run
-    problems = run(directory, decode_images=not no_decode, progress=True)
+    problems = run(directory, decode_images=not no_decode, progress=True, max_pixels=max_pixels)
     if problems:
         for p in problems:
             click.echo(f"FAIL {p}", err=True)

@@ -422,6 +422,9 @@ class Normalize:
                     raise ValueError(f"normalize.{name}='dataset' needs per-channel stats from the dataset "
                                      "manifest, and none were given")
                 v = tuple(float(x) for x in dataset_stats[name])
+                if len(v) != 3 or not all(map(math.isfinite, v)) or (name == "std" and min(v) <= 0):
+                    raise ValueError(f"normalize.{name}='dataset': the dataset's {name} {list(v)} is not 3 finite "
+                                     "numbers" + (" > 0" if name == "std" else ""))
             out.append(tuple(v))
         return out[0], out[1]
 

@@ -6,6 +6,7 @@
  * library (_native.c).
  */
 #include <setjmp.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <string.h>
 #include <jpeglib.h>
@@ -58,10 +59,13 @@ static int finish(struct jpeg_decompress_struct *d, struct error_state *e, char 
 }
 
 /* Decode rows [y0, y1) and at least columns [x0, x1) of a JPEG as RGB into `out` (row pitch
- * `stride` bytes, room for y1 - y0 rows of the full image width). On success returns 0 and the
- * first decoded column in *col0 (<= x0). Returns 1 with a message on an error or a warning. */
-int fl_jpeg_decode_region(const unsigned char *data, unsigned long size, int y0, int y1, int x0, int x1,
-                          unsigned char *out, int stride, int *col0, char *message, int message_len) {
+ * `stride` bytes, `capacity` bytes in all). The JPEG must be `height` x `width` pixels (what the
+ * records index says: a dataset's files are checked, not trusted), and the rows must fit in `out`.
+ * On success returns 0 and the first decoded column in *col0 (<= x0). Returns 1 with a message on
+ * an error, a warning, or a JPEG or region that does not fit. */
+int fl_jpeg_decode_region(const unsigned char *data, unsigned long size, int height, int width, int y0, int y1,
+                          int x0, int x1, unsigned char *out, int64_t stride, int64_t capacity, int *col0,
+                          char *message, int message_len) {
     struct jpeg_decompress_struct d;
     struct error_state e;
     init_errors(&d, &e);
@@ -71,20 +75,28 @@ int fl_jpeg_decode_region(const unsigned char *data, unsigned long size, int y0,
         return 1;
     }
     open_jpeg(&d, data, size);
+    if ((int64_t)d.image_height != height || (int64_t)d.image_width != width) {
+        snprintf(message, message_len, "the JPEG is %ux%u pixels, the records index says %dx%d", d.image_width,
+                 d.image_height, width, height);
+        jpeg_destroy_decompress(&d);
+        return 1;
+    }
     d.out_color_space = JCS_RGB;
     d.dct_method = JDCT_ISLOW;
     jpeg_start_decompress(&d);
-    if (y0 < 0 || x0 < 0 || y1 > (int)d.output_height || x1 > (int)d.output_width || y0 >= y1 || x0 >= x1) {
-        snprintf(message, message_len, "region rows %d..%d, columns %d..%d is outside the %dx%d image",
-                 y0, y1, x0, x1, (int)d.output_height, (int)d.output_width);
+    if (y0 < 0 || x0 < 0 || y1 > (int)d.output_height || x1 > (int)d.output_width || y0 >= y1 || x0 >= x1
+        || d.output_components != 3 || stride < 3 * (int64_t)d.output_width
+        || (int64_t)(y1 - y0) * stride > capacity) {
+        snprintf(message, message_len, "region rows %d..%d, columns %d..%d does not fit the %dx%d image or its "
+                 "buffer", y0, y1, x0, x1, (int)d.output_height, (int)d.output_width);
         jpeg_destroy_decompress(&d);
         return 1;
     }
     /* One column of margin each side: with fancy upsampling, the edge columns of a cropped
      * scanline can differ from a full decode (measured on real photos); one more is exact. */
     int cx0 = x0 > 0 ? x0 - 1 : 0, cx1 = x1 < (int)d.output_width ? x1 + 1 : (int)d.output_width;
-    JDIMENSION xoffset = (JDIMENSION)cx0, width = (JDIMENSION)(cx1 - cx0);
-    if (cx0 > 0 || cx1 < (int)d.output_width) jpeg_crop_scanline(&d, &xoffset, &width);
+    JDIMENSION xoffset = (JDIMENSION)cx0, cropped = (JDIMENSION)(cx1 - cx0);
+    if (cx0 > 0 || cx1 < (int)d.output_width) jpeg_crop_scanline(&d, &xoffset, &cropped);
     *col0 = (int)xoffset;
     if (y0 > 0) jpeg_skip_scanlines(&d, (JDIMENSION)y0);
     for (int r = y0; r < y1; r++) {

@@ -1,4 +1,4 @@
-/* The module stub of fastload's C helpers (_jpeg.c, _resample.c): built as an extension module
+/* The module stub of fastload's C helpers (_jpeg.c, _samples.c, _resample.c): built as an extension module
  * only so that pip compiles and installs the shared library. Python never imports it:
  * fastload/pipelines/native.py loads the library for ctypes and, by symbol name, for numba. */
 #include <Python.h>

@@ -196,21 +196,23 @@ static int best_level(void) {
 static int best_level(void) { return 0; }
 #endif
 
-static int level = -1; /* 0: portable, 1: SSE4.1, 2: AVX2 */
+/* The code path in use (0: portable, 1: SSE4.1, 2: AVX2): chosen when the library loads, before
+ * any thread can call in, and read atomically (tests may cap it while no resample runs). */
+static int level;
+__attribute__((constructor)) static void choose_level(void) { __atomic_store_n(&level, best_level(), __ATOMIC_RELAXED); }
 
-/* The code path in use; `at_most` >= 0 caps it (tests compare every path the CPU has). */
+/* `at_most` >= 0 caps the path (tests compare every path the CPU has); returns the one in use. */
 int fl_resample_level(int at_most) {
     int best = best_level();
-    if (level < 0) level = best;
-    if (at_most >= 0) level = at_most < best ? at_most : best;
-    return level;
+    if (at_most >= 0) __atomic_store_n(&level, at_most < best ? at_most : best, __ATOMIC_RELAXED);
+    return __atomic_load_n(&level, __ATOMIC_RELAXED);
 }
 
 static void run_pass(const pass_t *a) {
-    if (level < 0) fl_resample_level(-1);
 #if defined(__x86_64__) || defined(__i386__)
-    if (level == 2 && pass_avx2(a)) return;
-    if (level == 1 && pass_sse41(a)) return;
+    int path = __atomic_load_n(&level, __ATOMIC_RELAXED);
+    if (path == 2 && pass_avx2(a)) return;
+    if (path == 1 && pass_sse41(a)) return;
 #endif
     rows_scalar(a);
 }
@@ -323,36 +325,71 @@ static void coefficients(int64_t in_size, int64_t out_size, int64_t first, int64
     }
 }
 
-/* Along one axis: the source span [lo, hi) that outputs start..start+n-1 of a resize from `size`
- * to `out` read (clipped to the box; padding reads nothing). */
-static void axis_span(int64_t size, int64_t out, int64_t start, int64_t n, int filt, int64_t *lo, int64_t *hi) {
-    if (out == size) {
-        *lo = start > 0 ? start : 0;
-        *hi = start + n < size ? start + n : size;
-    } else {
-        int32_t b[2];
-        fl_support_bounds(size, out, start, 1, filt, b);
-        *lo = b[0];
-        fl_support_bounds(size, out, start + n - 1, 1, filt, b);
-        *hi = (int64_t)b[0] + b[1];
-    }
-    if (*hi < *lo) *hi = *lo;
-}
-
-/* Rows [r0, r1) and columns [c0, c1) of an h x w box that the (top, left, dh, dw) window of its
- * resize to out_h x out_w reads: out[0..3]. */
-void fl_source_window(int64_t h, int64_t w, int64_t out_h, int64_t out_w, int64_t top, int64_t left, int64_t dh,
-                      int64_t dw, int filt, int64_t *out) {
-    axis_span(h, out_h, top, dh, filt, &out[0], &out[1]);
-    axis_span(w, out_w, left, dw, filt, &out[2], &out[3]);
-}
-
 static int64_t reflect(int64_t i, int64_t n, int mode) {
     if (mode == PAD_EDGE) return i < 0 ? 0 : (i >= n ? n - 1 : i);
     if (n == 1) return 0; /* reflect without repeating the edge (numpy/torchvision 'reflect') */
     int64_t period = 2 * n - 2;
     i = (i < 0 ? -i : i) % period;
     return i >= n ? period - i : i;
+}
+
+/* The positions [lo, hi) of an axis of `size` that a crop window [start, start + n) reads: the
+ * window clipped to the axis with constant padding, else every position its padding mirrors. */
+static void crop_span(int64_t size, int64_t start, int64_t n, int pad_mode, int64_t *lo, int64_t *hi) {
+    if (pad_mode == PAD_CONSTANT || (start >= 0 && start + n <= size)) {
+        *lo = start > 0 ? start : 0;
+        *hi = start + n < size ? start + n : size;
+    } else {
+        *lo = size;
+        *hi = 0;
+        for (int64_t i = start; i < start + n; i++) {
+            int64_t j = reflect(i, size, pad_mode);
+            if (j < *lo) *lo = j;
+            if (j + 1 > *hi) *hi = j + 1;
+        }
+    }
+    if (*hi < *lo) *hi = *lo;
+}
+
+/* Along one axis: the source span [lo, hi) that outputs start..start+n-1 of a resize from `size`
+ * to `out` read (clipped to the box), or of a crop (out == size) with `pad_mode` padding. */
+static void axis_span(int64_t size, int64_t out, int64_t start, int64_t n, int filt, int pad_mode, int64_t *lo,
+                      int64_t *hi) {
+    if (out == size) {
+        crop_span(size, start, n, pad_mode, lo, hi);
+        return;
+    }
+    int32_t b[2];
+    fl_support_bounds(size, out, start, 1, filt, b);
+    *lo = b[0];
+    fl_support_bounds(size, out, start + n - 1, 1, filt, b);
+    *hi = (int64_t)b[0] + b[1];
+    if (*hi < *lo) *hi = *lo;
+}
+
+/* Rows [r0, r1) and columns [c0, c1) of an h x w box that the (top, left, dh, dw) window of its
+ * resize to out_h x out_w reads: out[0..3]. */
+void fl_source_window(int64_t h, int64_t w, int64_t out_h, int64_t out_w, int64_t top, int64_t left, int64_t dh,
+                      int64_t dw, int filt, int pad_mode, int64_t *out) {
+    axis_span(h, out_h, top, dh, filt, pad_mode, &out[0], &out[1]);
+    axis_span(w, out_w, left, dw, filt, pad_mode, &out[2], &out[3]);
+}
+
+/* The positions [lo, hi) that support bounds (first, count per output) read. */
+static void bounds_span(const int32_t *bounds, int64_t n, int64_t *lo, int64_t *hi) {
+    *lo = INT64_MAX;
+    *hi = INT64_MIN;
+    for (int64_t k = 0; k < n; k++) {
+        if (bounds[2 * k + 1] <= 0) continue;
+        if (bounds[2 * k] < *lo) *lo = bounds[2 * k];
+        if ((int64_t)bounds[2 * k] + bounds[2 * k + 1] > *hi) *hi = (int64_t)bounds[2 * k] + bounds[2 * k + 1];
+    }
+    if (*hi < *lo) *lo = *hi = 0;
+}
+
+/* Box positions [lo, hi) at `offset` lie in [0, extent) (or none is read). */
+static int within(int64_t lo, int64_t hi, int64_t offset, int64_t extent) {
+    return hi <= lo || (offset + lo >= 0 && offset + hi <= extent);
 }
 
 /* One output row of 0..255 levels (interleaved RGB) -> dst: uint8 HWC, or float
@@ -377,8 +414,10 @@ static inline void store_row(void *dst, int64_t yy, const int32_t *levels, int64
 
 /* Write the (top, left) window (dh x dw) of resize(box -> out_h x out_w) into `dst`, where box
  * pixel (y, x) is src[y0 + y][x0 + x] of the src_rows x src_cols RGB image `src` (y0/x0 may be
- * negative when `src` holds only the rows/columns fl_source_window names). Returns 0, or 1 when
- * out of memory (nothing sensible written). */
+ * negative when `src` holds only the rows/columns fl_source_window names). Returns 0; 1 when out
+ * of memory; 2, before reading anything, when the geometry would read a pixel `src` does not hold
+ * (sizes come from a dataset's records index: nothing is read outside `src` whatever they say).
+ * Nothing sensible is written unless it returns 0. */
 #if defined(__x86_64__)
 /* the vertical pass and the store vectorize: wider with AVX2 where the CPU has it */
 __attribute__((target_clones("avx2", "default")))
@@ -387,10 +426,17 @@ int fl_resample_window(const unsigned char *src, int64_t src_rows, int64_t src_c
                        int64_t h, int64_t w, int64_t out_h, int64_t out_w, int64_t top, int64_t left, int flip,
                        int pad_mode, int filt, void *dst, int64_t dh, int64_t dw, int chw, int norm,
                        const float *scale, const float *shift) {
+    if (h < 1 || w < 1 || out_h < 1 || out_w < 1 || dh < 1 || dw < 1 || src_rows < 0 || src_cols < 0) return 2;
     int64_t n3 = dw * 3;
+    if (out_h == h && out_w == w) { /* no resampling: a (padded) crop reads what crop_span says, if anything */
+        int64_t r0, r1, c0, c1;
+        crop_span(h, top, dh, pad_mode, &r0, &r1);
+        crop_span(w, left, dw, pad_mode, &c0, &c1);
+        if (r1 > r0 && c1 > c0 && !(within(r0, r1, y0, src_rows) && within(c0, c1, x0, src_cols))) return 2;
+    }
     int32_t *levels = malloc((size_t)n3 * sizeof(int32_t));
     if (!levels) return 1;
-    if (out_h == h && out_w == w) { /* no resampling: a (padded) crop */
+    if (out_h == h && out_w == w) {
         for (int64_t yy = 0; yy < dh; yy++) {
             int64_t sy = top + yy;
             int inside_y = 0 <= sy && sy < h;
@@ -425,7 +471,16 @@ int fl_resample_window(const unsigned char *src, int64_t src_rows, int64_t src_c
     int32_t *kh = bh + 2 * dw, *bv = kh + dw * ksh, *kv = bv + 2 * dh;
     coefficients(w, out_w, left, dw, filt, bh, kh, ksh, weights);
     coefficients(h, out_h, top, dh, filt, bv, kv, ksv, weights);
-    int64_t r0 = need_v ? bv[0] : top, r1 = need_v ? (int64_t)bv[2 * (dh - 1)] + bv[2 * (dh - 1) + 1] : top + dh;
+    /* the source rows and columns read: the filters' support, or an unresampled axis's window
+     * (inside the box: padding comes with resampling on neither axis, the crop above) */
+    int64_t r0 = top, r1 = top + dh, c0 = left, c1 = left + dw;
+    if (need_v) bounds_span(bv, dh, &r0, &r1);
+    if (need_h) bounds_span(bh, dw, &c0, &c1);
+    if (!(need_v || (r0 >= 0 && r1 <= h)) || !(need_h || (c0 >= 0 && c1 <= w)) || !within(r0, r1, y0, src_rows)
+        || !within(c0, c1, x0, src_cols)) {
+        free(levels); free(bh); free(weights);
+        return 2;
+    }
     unsigned char *tmp = malloc((size_t)((r1 - r0) * n3 + 1));
     if (!tmp) {
         free(levels); free(bh); free(weights);
@@ -470,11 +525,11 @@ const char *fl_param_columns(void) { return "y0 x0 h w out_h out_w top left flip
 /* The DALI backend's batch on CPU. Per sample k: the image region its window reads (top, left,
  * height, width: at least one pixel, inside the image) from its geometry row. */
 void fl_source_regions(const int64_t *rows, int64_t n, const int64_t *heights, const int64_t *widths, int64_t dh,
-                       int64_t dw, int filt, int64_t *regions) {
+                       int64_t dw, int filt, int pad_mode, int64_t *regions) {
     for (int64_t k = 0; k < n; k++) {
         const int64_t *p = rows + P_COLUMNS * k;
         int64_t win[4];
-        fl_source_window(p[P_H], p[P_W], p[P_OUT_H], p[P_OUT_W], p[P_TOP], p[P_LEFT], dh, dw, filt, win);
+        fl_source_window(p[P_H], p[P_W], p[P_OUT_H], p[P_OUT_W], p[P_TOP], p[P_LEFT], dh, dw, filt, pad_mode, win);
         int64_t *r = regions + 4 * k;
         r[0] = p[P_Y0] + win[0] < heights[k] - 1 ? p[P_Y0] + win[0] : heights[k] - 1;
         r[1] = p[P_X0] + win[2] < widths[k] - 1 ? p[P_X0] + win[2] : widths[k] - 1;
@@ -484,7 +539,8 @@ void fl_source_regions(const int64_t *rows, int64_t n, const int64_t *heights, c
 }
 
 /* ... and each decoded region (uint8 RGB at addresses[k], placed as fl_source_regions says)
- * resampled into image k of `dst` by its geometry row. Returns 0, or 1 when out of memory. */
+ * resampled into image k of `dst` by its geometry row. Returns 0, else (k << 2) | fl_resample_window's
+ * code for the first image k it failed. */
 int fl_resample_regions(const uint64_t *addresses, const int64_t *regions, const int64_t *rows, int64_t n,
                         int pad_mode, int filt, void *dst, int64_t dh, int64_t dw, int chw, int norm,
                         const float *scale, const float *shift) {
@@ -492,10 +548,10 @@ int fl_resample_regions(const uint64_t *addresses, const int64_t *regions, const
     for (int64_t k = 0; k < n; k++) {
         const unsigned char *region = (const unsigned char *)(uintptr_t)addresses[k];
         const int64_t *p = rows + P_COLUMNS * k, *r = regions + 4 * k;
-        if (fl_resample_window(region, r[2], r[3], p[P_Y0] - r[0], p[P_X0] - r[1], p[P_H], p[P_W], p[P_OUT_H],
-                               p[P_OUT_W], p[P_TOP], p[P_LEFT], p[P_FLIP] != 0, pad_mode, filt,
-                               (char *)dst + k * image_bytes, dh, dw, chw, norm, scale, shift))
-            return 1;
+        int failed = fl_resample_window(region, r[2], r[3], p[P_Y0] - r[0], p[P_X0] - r[1], p[P_H], p[P_W],
+                                        p[P_OUT_H], p[P_OUT_W], p[P_TOP], p[P_LEFT], p[P_FLIP] != 0, pad_mode, filt,
+                                        (char *)dst + k * image_bytes, dh, dw, chw, norm, scale, shift);
+        if (failed) return (int)(k << 2) | failed;
     }
     return 0;
 }

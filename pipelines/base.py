@@ -34,6 +34,8 @@ class BackendOptions:
     normalize: tuple[np.ndarray, np.ndarray] | None = None
     # the device was 'auto': a backend whose GPU path cannot start may decode on CPU (with a warning)
     fallback_to_cpu: bool = False
+    # each sample's bytes checked as read (samples.py: CRC32C, JPEG structure) before any decoder sees them
+    check_samples: bool = True
 
     def on_cpu(self) -> "BackendOptions":
         return dataclasses.replace(self, device=torch.device("cpu"), fallback_to_cpu=False)

@@ -14,6 +14,7 @@ the order, so epochs are exact (every sample once, the last batch partial or dro
 """
 from __future__ import annotations
 
+import threading
 import warnings
 from abc import abstractmethod
 from collections import deque
@@ -24,6 +25,7 @@ import numpy as np
 from fastload.spec import RandomCrop
 
 from .base import Backend, BackendOptions
+from .samples import SampleChecks
 from .sampling import plan_batches
 
 PREFETCH = 2  # DALI's prefetch_queue_depth
@@ -59,9 +61,10 @@ class _EpochSource:
     ``fields`` names what the graph consumes (DALI warns about outputs left unused); ``columns``
     computes them from a batch's sample indices and geometry rows."""
 
-    def __init__(self, reader, batch_size, drop_last, fields: tuple[str, ...], columns: Callable):
+    def __init__(self, reader, batch_size, drop_last, fields: tuple[str, ...], columns: Callable,
+                 checks: SampleChecks):
         self.reader, self.batch_size, self.drop_last = reader, batch_size, drop_last
-        self.fields, self.columns = fields, columns
+        self.fields, self.columns, self.checks = fields, columns, checks
         self.order = np.zeros(0, np.int64)
         self.params = None
         # (indices, rows, columns) of batches handed to DALI and not yet returned: in DALI's order
@@ -74,6 +77,7 @@ class _EpochSource:
         self.fed.clear()
         sample = self.reader.pixels if self.reader.codec == "raw" else self.reader.stored
         for idx, rows in plan_batches(self.order, self.params, self.batch_size, self.drop_last):
+            self.checks(idx)  # DALI's decoders are handed only bytes that pass (samples.py)
             columns = self.columns(idx, rows)
             self.fed.append((idx, rows, columns))
             batch = ([sample(int(i)) for i in idx], *(np.ascontiguousarray(columns[f]) for f in self.fields),
@@ -82,9 +86,20 @@ class _EpochSource:
             yield batch
 
 
+class _Run:
+    """One pipeline and the source that feeds it: what one live epoch uses."""
+
+    def __init__(self, source: _EpochSource, pipe):
+        self.source, self.pipe = source, pipe
+
+
 class DALIEngine(Backend):
     """A DALI pipeline over one split, fed by :class:`_EpochSource`. An engine says what the
-    graph consumes per batch (:meth:`feed`) and what it computes (:meth:`graph`)."""
+    graph consumes per batch (:meth:`feed`) and what it computes (:meth:`graph`).
+
+    Each live epoch has a pipeline of its own, so two iterators of one loader each get their full
+    epoch; a pipeline whose epoch ran to its end serves the next, one whose epoch was abandoned is
+    dropped (nothing of it is left in a prefetch queue)."""
     name = "dali"
     fuses_normalization = True
     interpolations = tuple(DALI_FILTERS)
@@ -97,10 +112,10 @@ class DALIEngine(Backend):
                              "backend='ffcv'/'reference'")
         super().__init__(reader, spec, options)
         self.batch_size, self.num_workers = options.batch_size, max(1, options.num_workers)
-        fields, columns = self.feed()
-        self.source = _EpochSource(reader, options.batch_size, options.drop_last, fields, columns)
-        self.pipe = None
-        self._epoch_finished = True
+        self.fields, self.columns = self.feed()
+        self.checks = SampleChecks(reader, options.check_samples)
+        self._idle: list[_Run] = []  # pipelines whose epoch finished, ready for another
+        self._lock = threading.Lock()
 
     @property
     def decode_device(self) -> str:
@@ -116,62 +131,83 @@ class DALIEngine(Backend):
         (uint8 bytes, or HWC pixels for raw storage), ``columns`` by name, and the sample indices."""
 
     def build(self) -> None:
+        """Build a pipeline now (the factory checks that the GPU's can be built) and keep it ready."""
+        run = self._new_run(np.zeros(0, np.int64), None)
+        with self._lock:
+            self._idle.append(run)
+
+    def _new_run(self, order: np.ndarray, params: np.ndarray | None) -> _Run:
         from nvidia.dali import fn, pipeline_def, types
         device_id = (self.options.device.index or 0) if self.gpu else None
+        source = _EpochSource(self.reader, self.batch_size, self.options.drop_last, self.fields, self.columns,
+                              self.checks)
+        source.order, source.params = order, params
 
         @pipeline_def(batch_size=self.batch_size, num_threads=self.num_workers, device_id=device_id,
                       seed=self.options.seed, prefetch_queue_depth=PREFETCH, exec_async=True, exec_pipelined=True,
                       exec_dynamic=True)  # outputs never reused: batches and regions stay valid while held
         def pipeline():
-            fields = self.source.fields
             raw = self.reader.codec == "raw"  # samples arrive as HWC pixels: nothing to decode
             # JPEGs: DALI reads the stored bytes where they are mapped (copying each ~100 KB JPEG in
             # the feeding thread cost ~4% of ImageNet train throughput on 2 cores; _EpochSource keeps
             # them alive). Raw CIFAR pixels (3 KB): copied, since DALI's per-sample cost of
             # borrowed buffers is larger than the copy (no_copy: 36k against 49k img/s)
             outputs = fn.external_source(
-                source=self.source, num_outputs=len(fields) + 2, batch=True, cycle="raise", no_copy=not raw,
-                dtype=[types.UINT8] + [types.INT32 if f == "flip" else types.FLOAT for f in fields] + [types.INT64],
-                layout=["HWC" if raw else ""] + [""] * (len(fields) + 1))
-            return self.graph(outputs[0], dict(zip(fields, outputs[1:-1])), outputs[-1])
+                source=source, num_outputs=len(self.fields) + 2, batch=True, cycle="raise", no_copy=not raw,
+                dtype=[types.UINT8] + [types.INT32 if f == "flip" else types.FLOAT for f in self.fields]
+                + [types.INT64], layout=["HWC" if raw else ""] + [""] * (len(self.fields) + 1))
+            return self.graph(outputs[0], dict(zip(self.fields, outputs[1:-1])), outputs[-1])
 
         pipe = pipeline()
         pipe.build()
-        self.pipe = pipe
+        return _Run(source, pipe)
 
-    def _outputs(self):
-        """DALI's outputs for this epoch: (images, sample indices, what the source fed for them)."""
-        if self.pipe is None or not self._epoch_finished:
-            # a fresh pipeline: nothing of an abandoned epoch is left in its prefetch queue
-            self.pipe = None
-            self.build()
-        else:
-            self.pipe.reset()
-        self._epoch_finished = False
-        while True:
-            try:
-                images, index = self.pipe.run()
-            except StopIteration:
-                break
-            except RuntimeError as e:
-                raise self._sample_error() or e
-            yield images, np.asarray(index.as_array()).reshape(-1), self.source.fed.popleft()
-        self._epoch_finished = True
-
-    def _start(self, order: np.ndarray, params: np.ndarray) -> bool:
-        """Hand the epoch to the source; False when it has no batch at all."""
-        self.source.order, self.source.params = order, params
-        return not (len(order) == 0 or (self.source.drop_last and len(order) < self.batch_size))
-
-    def _sample_error(self):
-        """DALI names a failing sample by its place in a batch: find it among the batches in flight."""
-        for idx, _, _ in self.source.fed:
-            for i in idx:
+    def _outputs(self, order: np.ndarray, params: np.ndarray):
+        """DALI's outputs for one epoch: (images, sample indices, what the source fed for them)."""
+        with self._lock:
+            run = self._idle.pop() if self._idle else None
+        if run is None:
+            run = self._new_run(order, params)
+        else:  # a pipeline whose last epoch ran to its end: its source starts over with this one
+            run.source.order, run.source.params = order, params
+            run.pipe.reset()
+        finished = False
+        try:
+            while True:
                 try:
-                    self.reader.image(int(i))
-                except Exception as e:  # the reader names split, index and file
-                    return e
-        return None
+                    images, index = run.pipe.run()
+                except StopIteration:
+                    break
+                except RuntimeError as e:
+                    raise self._sample_error(run.source, e) from e
+                yield images, np.asarray(index.as_array()).reshape(-1), run.source.fed.popleft()
+            finished = True
+        finally:
+            if finished:
+                with self._lock:
+                    self._idle.append(run)
+
+    def _has_batches(self, order: np.ndarray) -> bool:
+        return not (len(order) == 0 or (self.options.drop_last and len(order) < self.batch_size))
+
+    def _sample_error(self, source: _EpochSource, error: RuntimeError) -> Exception:
+        """DALI's decode error as fastload's: DALI names a failing sample only by its place in a
+        batch, so the batches in flight are decoded again by the ffcv backend's decoder (libjpeg,
+        which refuses what it warns about); the first that fails is named. Should every one decode
+        there, the error names the samples DALI was decoding."""
+        from .jpeg import JPEGDecodeError, decode_rgb
+        fed = [int(i) for idx, _, _ in source.fed for i in idx]
+        if self.reader.codec == "jpeg":
+            for i in fed:
+                try:
+                    decode_rgb(self.reader.stored(i), int(self.reader.heights[i]), int(self.reader.widths[i]))
+                except JPEGDecodeError as e:
+                    return self.reader.sample_error(i, str(e))
+        if not fed:
+            return error
+        return self.reader.sample_error(fed[0], f"DALI could not decode the batch of samples {fed[:8]}... holding it "
+                                                f"({str(error).strip().splitlines()[0][:300]})")
 
     def close(self) -> None:
-        self.pipe = None
+        with self._lock:
+            self._idle.clear()

@@ -118,9 +118,9 @@ class DALIGraph(DALIEngine):
         return _DecodeStage(self.reader, self.spec, self.options, self.gpu)
 
     def run_epoch(self, order: np.ndarray, params: np.ndarray) -> Iterator[tuple[torch.Tensor, np.ndarray]]:
-        if not self._start(order, params):
+        if not self._has_batches(order):
             return iter(())
-        return ((self._to_torch(images), index) for images, index, _ in self._outputs())
+        return ((self._to_torch(images), index) for images, index, _ in self._outputs(order, params))
 
     def _to_torch(self, images) -> torch.Tensor:
         """A tensor the caller owns. DALI's dynamic executor never reuses an output's memory: on CPU

@@ -31,7 +31,7 @@ def _region_columns(heights, widths, out: KernelOutput, size, idx, p: np.ndarray
     regions = np.empty((len(rows), 4), np.int64)
     h, w = np.ascontiguousarray(heights[idx]), np.ascontiguousarray(widths[idx])
     native.LIB.fl_source_regions(rows.ctypes.data, len(rows), h.ctypes.data, w.ctypes.data, *size, out.filter,
-                                 regions.ctypes.data)
+                                 out.pad_mode, regions.ctypes.data)
     return {"box_anchor": regions[:, :2].astype(np.float32), "box_shape": regions[:, 2:].astype(np.float32),
             "regions": regions, "rows": rows}
 
@@ -65,9 +65,9 @@ class DALIRegions(DALIEngine):
         return rows
 
     def run_epoch(self, order: np.ndarray, params: np.ndarray) -> Iterator[tuple[torch.Tensor, np.ndarray]]:
-        if not self._start(order, params):
+        if not self._has_batches(order):
             return iter(())
-        return self.workers.in_order(self._resample_jobs(self._outputs()), jobs_block=True)
+        return self.workers.in_order(self._resample_jobs(self._outputs(order, params)), jobs_block=True)
 
     def _resample_jobs(self, outputs):
         """Per batch of regions DALI decoded: the work of resampling them into a batch the caller
@@ -85,11 +85,15 @@ class DALIRegions(DALIEngine):
 
             def work(lo, hi, regions=regions, addresses=addresses, placed=placed, rows=rows, out=out):
                 # one C call per part, without the GIL (ctypes releases it)
-                if native.LIB.fl_resample_regions(
-                        addresses[lo:].ctypes.data, placed[lo:].ctypes.data, rows[lo:].ctypes.data, hi - lo,
-                        k.pad_mode, k.filter, out[lo:].data_ptr(), *self.spec.size, k.chw, k.fused,
-                        k.scale.ctypes.data, k.shift.ctypes.data):
+                failed = native.LIB.fl_resample_regions(
+                    addresses[lo:].ctypes.data, placed[lo:].ctypes.data, rows[lo:].ctypes.data, hi - lo,
+                    k.pad_mode, k.filter, out[lo:].data_ptr(), *self.spec.size, k.chw, k.fused,
+                    k.scale.ctypes.data, k.shift.ctypes.data)
+                if failed & 3 == 1:
                     raise MemoryError("fastload's resampling kernel ran out of memory")
+                if failed:  # a bug: DALI decoded the regions fl_source_regions named, checked above
+                    raise RuntimeError(f"the resampling kernel was given a region that does not hold sample "
+                                       f"{int(index[lo + (failed >> 2)])}'s window")
             yield n, work, (out, index)
 
     def close(self) -> None:

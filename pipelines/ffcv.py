@@ -31,13 +31,14 @@ from .engine import KernelOutput, PartWorkers
 from .jpeg import MESSAGE_LEN
 from .native import FILTER_CODES
 from .native_numba import decode_region, resample_window, source_window
+from .samples import SampleChecks
 from .sampling import FLIP, H, LEFT, OUT_H, OUT_W, TOP, W, X0, Y0, crop_rows, plan_batches
 
 _DONE = np.iinfo(np.int64).max
 
 
 @nb.njit(cache=True, nogil=True)
-def _windows(rows, widths, dh, dw, filt):
+def _windows(rows, widths, dh, dw, filt, pad_mode):
     """Per geometry row, the rows [r0, r1) and columns [c0, c1) of its box that its window reads,
     and the scratch bytes the largest of those regions needs."""
     n = rows.shape[0]
@@ -46,13 +47,13 @@ def _windows(rows, widths, dh, dw, filt):
     for k in range(n):
         p = rows[k]
         windows[k, 0], windows[k, 1], windows[k, 2], windows[k, 3] = source_window(
-            p[H], p[W], p[OUT_H], p[OUT_W], p[TOP], p[LEFT], dh, dw, filt)
+            p[H], p[W], p[OUT_H], p[OUT_W], p[TOP], p[LEFT], dh, dw, filt, pad_mode)
         need = max(need, (windows[k, 1] - windows[k, 0]) * widths[k] * 3)
     return windows, need
 
 
 @nb.njit(cache=True, nogil=True)
-def _decoded(k, addresses, sizes, widths, rows, windows, scratch, message):
+def _decoded(k, addresses, sizes, heights, widths, rows, windows, scratch, message):
     """Image k's region (``windows[k]`` of its box) decoded into ``scratch``: (status, region,
     oy, ox) where box pixel (y, x) is region[oy + y, ox + x]; status 0, or 1 when it does not
     decode (libjpeg's words in ``message``)."""
@@ -61,16 +62,17 @@ def _decoded(k, addresses, sizes, widths, rows, windows, scratch, message):
     if r1 <= r0 or c1 <= c0:  # the window is all padding: nothing to decode
         return 0, np.zeros((1, 1, 3), np.uint8), 0, 0
     col0 = np.zeros(1, np.int32)
-    if decode_region(addresses[k], sizes[k], p[Y0] + r0, p[Y0] + r1, p[X0] + c0, p[X0] + c1, scratch.ctypes.data,
-                     widths[k] * 3, col0.ctypes.data, message.ctypes.data, message.size):
+    if decode_region(addresses[k], sizes[k], heights[k], widths[k], p[Y0] + r0, p[Y0] + r1, p[X0] + c0, p[X0] + c1,
+                     scratch.ctypes.data, widths[k] * 3, scratch.size, col0.ctypes.data, message.ctypes.data,
+                     message.size):
         return 1, scratch[:3].reshape(1, 1, 3), 0, 0
     region = scratch[:(r1 - r0) * widths[k] * 3].reshape(r1 - r0, widths[k], 3)
     return 0, region, -r0, p[X0] - col0[0]
 
 
 @nb.njit(cache=True, nogil=True)
-def decode_resample_batch(addresses, sizes, widths, rows, pad_mode, filt, dst, chw, norm, scale, shift, scratch,
-                          message):
+def decode_resample_batch(addresses, sizes, heights, widths, rows, pad_mode, filt, dst, chw, norm, scale, shift,
+                          scratch, message):
     """Every image of a batch, one after the other while its pixels are still in cache: decode the
     rows and columns its window reads (``source_window``) into ``scratch``, then resample them into
     ``dst[k]``. ``rows``: geometry rows (``sampling.PARAM_COLUMNS``).
@@ -78,11 +80,11 @@ def decode_resample_batch(addresses, sizes, widths, rows, pad_mode, filt, dst, c
     Returns ``_DONE``; or k >= 0 when image k does not decode (libjpeg's words in ``message``);
     or -n when ``scratch`` is smaller than the n bytes a region needs (grow it and call again)."""
     dh, dw = (dst.shape[2], dst.shape[3]) if chw else (dst.shape[1], dst.shape[2])
-    windows, need = _windows(rows, widths, dh, dw, filt)
+    windows, need = _windows(rows, widths, dh, dw, filt, pad_mode)
     if need > scratch.size:
         return -need
     for k in range(rows.shape[0]):
-        status, region, oy, ox = _decoded(k, addresses, sizes, widths, rows, windows, scratch, message)
+        status, region, oy, ox = _decoded(k, addresses, sizes, heights, widths, rows, windows, scratch, message)
         if status:
             return k
         p = rows[k]
@@ -92,17 +94,17 @@ def decode_resample_batch(addresses, sizes, widths, rows, pad_mode, filt, dst, c
 
 
 @nb.njit(cache=True, nogil=True)
-def decode_crop_batch(addresses, sizes, widths, rows, filt, dst, scratch, message):
+def decode_crop_batch(addresses, sizes, heights, widths, rows, pad_mode, filt, dst, scratch, message):
     """``fastload bench``'s decode stage: decode what :func:`decode_resample_batch` decodes, and
     cut the decoded region's top-left window into ``dst[k]`` (uint8 HWC) instead of resampling.
     Returns as :func:`decode_resample_batch` does."""
     dh, dw = dst.shape[1], dst.shape[2]
-    windows, need = _windows(rows, widths, dh, dw, filt)
+    windows, need = _windows(rows, widths, dh, dw, filt, pad_mode)
     if need > scratch.size:
         return -need
     one, zero = np.ones(3, np.float32), np.zeros(3, np.float32)
     for k in range(rows.shape[0]):
-        status, region, oy, ox = _decoded(k, addresses, sizes, widths, rows, windows, scratch, message)
+        status, region, oy, ox = _decoded(k, addresses, sizes, heights, widths, rows, windows, scratch, message)
         if status:
             return k
         h, w = windows[k, 1] - windows[k, 0], windows[k, 3] - windows[k, 2]  # the region as a box of its own
@@ -137,6 +139,7 @@ class FFCVBackend(Backend):
         self.heights = reader.heights.astype(np.int64)
         self._local = threading.local()
         self.buffers = BatchBuffers(capacity=options.num_workers + 4)  # in flight, ready, and the caller's
+        self.checks = SampleChecks(reader, options.check_samples)
 
     def decode_stage(self) -> "FFCVBackend":
         if self.reader.codec == "raw":  # nothing to decode: the box cut out, unresampled
@@ -153,29 +156,30 @@ class FFCVBackend(Backend):
             yield len(index), functools.partial(self._part, out, index, rows), (out, index)
 
     def _part(self, out: torch.Tensor, index: np.ndarray, rows: np.ndarray, lo: int, hi: int) -> None:
-        """Samples lo..hi of a batch, decoded and resampled into ``out[lo:hi]``."""
+        """Samples lo..hi of a batch, checked, decoded and resampled into ``out[lo:hi]``."""
         dst, index, rows, o = out.numpy()[lo:hi], index[lo:hi], rows[lo:hi], self.out
+        self.checks(index)
         if self.reader.codec == "raw":
             r = self.reader.records
             resample_raw_batch(self.reader.mapped(0), np.asarray(r["offset"][index], np.int64),
                                self.heights[index], self.widths[index], rows, o.pad_mode, o.filter, dst, o.chw,
                                o.fused, o.scale, o.shift)
             return
-        self._decode(index, lambda addresses, sizes, widths, scratch, message: decode_resample_batch(
-            addresses, sizes, widths, rows, o.pad_mode, o.filter, dst, o.chw, o.fused, o.scale, o.shift, scratch,
-            message))
+        self._decode(index, lambda addresses, sizes, heights, widths, scratch, message: decode_resample_batch(
+            addresses, sizes, heights, widths, rows, o.pad_mode, o.filter, dst, o.chw, o.fused, o.scale, o.shift,
+            scratch, message))
 
     def _decode(self, index: np.ndarray, batch_call) -> None:
         """Run a compiled batch function over samples ``index`` with this thread's scratch buffer,
         growing it when a region needs more; a sample that does not decode raises its error."""
         addresses, sizes = self.reader.stored_addresses(index)
-        widths = self.widths[index]
+        heights, widths = self.heights[index], self.widths[index]
         message = np.zeros(MESSAGE_LEN, np.uint8)
         while True:
             scratch = getattr(self._local, "scratch", None)
             if scratch is None:
                 scratch = self._local.scratch = np.empty(1 << 20, np.uint8)
-            status = batch_call(addresses, sizes, widths, scratch, message)
+            status = batch_call(addresses, sizes, heights, widths, scratch, message)
             if status == _DONE:
                 return
             if status >= 0:
@@ -192,6 +196,7 @@ class _FFCVDecodeStage(FFCVBackend):
     fuses_normalization = False
 
     def _part(self, out, index, rows, lo, hi):
-        dst, index, rows, filt = out.numpy()[lo:hi], index[lo:hi], rows[lo:hi], self.out.filter
-        self._decode(index, lambda addresses, sizes, widths, scratch, message: decode_crop_batch(
-            addresses, sizes, widths, rows, filt, dst, scratch, message))
+        dst, index, rows, o = out.numpy()[lo:hi], index[lo:hi], rows[lo:hi], self.out
+        self.checks(index)
+        self._decode(index, lambda addresses, sizes, heights, widths, scratch, message: decode_crop_batch(
+            addresses, sizes, heights, widths, rows, o.pad_mode, o.filter, dst, scratch, message))

@@ -44,15 +44,18 @@ class RegionDecoder:
         self.col0 = ctypes.c_int()
         self.message = ctypes.create_string_buffer(MESSAGE_LEN)
 
-    def decode(self, jpeg: np.ndarray, width: int, y0: int, y1: int, x0: int, x1: int) -> tuple[np.ndarray, int]:
-        """Rows [y0, y1) of an image ``width`` pixels wide, at least columns [x0, x1) decoded:
-        (an array [y1 - y0, width, 3] whose decoded columns start at the returned column, that column).
-        The array is a view of the scratch buffer, valid until the next call."""
+    def decode(self, jpeg: np.ndarray, height: int, width: int, y0: int, y1: int, x0: int, x1: int
+               ) -> tuple[np.ndarray, int]:
+        """Rows [y0, y1) of a ``height`` x ``width`` image (the JPEG must be that size), at least
+        columns [x0, x1) decoded: (an array [y1 - y0, width, 3] whose decoded columns start at the
+        returned column, that column). The array is a view of the scratch buffer, valid until the
+        next call."""
         need = (y1 - y0) * width * 3
         if self.scratch.size < need:
             self.scratch = np.empty(max(need, 2 * self.scratch.size), np.uint8)
-        if _LIB.fl_jpeg_decode_region(jpeg.ctypes.data, jpeg.size, y0, y1, x0, x1, self.scratch.ctypes.data, width * 3,
-                                      ctypes.byref(self.col0), self.message, MESSAGE_LEN):
+        if _LIB.fl_jpeg_decode_region(jpeg.ctypes.data, jpeg.size, height, width, y0, y1, x0, x1,
+                                      self.scratch.ctypes.data, width * 3, self.scratch.size, ctypes.byref(self.col0),
+                                      self.message, MESSAGE_LEN):
             raise JPEGDecodeError(self.message.value.decode(errors="replace") or "undecodable JPEG")
         return self.scratch[:need].reshape(y1 - y0, width, 3), self.col0.value
 
@@ -70,5 +73,5 @@ def thread_decoder() -> RegionDecoder:
 
 def decode_rgb(jpeg: np.ndarray, height: int, width: int) -> np.ndarray:
     """The whole image (its size from the records index), HWC uint8 (a copy)."""
-    region, _ = thread_decoder().decode(jpeg, width, 0, height, 0, width)
+    region, _ = thread_decoder().decode(jpeg, height, width, 0, height, 0, width)
     return region.copy()

@@ -1,5 +1,5 @@
 """fastload's C helpers, one shared library (``fastload.pipelines._native``, built by pip from
-``_jpeg.c`` and ``_resample.c``): found and loaded once here, and each function's signature
+``_jpeg.c``, ``_samples.c`` and ``_resample.c``): found and loaded once here, and each function's signature
 declared once (:data:`SIGNATURES`), from which both bindings are made: ctypes (here; ``jpeg.py``,
 the DALI backend) and numba's by symbol name (``native_numba.py``, for the ffcv backend's
 compiled loop). Python never imports the library as a module, and this module imports no numba.
@@ -25,23 +25,27 @@ LIBRARY_PATH = _path()
 LIB = ctypes.CDLL(LIBRARY_PATH)
 
 # Each exported function: (return type, argument types), in the C code's own order. Types:
-# i32/i64/u64 integers, ptr an address (numpy's .ctypes.data, a buffer), void no value.
+# i32/i64/u32/u64 integers, ptr an address (numpy's .ctypes.data, a buffer), void no value.
 SIGNATURES = {
     # _jpeg.c
-    "fl_jpeg_decode_region": ("i32", ["ptr", "u64", "i32", "i32", "i32", "i32", "ptr", "i32", "ptr", "ptr", "i32"]),
+    "fl_jpeg_decode_region": ("i32", ["ptr", "u64", "i32", "i32", "i32", "i32", "i32", "i32", "ptr", "i64", "i64",
+                                      "ptr", "ptr", "i32"]),
     "fl_jpeg_check": ("i32", ["ptr", "u64", "ptr", "i32"]),
+    # _samples.c
+    "fl_crc32c": ("u32", ["ptr", "u64"]),
+    "fl_check_samples": ("i64", ["ptr", "ptr", "ptr", "ptr", "ptr", "i64", "i32", "ptr", "i32"]),
     # _resample.c
     "fl_param_columns": ("ptr", []),
     "fl_resample_level": ("i32", ["i32"]),
-    "fl_source_window": ("void", ["i64"] * 8 + ["i32", "ptr"]),
+    "fl_source_window": ("void", ["i64"] * 8 + ["i32", "i32", "ptr"]),
     "fl_resample_window": ("i32", ["ptr"] + ["i64"] * 10 + ["i32", "i32", "i32", "ptr", "i64", "i64", "i32", "i32",
                                                              "ptr", "ptr"]),
-    "fl_source_regions": ("void", ["ptr", "i64", "ptr", "ptr", "i64", "i64", "i32", "ptr"]),
+    "fl_source_regions": ("void", ["ptr", "i64", "ptr", "ptr", "i64", "i64", "i32", "i32", "ptr"]),
     "fl_resample_regions": ("i32", ["ptr", "ptr", "ptr", "i64", "i32", "i32", "ptr", "i64", "i64", "i32", "i32",
                                     "ptr", "ptr"]),
 }
-_CTYPES = {"i32": ctypes.c_int32, "i64": ctypes.c_int64, "u64": ctypes.c_uint64, "ptr": ctypes.c_void_p,
-           "void": None}
+_CTYPES = {"i32": ctypes.c_int32, "i64": ctypes.c_int64, "u32": ctypes.c_uint32, "u64": ctypes.c_uint64,
+           "ptr": ctypes.c_void_p, "void": None}
 for _name, (_returns, _arguments) in SIGNATURES.items():
     _function = getattr(LIB, _name)
     _function.restype, _function.argtypes = _CTYPES[_returns], [_CTYPES[a] for a in _arguments]

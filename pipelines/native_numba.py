@@ -18,7 +18,8 @@ from numba import types
 
 from . import native
 
-_NUMBA = {"i32": types.int32, "i64": types.int64, "u64": types.uint64, "ptr": types.voidptr, "void": types.void}
+_NUMBA = {"i32": types.int32, "i64": types.int64, "u32": types.uint32, "u64": types.uint64, "ptr": types.voidptr,
+          "void": types.void}
 
 
 def _external(name: str) -> types.ExternalFunction:
@@ -35,11 +36,12 @@ _JIT = dict(cache=True, nogil=True)
 
 
 @nb.njit(**_JIT)
-def source_window(h, w, out_h, out_w, top, left, dh, dw, filt):
+def source_window(h, w, out_h, out_w, top, left, dh, dw, filt, pad_mode):
     """Rows [r0, r1) and columns [c0, c1) of an h x w box that the (top, left, dh, dw) window of
-    its resize to out_h x out_w with filter ``filt`` reads (clipped to the box; padding reads nothing)."""
+    its resize to out_h x out_w with filter ``filt`` reads (clipped to the box; constant padding
+    reads nothing, edge and reflect padding what they mirror)."""
     out = np.empty(4, np.int64)
-    _source_window(h, w, out_h, out_w, top, left, dh, dw, np.int32(filt), out.ctypes.data)
+    _source_window(h, w, out_h, out_w, top, left, dh, dw, np.int32(filt), np.int32(pad_mode), out.ctypes.data)
     return out[0], out[1], out[2], out[3]
 
 
@@ -51,7 +53,10 @@ def resample_window(src, y0, x0, h, w, out_h, out_w, top, left, flip, pad_mode, 
     rows/columns :func:`source_window` names). ``dst`` (C-contiguous): uint8 HWC, or with ``norm``
     float ``level * scale[c] - shift[c]`` in HWC or CHW (``chw``)."""
     src_c = np.ascontiguousarray(src)  # the C code walks rows by address (a no-op for decoded regions)
-    if _resample_window(src_c.ctypes.data, src.shape[0], src.shape[1], y0, x0, h, w, out_h, out_w, top, left,
-                        np.int32(flip), np.int32(pad_mode), np.int32(filt), dst.ctypes.data, dh, dw, np.int32(chw),
-                        np.int32(norm), scale.ctypes.data, shift.ctypes.data):
+    status = _resample_window(src_c.ctypes.data, src.shape[0], src.shape[1], y0, x0, h, w, out_h, out_w, top, left,
+                              np.int32(flip), np.int32(pad_mode), np.int32(filt), dst.ctypes.data, dh, dw,
+                              np.int32(chw), np.int32(norm), scale.ctypes.data, shift.ctypes.data)
+    if status == 1:
         raise MemoryError("resample_window: out of memory")
+    if status == 2:  # a bug: the regions decoded are the ones source_window names
+        raise RuntimeError("resample_window: the geometry reads outside the pixels it was given")

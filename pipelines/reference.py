@@ -14,9 +14,11 @@ import numpy as np
 import torch
 from PIL import Image
 
+from fastload.formats.manifest import DatasetError
 from fastload.spec import DEFAULT_INTERPOLATION, RandomCrop
 
 from .base import Backend, BackendOptions
+from .samples import SampleChecks
 from .sampling import FLIP, H, LEFT, OUT_H, OUT_W, TOP, W, X0, Y0, num_batches, plan_batches
 
 
@@ -49,16 +51,29 @@ class _SampleDataset(torch.utils.data.Dataset):
     """Keys are (sample index, geometry row): the epoch's parameters travel with the batch
     sampler, so persistent workers serve every epoch."""
 
-    def __init__(self, reader, size, padding_mode, interpolation):
+    def __init__(self, reader, size, padding_mode, interpolation, checks):
         self.reader, self.size, self.padding_mode, self.interpolation = reader, size, padding_mode, interpolation
+        self.checks = checks
 
     def __len__(self):
         return len(self.reader)
 
     def __getitem__(self, key):
         i, row = key
-        image = self.reader.image(i)
+        try:
+            self.checks(np.array([i]))  # the sample's bytes, as every backend checks them before decoding
+            image = self.reader.image(i)
+        except DatasetError as e:  # handed back as data: a DataLoader worker would rewrap its message
+            return e, i
         return torch.from_numpy(apply_geometry(image, row, self.size, self.padding_mode, self.interpolation)), i
+
+
+def _collate(samples):
+    """The default collate, or a batch's first sample error, raised as it is in the main process."""
+    for sample, _ in samples:
+        if isinstance(sample, DatasetError):
+            return sample
+    return torch.utils.data.default_collate(samples)
 
 
 class _EpochBatches:
@@ -77,21 +92,44 @@ class _EpochBatches:
 
 
 class ReferenceBackend(Backend):
+    """PIL in ``torch.utils.data.DataLoader`` workers. The loader's workers persist across
+    epochs; an epoch that starts while another is live (a second iterator) gets a DataLoader of
+    its own, so each gets its full epoch."""
     name = "reference"
     interpolations = tuple(PIL_FILTERS)
 
     def __init__(self, reader, spec, options: BackendOptions):
         super().__init__(reader, spec, options)
         padding_mode = spec.geometry.padding_mode if isinstance(spec.geometry, RandomCrop) else "constant"
-        workers = options.num_workers
+        self.dataset = _SampleDataset(reader, spec.size, padding_mode, spec.interpolation,
+                                      SampleChecks(reader, options.check_samples))
         self.batches = _EpochBatches(options.batch_size, options.drop_last)
-        self.loader = torch.utils.data.DataLoader(
-            _SampleDataset(reader, spec.size, padding_mode, spec.interpolation),
-            batch_sampler=self.batches,
-            num_workers=workers, persistent_workers=workers > 0,
-            multiprocessing_context="fork" if workers > 0 else None)
+        self.loader = self._data_loader(self.batches, persistent=True)
+        self._live = 0  # epochs of self.loader in progress
+
+    def _data_loader(self, batches: _EpochBatches, persistent: bool) -> torch.utils.data.DataLoader:
+        workers = self.options.num_workers
+        return torch.utils.data.DataLoader(self.dataset, batch_sampler=batches, num_workers=workers,
+                                           collate_fn=_collate, persistent_workers=persistent and workers > 0,
+                                           multiprocessing_context="fork" if workers > 0 else None)
 
     def run_epoch(self, order: np.ndarray, params: np.ndarray) -> Iterator[tuple[torch.Tensor, np.ndarray]]:
-        self.batches.order, self.batches.params = order, params
-        for images, index in self.loader:
-            yield images, index.numpy()
+        if self._live:  # the persistent loader serves another epoch: this one gets its own
+            batches = _EpochBatches(self.options.batch_size, self.options.drop_last)
+            batches.order, batches.params = order, params
+            yield from _batches(self._data_loader(batches, persistent=False))
+            return
+        self._live += 1
+        try:
+            self.batches.order, self.batches.params = order, params
+            yield from _batches(self.loader)
+        finally:
+            self._live -= 1
+
+
+def _batches(loader):
+    for batch in loader:
+        if isinstance(batch, DatasetError):
+            raise batch
+        images, index = batch
+        yield images, index.numpy()

@@ -428,7 +428,7 @@ def test_verify_catches_flipped_byte_in_tfrecord(imagenet_dirs, tmp_path):
     for f in m["splits"]["validation"]["files"]:
         if f["path"] == shard.name:
             f["sha256"] = sha256_file(shard)
-    (d / "manifest.json").write_text(json.dumps(m))
+    Manifest(d, m).write()  # with the manifest's own checksum, as a writer would
     problems = verify(d)
     assert any("checksum mismatch" in p and shard.name in p for p in problems), problems
 

@@ -42,7 +42,7 @@ def test_region_decode_is_the_full_decodes_region(photos):
         for _ in range(4):
             ch, cw = int(rng.integers(1, h + 1)), int(rng.integers(1, w + 1))
             y0, x0 = int(rng.integers(0, h - ch + 1)), int(rng.integers(0, w - cw + 1))
-            region, col0 = decoder.decode(jpeg, w, y0, y0 + ch, x0, x0 + cw)
+            region, col0 = decoder.decode(jpeg, h, w, y0, y0 + ch, x0, x0 + cw)
             assert col0 <= x0
             assert np.array_equal(region[:, x0 - col0:x0 - col0 + cw], full[y0:y0 + ch, x0:x0 + cw]), (i, y0, x0)
 
@@ -90,9 +90,9 @@ def test_resample_is_pils_on_random_resized_crops(photos, interpolation, resampl
     for i in range(0, len(jpegs), 3):
         full = decode_rgb(jpegs[i], int(h[i]), int(w[i]))
         box = np.ascontiguousarray(full[y[i]:y[i] + ch[i], x[i]:x[i] + cw[i]])
-        r0, r1, c0, c1 = source_window(int(ch[i]), int(cw[i]), 224, 224, 0, 0, 224, 224, filt)
-        region, col0 = decoder.decode(jpegs[i], int(w[i]), int(y[i]) + r0, int(y[i]) + r1, int(x[i]) + c0,
-                                      int(x[i]) + c1)
+        r0, r1, c0, c1 = source_window(int(ch[i]), int(cw[i]), 224, 224, 0, 0, 224, 224, filt, 0)
+        region, col0 = decoder.decode(jpegs[i], int(h[i]), int(w[i]), int(y[i]) + r0, int(y[i]) + r1,
+                                      int(x[i]) + c0, int(x[i]) + c1)
         out = np.empty((224, 224, 3), np.uint8)
         resample_window(region, -r0, int(x[i]) - col0, int(ch[i]), int(cw[i]), 224, 224, 0, 0, False, 0, filt,
                         out, 224, 224, False, False, *NO_NORM)

@@ -14,7 +14,7 @@ from PIL import Image
 
 from conftest import BACKEND_FORMAT, CIFAR10, MEAN255, STD255, color_label, needs_shared, save_splits
 from fastload import FastLoader, Manifest, PreprocessSpec, convert
-from fastload.formats.manifest import DatasetError
+from fastload.formats.manifest import FORMAT_VERSION, DatasetError, sha256_file
 from fastload.formats.records import SplitReader
 
 N = 400
@@ -50,7 +50,7 @@ def test_png_cifar_is_stored_raw_and_read_back_exactly(png_cifar):
     for backend, fmt in BACKEND_FORMAT.items():
         m = Manifest.read(png_cifar[fmt])
         info = m.split("train")
-        assert m.data["format_version"] == 2 and info.image_codec == "raw"
+        assert m.data["format_version"] == FORMAT_VERSION and info.image_codec == "raw"
         assert m.data["splits"]["train"]["image_feature"] == "image/raw"
         loader = FastLoader(png_cifar[fmt], "train", batch_size=64, spec=spec, backend=backend, num_workers=2,
                             order="sequential", drop_last=False, columns="index")
@@ -147,12 +147,19 @@ def test_version_1_directories_still_load(labelled_colors, tmp_path):
     for split in data["splits"].values():
         split.pop("image_codec", None)
         split.pop("image_feature", None)
+        for f in split["files"]:
+            if f["role"] == "records":  # version 1 had no per-sample checksums
+                records = np.load(old / f["path"])
+                fields = [n for n in records.dtype.names if n != "crc32c"]
+                np.save(old / f["path"], np.ascontiguousarray(records[fields]).astype(
+                    np.dtype([(n, records.dtype[n]) for n in fields])))
+                f["size"], f["sha256"] = (old / f["path"]).stat().st_size, sha256_file(old / f["path"])
     path.write_text(json.dumps(data))
     x, y = next(iter(FastLoader(old, "train", batch_size=8, backend="dali", num_workers=1)))
     assert x.shape == (8, 3, 224, 224) and Manifest.read(old).split("train").image_codec == "jpeg"
-    data["format_version"] = 3
+    data["format_version"] = 99
     path.write_text(json.dumps(data))
-    with pytest.raises(DatasetError, match=r"format_version=3; this fastload reads versions \[1, 2\]"):
+    with pytest.raises(DatasetError, match=r"format_version=99; this fastload reads versions \[1, 2, 3\]"):
         FastLoader(old, "train")
 
 
