@@ -171,8 +171,10 @@ class SplitReader:
                         raise DatasetError(f"data file {path} is missing (listed in the manifest)")
                     # a plain ndarray view of the map (it keeps the map alive): slicing an np.memmap
                     # subclass costs ~10x more, which shows at CIFAR rates. An empty file has no map.
-                    m = self._maps[file_index] = (np.memmap(path, dtype=np.uint8, mode="r").view(np.ndarray)
-                                                  if self._data_sizes[file_index] else np.zeros(0, np.uint8))
+                    m = (np.memmap(path, dtype=np.uint8, mode="r").view(np.ndarray) if self._data_sizes[file_index]
+                         else np.zeros(0, np.uint8))
+                    m.setflags(write=False)  # read-only either way (one type for compiled readers)
+                    self._maps[file_index] = m
         return m
 
     def stored(self, i: int) -> np.ndarray:

@@ -93,8 +93,13 @@ int fl_jpeg_decode_region(const unsigned char *data, unsigned long size, int hei
         return 1;
     }
     /* One column of margin each side: with fancy upsampling, the edge columns of a cropped
-     * scanline can differ from a full decode (measured on real photos); one more is exact. */
+     * scanline can differ from a full decode (measured on real photos); one more is exact. A crop
+     * under 3 columns wide is not (a 1-column region at the image's edge, measured): widened. */
     int cx0 = x0 > 0 ? x0 - 1 : 0, cx1 = x1 < (int)d.output_width ? x1 + 1 : (int)d.output_width;
+    if (cx1 - cx0 < 3) {
+        cx1 = cx0 + 3 < (int)d.output_width ? cx0 + 3 : (int)d.output_width;
+        cx0 = cx1 - 3 > 0 ? cx1 - 3 : 0;
+    }
     JDIMENSION xoffset = (JDIMENSION)cx0, cropped = (JDIMENSION)(cx1 - cx0);
     if (cx0 > 0 || cx1 < (int)d.output_width) jpeg_crop_scanline(&d, &xoffset, &cropped);
     *col0 = (int)xoffset;

@@ -130,15 +130,18 @@ static int jpeg_structure(const unsigned char *data, uint64_t size, int64_t heig
 }
 
 /* ---------------------------------------------------------------------------- a batch */
-/* Samples 0..n-1, each `sizes[k]` bytes at `addresses[k]`: the CRC32C against crcs[k] (when
- * `crcs` is not NULL), and with `jpeg`, the structure above for a heights[k] x widths[k] image.
+enum { CHECK_CRC = 1, CHECK_JPEG = 2 };
+
+/* Samples 0..n-1, each `sizes[k]` bytes at `addresses[k]`: with CHECK_CRC in `what`, the CRC32C
+ * against crcs[k]; with CHECK_JPEG, the structure above for a heights[k] x widths[k] image.
  * Returns -1 when all pass, else the first failing k with a message. */
 int64_t fl_check_samples(const uint64_t *addresses, const uint64_t *sizes, const uint32_t *crcs,
-                         const int64_t *heights, const int64_t *widths, int64_t n, int jpeg, char *message,
+                         const int64_t *heights, const int64_t *widths, int64_t n, int what, char *message,
                          int message_len) {
+    int jpeg = what & CHECK_JPEG;
     for (int64_t k = 0; k < n; k++) {
         const unsigned char *data = (const unsigned char *)(uintptr_t)addresses[k];
-        if (crcs) {
+        if (what & CHECK_CRC) {
             uint32_t crc = fl_crc32c(data, sizes[k]);
             if (crc != crcs[k]) {
                 snprintf(message, message_len, "its bytes do not match their checksum (crc32c %08x, the records "

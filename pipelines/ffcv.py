@@ -30,9 +30,9 @@ from .buffers import BatchBuffers
 from .engine import KernelOutput, PartWorkers
 from .jpeg import MESSAGE_LEN
 from .native import FILTER_CODES
-from .native_numba import decode_region, resample_window, source_window
+from .native_numba import check_samples, decode_region, resample_window, source_window
 from .samples import SampleChecks
-from .sampling import FLIP, H, LEFT, OUT_H, OUT_W, TOP, W, X0, Y0, crop_rows, plan_batches
+from .sampling import FLIP, H, LEFT, OUT_H, OUT_W, PARAM_COLUMNS, TOP, W, X0, Y0, crop_rows, plan_batches
 
 _DONE = np.iinfo(np.int64).max
 
@@ -71,18 +71,25 @@ def _decoded(k, addresses, sizes, heights, widths, rows, windows, scratch, messa
 
 
 @nb.njit(cache=True, nogil=True)
-def decode_resample_batch(addresses, sizes, heights, widths, rows, pad_mode, filt, dst, chw, norm, scale, shift,
-                          scratch, message):
-    """Every image of a batch, one after the other while its pixels are still in cache: decode the
-    rows and columns its window reads (``source_window``) into ``scratch``, then resample them into
-    ``dst[k]``. ``rows``: geometry rows (``sampling.PARAM_COLUMNS``).
+def decode_resample_batch(addresses, sizes, crcs, heights, widths, what, rows, pad_mode, filt, dst, chw, norm,
+                          scale, shift, scratch, message):
+    """Every image of a batch, checked (``what``: samples.py's flags), then one after the other
+    while its pixels are still in cache: decode the rows and columns its window reads
+    (``source_window``) into ``scratch``, then resample them into ``dst[k]``. ``rows``: geometry
+    rows (``sampling.PARAM_COLUMNS``).
 
-    Returns ``_DONE``; or k >= 0 when image k does not decode (libjpeg's words in ``message``);
-    or -n when ``scratch`` is smaller than the n bytes a region needs (grow it and call again)."""
+    Returns ``_DONE``; or k >= 0 when image k fails its checks or does not decode (the words in
+    ``message``); or -n when ``scratch`` is smaller than the n bytes a region needs (grow it and
+    call again)."""
     dh, dw = (dst.shape[2], dst.shape[3]) if chw else (dst.shape[1], dst.shape[2])
     windows, need = _windows(rows, widths, dh, dw, filt, pad_mode)
     if need > scratch.size:
         return -need
+    if what:  # samples.py's checks, before anything is decoded
+        failed = check_samples(addresses.ctypes.data, sizes.ctypes.data, crcs.ctypes.data, heights.ctypes.data,
+                               widths.ctypes.data, addresses.shape[0], what, message.ctypes.data, message.size)
+        if failed >= 0:
+            return failed
     for k in range(rows.shape[0]):
         status, region, oy, ox = _decoded(k, addresses, sizes, heights, widths, rows, windows, scratch, message)
         if status:
@@ -94,14 +101,19 @@ def decode_resample_batch(addresses, sizes, heights, widths, rows, pad_mode, fil
 
 
 @nb.njit(cache=True, nogil=True)
-def decode_crop_batch(addresses, sizes, heights, widths, rows, pad_mode, filt, dst, scratch, message):
-    """``fastload bench``'s decode stage: decode what :func:`decode_resample_batch` decodes, and
-    cut the decoded region's top-left window into ``dst[k]`` (uint8 HWC) instead of resampling.
+def decode_crop_batch(addresses, sizes, crcs, heights, widths, what, rows, pad_mode, filt, dst, scratch, message):
+    """``fastload bench``'s decode stage: check and decode what :func:`decode_resample_batch` does,
+    and cut the decoded region's top-left window into ``dst[k]`` (uint8 HWC) instead of resampling.
     Returns as :func:`decode_resample_batch` does."""
     dh, dw = dst.shape[1], dst.shape[2]
     windows, need = _windows(rows, widths, dh, dw, filt, pad_mode)
     if need > scratch.size:
         return -need
+    if what:  # samples.py's checks, before anything is decoded
+        failed = check_samples(addresses.ctypes.data, sizes.ctypes.data, crcs.ctypes.data, heights.ctypes.data,
+                               widths.ctypes.data, addresses.shape[0], what, message.ctypes.data, message.size)
+        if failed >= 0:
+            return failed
     one, zero = np.ones(3, np.float32), np.zeros(3, np.float32)
     for k in range(rows.shape[0]):
         status, region, oy, ox = _decoded(k, addresses, sizes, heights, widths, rows, windows, scratch, message)
@@ -114,16 +126,46 @@ def decode_crop_batch(addresses, sizes, heights, widths, rows, pad_mode, filt, d
 
 
 @nb.njit(cache=True, nogil=True)
-def resample_raw_batch(data, offsets, heights, widths, rows, pad_mode, filt, dst, chw, norm, scale, shift):
+def resample_raw_batch(data, offsets, crcs, heights, widths, what, rows, pad_mode, filt, dst, chw, norm, scale, shift,
+                       message):
     """:func:`decode_resample_batch` for raw storage: sample k's pixels are (heights[k], widths[k], 3)
-    uint8 at ``data[offsets[k]:]``; nothing to decode."""
+    uint8 at ``data[offsets[k]:]``; nothing to decode. Returns ``_DONE``, or the first sample that
+    fails its checks."""
     dh, dw = (dst.shape[2], dst.shape[3]) if chw else (dst.shape[1], dst.shape[2])
+    if what:  # samples.py's checks
+        addresses = offsets.astype(np.uint64) + np.uint64(data.ctypes.data)
+        sizes = (heights * widths * 3).astype(np.uint64)
+        failed = check_samples(addresses.ctypes.data, sizes.ctypes.data, crcs.ctypes.data, heights.ctypes.data,
+                               widths.ctypes.data, addresses.shape[0], what, message.ctypes.data, message.size)
+        if failed >= 0:
+            return failed
     for k in range(rows.shape[0]):
         p = rows[k]
         n = heights[k] * widths[k] * 3
         image = data[offsets[k]:offsets[k] + n].reshape((heights[k], widths[k], 3))
         resample_window(image, p[Y0], p[X0], p[H], p[W], p[OUT_H], p[OUT_W], p[TOP], p[LEFT], p[FLIP] != 0, pad_mode,
                         filt, dst[k], dh, dw, chw, norm, scale, shift)
+    return _DONE
+
+
+def _compile_every_variant() -> None:
+    """Compile (or load from numba's disk cache) every variant the backend calls, once, when this
+    module is imported: float32 and uint8 batches, JPEG and raw storage. Nothing compiles later,
+    on worker threads or after other code has used numba in the process (numba 0.68's dispatchers
+    raised KeyError there, compiling a call after stock ffcv's loaders had run)."""
+    n0, rows = np.zeros(0, np.int64), np.zeros((0, len(PARAM_COLUMNS)), np.int64)
+    u64, u32 = np.zeros(0, np.uint64), np.zeros(0, np.uint32)
+    message, scratch, data = np.zeros(8, np.uint8), np.zeros(8, np.uint8), np.zeros(8, np.uint8)
+    data.setflags(write=False)  # as SplitReader.mapped gives it
+    one, zero = np.ones(3, np.float32), np.zeros(3, np.float32)
+    for dtype in (np.float32, np.uint8):
+        dst = np.zeros((0, 1, 1, 3), dtype)
+        decode_resample_batch(u64, u64, u32, n0, n0, 0, rows, 0, 0, dst, False, False, one, zero, scratch, message)
+        resample_raw_batch(data, n0, u32, n0, n0, 0, rows, 0, 0, dst, False, False, one, zero, message)
+    decode_crop_batch(u64, u64, u32, n0, n0, 0, rows, 0, 0, np.zeros((0, 1, 1, 3), np.uint8), scratch, message)
+
+
+_compile_every_variant()
 
 
 class FFCVBackend(Backend):
@@ -157,35 +199,37 @@ class FFCVBackend(Backend):
 
     def _part(self, out: torch.Tensor, index: np.ndarray, rows: np.ndarray, lo: int, hi: int) -> None:
         """Samples lo..hi of a batch, checked, decoded and resampled into ``out[lo:hi]``."""
-        dst, index, rows, o = out.numpy()[lo:hi], index[lo:hi], rows[lo:hi], self.out
-        self.checks(index)
+        dst, index, rows, o, checks = out.numpy()[lo:hi], index[lo:hi], rows[lo:hi], self.out, self.checks
         if self.reader.codec == "raw":
-            r = self.reader.records
-            resample_raw_batch(self.reader.mapped(0), np.asarray(r["offset"][index], np.int64),
-                               self.heights[index], self.widths[index], rows, o.pad_mode, o.filter, dst, o.chw,
-                               o.fused, o.scale, o.shift)
+            message = np.zeros(MESSAGE_LEN, np.uint8)
+            status = resample_raw_batch(self.reader.mapped(0), np.asarray(self.reader.records["offset"][index], np.int64),
+                                        checks.crcs[index], self.heights[index], self.widths[index], checks.what, rows,
+                                        o.pad_mode, o.filter, dst, o.chw, o.fused, o.scale, o.shift, message)
+            self._raise_for(status, index, message)
             return
-        self._decode(index, lambda addresses, sizes, heights, widths, scratch, message: decode_resample_batch(
-            addresses, sizes, heights, widths, rows, o.pad_mode, o.filter, dst, o.chw, o.fused, o.scale, o.shift,
-            scratch, message))
+        self._decode(index, lambda addresses, sizes, crcs, heights, widths, what, scratch, message:
+                     decode_resample_batch(addresses, sizes, crcs, heights, widths, what, rows, o.pad_mode, o.filter,
+                                           dst, o.chw, o.fused, o.scale, o.shift, scratch, message))
 
     def _decode(self, index: np.ndarray, batch_call) -> None:
         """Run a compiled batch function over samples ``index`` with this thread's scratch buffer,
-        growing it when a region needs more; a sample that does not decode raises its error."""
+        growing it when a region needs more; a sample that fails raises its error."""
         addresses, sizes = self.reader.stored_addresses(index)
-        heights, widths = self.heights[index], self.widths[index]
+        crcs, heights, widths = self.checks.crcs[index], self.heights[index], self.widths[index]
         message = np.zeros(MESSAGE_LEN, np.uint8)
         while True:
             scratch = getattr(self._local, "scratch", None)
             if scratch is None:
                 scratch = self._local.scratch = np.empty(1 << 20, np.uint8)
-            status = batch_call(addresses, sizes, heights, widths, scratch, message)
-            if status == _DONE:
-                return
-            if status >= 0:
-                text = bytes(message).split(b"\0", 1)[0].decode(errors="replace")
-                raise self.reader.sample_error(int(index[status]), text)
+            status = batch_call(addresses, sizes, crcs, heights, widths, self.checks.what, scratch, message)
+            if status >= 0 or status == _DONE:
+                return self._raise_for(status, index, message)
             self._local.scratch = np.empty(-status, np.uint8)  # a bigger region than ever: grow, redo
+
+    def _raise_for(self, status: int, index: np.ndarray, message: np.ndarray) -> None:
+        if status != _DONE:
+            text = bytes(message).split(b"\0", 1)[0].decode(errors="replace")
+            raise self.reader.sample_error(int(index[status]), text)
 
     def close(self) -> None:
         self.workers.close()
@@ -197,6 +241,5 @@ class _FFCVDecodeStage(FFCVBackend):
 
     def _part(self, out, index, rows, lo, hi):
         dst, index, rows, o = out.numpy()[lo:hi], index[lo:hi], rows[lo:hi], self.out
-        self.checks(index)
-        self._decode(index, lambda addresses, sizes, heights, widths, scratch, message: decode_crop_batch(
-            addresses, sizes, heights, widths, rows, o.pad_mode, o.filter, dst, scratch, message))
+        self._decode(index, lambda addresses, sizes, crcs, heights, widths, what, scratch, message: decode_crop_batch(
+            addresses, sizes, crcs, heights, widths, what, rows, o.pad_mode, o.filter, dst, scratch, message))

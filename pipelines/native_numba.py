@@ -29,6 +29,7 @@ def _external(name: str) -> types.ExternalFunction:
 
 native.bind_for_numba()
 decode_region = _external("fl_jpeg_decode_region")  # arguments as _jpeg.c's fl_jpeg_decode_region
+check_samples = _external("fl_check_samples")  # as _samples.c's fl_check_samples
 _source_window = _external("fl_source_window")
 _resample_window = _external("fl_resample_window")
 

@@ -8,7 +8,8 @@ sample tiled 5x (50,000 images, the size of CIFAR-10 train; fastload stores it a
 the hub's PNGs convert, and as raw FFCV's example stores it). Every system gets its own
 process (its own threads, JIT and page cache state), is warmed up, and then the systems take
 turns, ``--rounds`` times, each timing ``--epochs`` whole epochs: img/s is the median over
-rounds. Output is float32 NCHW normalized everywhere (plus FastLoader's uint8 output).
+rounds. Output is float32 NCHW normalized everywhere (plus FastLoader's uint8 output, and
+FastLoader without its per-sample checks, ``check_samples=False``, to show what they cost).
 
 Peers, with no fastload code in their path:
 - raw FFCV: ffcv's ``DatasetWriter`` (``RGBImageField``, its defaults: JPEG at quality 90 for
@@ -50,7 +51,8 @@ def fastload_system(cfg):
     if cfg.get("uint8"):
         spec = spec.replace(dtype="uint8")
     loader = FastLoader(cfg["path"], cfg["split"], batch_size=cfg["batch_size"], spec=spec, backend=cfg["backend"],
-                        num_workers=cfg["workers"], drop_last=False, order="random", distributed=False)
+                        num_workers=cfg["workers"], drop_last=False, order="random", distributed=False,
+                        check_samples=cfg.get("check_samples", True))
     return lambda: iter(loader)
 
 
@@ -328,6 +330,8 @@ def main():
         if train:
             for b in ("ffcv", "dali"):
                 systems[f"FastLoader {b} uint8"] = {**systems[f"FastLoader {b}"], "uint8": True}
+        for b in ("ffcv", "dali"):  # the per-sample checks' cost (CRC32C, JPEG structure), side by side
+            systems[f"FastLoader {b} no checks"] = {**systems[f"FastLoader {b}"], "check_samples": False}
         systems["raw FFCV"] = {**base, "kind": "raw_ffcv", "path": d["raw_beton"]}
         systems["raw DALI"] = {**base, "kind": "raw_dali", "path": d["tfrecord"],
                                "raw": Manifest.read(d["tfrecord"]).split("train").image_codec == "raw"}

@@ -265,6 +265,39 @@ def test_max_side_downscales(tmp_path):
     assert Image.open(io.BytesIO(r.stored(0).tobytes())).size == (100, 150)
 
 
+def _with_frame_size(jpeg: bytes, height: int, width: int) -> bytes:
+    """The JPEG with its frame header claiming another size (a decompression bomb's header)."""
+    data = bytearray(jpeg)
+    sof = data.index(b"\xff\xc0")
+    data[sof + 5:sof + 9] = height.to_bytes(2, "big") + width.to_bytes(2, "big")
+    return bytes(data)
+
+
+@needs_shared
+def test_max_pixels_is_a_named_limit_and_max_side_decodes_large_jpegs_smaller(tmp_path, imagenet_source):
+    """A JPEG over --max-pixels is refused by that name (not as 'does not decode'); with --max-side
+    it is decoded at a reduced size (libjpeg's DCT scaling) and stored downscaled, close to a full
+    decode's downscale. A header claiming 20000x20000 is refused before anything is decoded."""
+    photo = imagenet_source[0]["image"].convert("RGB").resize((3000, 2000), Image.LANCZOS)
+    big = jpeg_bytes(np.asarray(photo), quality=92)
+    src = save_splits(tmp_path / "src", train=_image_dataset([big]))
+    with pytest.raises(CorruptImageError, match=r"image is 3000x2000 \(6000000 pixels\), over max_pixels=1000000 "
+                                                r"\(a decompression-bomb guard\): pass --max-side"):
+        convert(str(src), tmp_path / "refused", format="tfrecord", max_pixels=1_000_000, progress=False)
+    m = convert(str(src), tmp_path / "small", format="tfrecord", max_pixels=1_000_000, max_side=512, progress=False)
+    r = SplitReader(m, "train")
+    assert (int(r.records[0]["height"]), int(r.records[0]["width"])) == (341, 512)
+    whole = SplitReader(convert(str(src), tmp_path / "whole", format="tfrecord", max_side=512, progress=False),
+                        "train")  # under the default limit: a full decode, then the same downscale
+    diff = np.abs(np.asarray(r.image(0), np.float64) - np.asarray(whole.image(0), np.float64))
+    assert diff.mean() < 1.5, diff.mean()  # measured 1.07 levels: DCT scaling is another low-pass
+    bomb = _with_frame_size(jpeg_bytes(np.full((64, 64, 3), 90, np.uint8)), 20000, 20000)
+    src = save_splits(tmp_path / "bomb-src", train=_image_dataset([bomb]))
+    r = subprocess.run([*FASTLOAD, "convert", str(src), "--format", "tfrecord", "--out", str(tmp_path / "bomb")],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and "image is 20000x20000 (400000000 pixels), over max_pixels=178956970" in r.stderr
+
+
 def test_dataset_stats_are_per_channel_pixel_stats(tmp_path):
     a = np.zeros((10, 10, 3), np.uint8)
     a[..., 0] = 255

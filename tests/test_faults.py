@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from conftest import BACKEND_FORMAT, CIFAR10, IMAGENET, jpeg_bytes, needs_shared, save_splits
@@ -186,6 +187,85 @@ def test_overwrite_with_a_bad_source_keeps_the_dataset(tmp_path):
                         "--overwrite"], capture_output=True, text=True)
     _one_line_error(r, "typo")
     assert verify(out) == []  # still complete, still sound
+
+
+def _with_a_corrupt_image(tmp_path: Path, n: int = 20, at: int = 3) -> Path:
+    import datasets
+    ds = datasets.load_dataset(str(IMAGENET), split="validation").select(range(n))
+    ds = ds.cast_column("image", datasets.Image(decode=False))
+    rows = ds.to_dict()
+    rows["image"][at] = {"bytes": b"\xff\xd8 not a JPEG", "path": None}
+    return save_splits(tmp_path / "src-corrupt", train=datasets.Dataset.from_dict(rows, features=ds.features))
+
+
+def _batches_of(out: Path):
+    loader = FastLoader(out, "train", batch_size=8, num_workers=1, order="sequential", drop_last=False,
+                        spec="imagenet:eval")
+    return [(x.clone(), y.clone()) for x, y in loader]
+
+
+@needs_shared
+@pytest.mark.parametrize("fmt", ["beton", "tfrecord"])
+def test_overwrite_that_fails_midway_keeps_the_old_dataset(tmp_path, fmt):
+    """A source that fails at image 3: the finished dataset is still there, loadable, the same."""
+    out = tmp_path / "done"
+    convert(str(_small_imagenet(tmp_path, 20)), out, format=fmt, progress=False)
+    (out / "NOTES.txt").write_text("the user's")
+    before = _batches_of(out)
+    r = subprocess.run([*FASTLOAD, "convert", str(_with_a_corrupt_image(tmp_path)), "--format", fmt, "--out",
+                        str(out), "--overwrite"], capture_output=True, text=True)
+    _one_line_error(r, "index 3")
+    assert verify(out) == [] and (out / "NOTES.txt").read_text() == "the user's"
+    after = _batches_of(out)
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(before, after))
+
+
+@needs_shared
+def test_killed_overwrite_keeps_the_old_dataset_and_a_rerun_replaces_it(tmp_path):
+    """kill -9 while the new dataset is being built: the old one stays whole and loadable; the same
+    command again finishes the new one and swaps it in, the directory's other files kept."""
+    out = tmp_path / "out"
+    convert(str(_small_imagenet(tmp_path, 20)), out, format="tfrecord", progress=False)
+    (out / "NOTES.txt").write_text("the user's")
+    old = Manifest.read(out).split("train").num_examples
+    cmd = [*FASTLOAD, "convert", str(CIFAR10), "--format", "tfrecord", "--out", str(out), "--overwrite",
+           "--shard-size", "400", "--workers", "1"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    staging = out.parent / f".{out.name}.fastload-overwrite"
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list((staging / ".partial").glob("test-*.json"))) < 2:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert list((staging / ".partial").glob("test-*.json")), "the kill must land while the new one is built"
+    assert verify(out) == [] and Manifest.read(out).split("train").num_examples == old
+    assert len(_batches_of(out)) == 3
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "resuming:" in r.stdout
+    m = Manifest.read(out)
+    assert m.split_names == ["test"] and m.split("test").num_examples == 10000 and verify(out, decode_images=False) == []
+    assert (out / "NOTES.txt").read_text() == "the user's" and not staging.exists()
+
+
+@needs_shared
+def test_a_dataset_finished_meanwhile_is_not_replaced(tmp_path, monkeypatch):
+    """The race of two conversions into one --out: another one finishes while this one opens its
+    source. Checked again under the output lock, so this one stops and the other's dataset stays."""
+    import fastload.converters.convert as conversion
+    finished = tmp_path / "finished"
+    convert(str(_small_imagenet(tmp_path, 12)), finished, format="tfrecord", progress=False)
+    out = tmp_path / "out"
+    opened = conversion.open_source
+
+    def open_while_another_finishes(source, splits):
+        data = opened(source, splits)
+        shutil.copytree(finished, out, dirs_exist_ok=True)  # the other conversion's result appears
+        return data
+    monkeypatch.setattr(conversion, "open_source", open_while_another_finishes)
+    with pytest.raises(conversion.ConversionError, match="already holds a complete dataset"):
+        convert(str(_small_imagenet(tmp_path / "other", 20)), out, format="tfrecord", progress=False)
+    assert verify(out) == [] and Manifest.read(out).split("train").num_examples == 12
 
 
 @needs_shared

@@ -154,3 +154,65 @@ def test_jpeg_check_refuses_exactly_what_a_full_decode_refuses(photos):
             assert (jpeg_problem(damaged) is None) == (full is None), (i, full)
             refused += full is not None
     assert refused >= 100  # most damage shows (a flipped byte sometimes only changes pixels)
+
+
+# --------------------------------------------------------------------------- bounds from a file
+def test_resample_window_reads_nothing_outside_what_it_is_given():
+    """Sizes come from a dataset's records index: a box larger than the pixels given is refused
+    (code 2) before anything is read, for a crop and for a resample."""
+    src = np.zeros((10, 10, 3), np.uint8)
+    out = np.zeros((8, 8, 3), np.uint8)
+    one, zero = np.ones(3, np.float32), np.zeros(3, np.float32)
+
+    def call(src_rows, src_cols, y0, x0, h, w, out_h, out_w, top=0, left=0, pad=0):
+        return native.LIB.fl_resample_window(src.ctypes.data, src_rows, src_cols, y0, x0, h, w, out_h, out_w, top,
+                                             left, 0, pad, BILINEAR, out.ctypes.data, 8, 8, 0, 0, one.ctypes.data,
+                                             zero.ctypes.data)
+    assert call(10, 10, 0, 0, 10, 10, 8, 8) == 0                 # a resample inside
+    assert call(10, 10, 0, 0, 60000, 10, 8, 8) == 2              # a box 60000 rows tall over 10 rows
+    assert call(10, 10, 5, 0, 10, 10, 8, 8) == 2                 # a box that starts past the rows given
+    assert call(10, 10, 0, 0, 10, 10, 10, 10, 1, 1) == 0         # a crop inside
+    assert call(10, 10, 0, 4, 10, 10, 10, 10) == 2               # a crop reading columns 4..12 of 10
+    assert call(10, 10, 0, 0, 20, 20, 20, 20, -4, -4, 2) == 0    # reflect padding: rows 0..4 mirrored, inside
+    assert call(10, 10, 0, 0, 20, 20, 20, 20, 10, 10, 2) == 2    # a box larger than the pixels given
+    assert call(0, 0, 0, 0, 10, 10, 10, 10, -40, -40) == 0       # a window all in constant padding: reads nothing
+
+
+def test_region_decoder_checks_the_jpegs_size_and_its_buffer(photos):
+    """The index's size must be the JPEG's, and the rows must fit the buffer: a message, not a write
+    past the buffer."""
+    import ctypes
+    reader, jpegs = photos
+    jpeg, h, w = jpegs[0], int(reader.heights[0]), int(reader.widths[0])
+    message, col0 = ctypes.create_string_buffer(200), ctypes.c_int()
+    out = np.empty(h * w * 3, np.uint8)
+
+    def decode(height, width, stride, capacity):
+        return native.LIB.fl_jpeg_decode_region(jpeg.ctypes.data, jpeg.size, height, width, 0, min(h, height), 0,
+                                                min(w, width), out.ctypes.data, stride, capacity,
+                                                ctypes.byref(col0), message, 200)
+    assert decode(h, w, w * 3, out.size) == 0
+    assert decode(h, 60000, 60000 * 3, out.size) == 1 and b"the records index says 60000x" in message.value
+    assert decode(h, w, w * 3, out.size // 2) == 1 and b"does not fit" in message.value
+    assert decode(h, w, w, out.size) == 1 and b"does not fit" in message.value  # rows wider than their pitch
+
+
+def test_crc32c_is_the_standard_one():
+    import crc32c
+    rng = np.random.default_rng(0)
+    for n in list(range(0, 40)) + [1000, 4097, 1 << 20]:
+        data = rng.integers(0, 256, n, dtype=np.uint8)
+        assert native.LIB.fl_crc32c(data.ctypes.data, n) == crc32c.crc32c(data.tobytes()), n
+
+
+def test_one_column_regions_at_the_edges_are_the_full_decodes(photos):
+    """A window that reads one source column (RandomCrop's edge padding mirrors column 0 or the last):
+    libjpeg's cropped scanline under 3 columns wide was up to 7 levels off; widened, it is exact."""
+    reader, jpegs = photos
+    decoder = thread_decoder()
+    for i, jpeg in enumerate(jpegs):
+        h, w = int(reader.heights[i]), int(reader.widths[i])
+        full = decode_rgb(jpeg, h, w)
+        for y0, x0 in ((0, 0), (h - 11, 0), (h - 11, w - 1), (h // 2, w - 1)):
+            region, col0 = decoder.decode(jpeg, h, w, y0, y0 + 11, x0, x0 + 1)
+            assert np.array_equal(region[:, x0 - col0:x0 - col0 + 1], full[y0:y0 + 11, x0:x0 + 1]), (i, y0, x0)

@@ -69,6 +69,18 @@ def test_backends_match_the_reference(imagenet_outputs, spec_name, backend):
         assert diff.mean() <= 0.5 and diff.max() <= 1.0 + 1e-3, (diff.mean(), diff.max())
 
 
+@needs_shared
+@pytest.mark.parametrize("mode", ["edge", "reflect"])
+def test_padding_that_mirrors_the_image_is_the_references(imagenet_dirs, mode):
+    """RandomCrop with padding larger than the crop, edge or reflect: windows that lie wholly in the
+    padding read the rows and columns it mirrors (decoded as the region those span), PIL's pixels."""
+    spec = PreprocessSpec.preset("cifar10", train=True).replace(
+        geometry=RandomCrop(64, padding=200, padding_mode=mode), dtype="uint8", normalize=PreprocessSpec().normalize)
+    out = {b: _all(FastLoader(imagenet_dirs[BACKEND_FORMAT[b]], "validation", batch_size=50, spec=spec, backend=b,
+                              num_workers=2, seed=5)) for b in ("ffcv", "reference")}
+    assert torch.equal(out["ffcv"][0], out["reference"][0])
+
+
 def test_dali_on_cpu_runs_without_numba(labelled_colors):
     """The DALI backend calls fastload's C kernel through ctypes: a fresh process neither imports
     nor initializes numba (0.45 s of start-up) to produce its batches."""
