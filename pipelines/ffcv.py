@@ -71,6 +71,22 @@ def _decoded(k, addresses, sizes, heights, widths, rows, windows, scratch, messa
 
 
 @nb.njit(cache=True, nogil=True)
+def _prepared(addresses, sizes, crcs, heights, widths, what, rows, pad_mode, filt, dh, dw, scratch, message):
+    """(status, windows) of a batch about to be decoded: its windows (``_windows``) and status
+    ``_DONE`` when it may go ahead; -n when ``scratch`` is smaller than the n bytes a region needs;
+    k >= 0 when sample k fails its checks (``what``: samples.py's flags; the words in ``message``)."""
+    windows, need = _windows(rows, widths, dh, dw, filt, pad_mode)
+    if need > scratch.size:
+        return -need, windows
+    if what:
+        failed = check_samples(addresses.ctypes.data, sizes.ctypes.data, crcs.ctypes.data, heights.ctypes.data,
+                               widths.ctypes.data, addresses.shape[0], what, message.ctypes.data, message.size)
+        if failed >= 0:
+            return failed, windows
+    return _DONE, windows
+
+
+@nb.njit(cache=True, nogil=True)
 def decode_resample_batch(addresses, sizes, crcs, heights, widths, what, rows, pad_mode, filt, dst, chw, norm,
                           scale, shift, scratch, message):
     """Every image of a batch, checked (``what``: samples.py's flags), then one after the other
@@ -82,14 +98,10 @@ def decode_resample_batch(addresses, sizes, crcs, heights, widths, what, rows, p
     ``message``); or -n when ``scratch`` is smaller than the n bytes a region needs (grow it and
     call again)."""
     dh, dw = (dst.shape[2], dst.shape[3]) if chw else (dst.shape[1], dst.shape[2])
-    windows, need = _windows(rows, widths, dh, dw, filt, pad_mode)
-    if need > scratch.size:
-        return -need
-    if what:  # samples.py's checks, before anything is decoded
-        failed = check_samples(addresses.ctypes.data, sizes.ctypes.data, crcs.ctypes.data, heights.ctypes.data,
-                               widths.ctypes.data, addresses.shape[0], what, message.ctypes.data, message.size)
-        if failed >= 0:
-            return failed
+    status, windows = _prepared(addresses, sizes, crcs, heights, widths, what, rows, pad_mode, filt, dh, dw, scratch,
+                                message)
+    if status != _DONE:
+        return status
     for k in range(rows.shape[0]):
         status, region, oy, ox = _decoded(k, addresses, sizes, heights, widths, rows, windows, scratch, message)
         if status:
@@ -106,14 +118,10 @@ def decode_crop_batch(addresses, sizes, crcs, heights, widths, what, rows, pad_m
     and cut the decoded region's top-left window into ``dst[k]`` (uint8 HWC) instead of resampling.
     Returns as :func:`decode_resample_batch` does."""
     dh, dw = dst.shape[1], dst.shape[2]
-    windows, need = _windows(rows, widths, dh, dw, filt, pad_mode)
-    if need > scratch.size:
-        return -need
-    if what:  # samples.py's checks, before anything is decoded
-        failed = check_samples(addresses.ctypes.data, sizes.ctypes.data, crcs.ctypes.data, heights.ctypes.data,
-                               widths.ctypes.data, addresses.shape[0], what, message.ctypes.data, message.size)
-        if failed >= 0:
-            return failed
+    status, windows = _prepared(addresses, sizes, crcs, heights, widths, what, rows, pad_mode, filt, dh, dw, scratch,
+                                message)
+    if status != _DONE:
+        return status
     one, zero = np.ones(3, np.float32), np.zeros(3, np.float32)
     for k in range(rows.shape[0]):
         status, region, oy, ox = _decoded(k, addresses, sizes, heights, widths, rows, windows, scratch, message)

@@ -142,6 +142,17 @@ def _refresh_checksums(directory: Path, paths: list[str]) -> None:
     _rewrite_manifest(directory, manifest, crafted=True)
 
 
+def _damage(path: Path, m: dict) -> None:
+    """Flip one bit of the file at fraction ``m['at']``, or cut it short there (``m['truncate']``)."""
+    raw = bytearray(path.read_bytes())
+    at = int(m["at"] * (len(raw) - 1))
+    if m.get("truncate"):
+        del raw[at:]
+    else:
+        raw[at] ^= 1 << (m["bit"] % 8)
+    path.write_bytes(bytes(raw))
+
+
 def _data_files(directory: Path) -> list[str]:
     manifest = json.loads((directory / "manifest.json").read_text())
     return [f["path"] for f in manifest["splits"]["train"]["files"] if f["role"] == "data"]
@@ -166,14 +177,7 @@ def apply(case: Case, directory: Path) -> None:
             pass  # that entry is absent here: the case loads the clean dataset
         _rewrite_manifest(directory, data, crafted)
     elif kind == "manifest_bytes":
-        path = directory / "manifest.json"
-        raw = bytearray(path.read_bytes())
-        at = int(m["at"] * (len(raw) - 1))
-        if m.get("truncate"):
-            del raw[at:]
-        else:
-            raw[at] ^= 1 << (m["bit"] % 8)
-        path.write_bytes(bytes(raw))
+        _damage(directory / "manifest.json", m)
     elif kind == "records":
         manifest, entry = _record_listing(directory)
         path = directory / entry["path"]
@@ -195,14 +199,7 @@ def apply(case: Case, directory: Path) -> None:
             _refresh_checksums(directory, [entry["path"]])
     elif kind == "records_bytes":
         manifest, entry = _record_listing(directory)
-        path = directory / entry["path"]
-        raw = bytearray(path.read_bytes())
-        at = int(m["at"] * (len(raw) - 1))
-        if m.get("truncate"):
-            del raw[at:]
-        else:
-            raw[at] ^= 1 << (m["bit"] % 8)
-        path.write_bytes(bytes(raw))
+        _damage(directory / entry["path"], m)
         if crafted:
             _refresh_checksums(directory, [entry["path"]])
     elif kind == "image_bytes":  # one stored image: a flipped bit, zeros, or cut short (its size edited)
@@ -243,13 +240,7 @@ def apply(case: Case, directory: Path) -> None:
     elif kind == "file_bytes":  # anywhere in a data file: a flipped bit, or the file cut short
         files = _data_files(directory)
         path = directory / files[m["file"] % len(files)]
-        raw = bytearray(path.read_bytes())
-        at = int(m["at"] * (len(raw) - 1))
-        if m.get("truncate"):
-            del raw[at:]
-        else:
-            raw[at] ^= 1 << (m["bit"] % 8)
-        path.write_bytes(bytes(raw))
+        _damage(path, m)
         if crafted:
             _refresh_checksums(directory, [path.name])
     elif kind == "framing":  # a TFRecord record's length or CRC bytes, or a .beton header/table byte
