@@ -141,6 +141,7 @@ def _measure_backend(directory, split, spec, entry, batch_size, batches, repeats
         rates.append(n / dt)
         cpu.append((_cpu_seconds() - c0) / n)
     del first
+    stream.close()  # its epoch ends here: a live one would make every later epoch a second iterator's
     stages = _stage_breakdown(loader)
     return {"backend": backend, "workers": workers, "batch_size": batch_size, "images_per_repeat": n,
             "images_per_s": {"median": statistics.median(rates), "min": min(rates), "max": max(rates),
