@@ -37,6 +37,7 @@ from fastload.formats.records import DEFAULT_MAX_PIXELS, check_max_pixels, recor
 from .images import (CODEC_CHOICES, CorruptImageError, choose_codec, prepare_image, source_bytes, stats_every,
                      stats_from_histograms)
 from . import replace
+from .publish import InPlace, output_for
 from .jobs import (PARTIAL, ConversionError, OutputLock, check_free_space, children_die_with_parent, die_with_parent,
                    full_disk_reported, pages_released_while_opening, SourcePages)
 from .progress import Phase, PhaseBars
@@ -243,7 +244,10 @@ def convert(source, out, format: str = "tfrecord", splits: list[str] | None = No
     check_max_pixels(max_pixels)
     if workers < 1:
         raise ValueError(f"workers={workers!r} is invalid: allowed >= 1")
-    out = Path(out)
+    out, publisher = output_for(out)  # a URL: converted in a local staging directory, uploaded (publish.py)
+    finished = publisher.finished_staging(str(source), format)
+    if finished is not None:  # converted, killed before its upload ended: the upload is what is left
+        return finished
     if (out / MANIFEST).exists() and not overwrite:  # at once; checked again under the lock
         raise _already_complete(out)
     # the source and its schema first: a bad source leaves nothing behind, and deletes nothing
@@ -266,14 +270,17 @@ def convert(source, out, format: str = "tfrecord", splits: list[str] | None = No
         # an overwrite builds beside the finished dataset and swaps it in when complete (replace.py)
         target = replace.prepare(out) if replacing else out
         codecs = {split: choose_codec(_first_images(ds, schema), image_codec) for split, ds in data.items()}
-        manifest = _convert_locked(source, target, data, schema, codecs, format=format, workers=workers,
-                                   max_side=max_side, jpeg_quality=jpeg_quality, max_pixels=max_pixels,
-                                   skip_corrupt=skip_corrupt, shard_size=shard_size, preset=preset,
-                                   progress=progress, phases=phases)
+        try:
+            manifest = _convert_locked(source, target, data, schema, codecs, format=format, workers=workers,
+                                       max_side=max_side, jpeg_quality=jpeg_quality, max_pixels=max_pixels,
+                                       skip_corrupt=skip_corrupt, shard_size=shard_size, preset=preset,
+                                       progress=progress, phases=phases, publisher=publisher)
+        finally:
+            publisher.close()
         if replacing:
             replace.swap_in(target, out)
             manifest = Manifest(out, manifest.data)
-    if preset is None:
+    if preset is None and manifest.location is None:
         _warn_if_preset_misfits(manifest)
     return manifest
 
@@ -297,7 +304,8 @@ def _first_images(ds, schema: Schema, n: int = 16) -> list[bytes]:
 
 
 def _convert_locked(source, out, data, schema, codecs, *, format, workers, max_side, jpeg_quality, max_pixels,
-                    skip_corrupt, shard_size, preset, progress, phases) -> Manifest:
+                    skip_corrupt, shard_size, preset, progress, phases, publisher=None) -> Manifest:
+    publisher = publisher or InPlace()
     partial = out / PARTIAL
     partial.mkdir(exist_ok=True)
     source_pages = SourcePages(data)  # the parent's and (inherited at fork) every worker's
@@ -320,17 +328,18 @@ def _convert_locked(source, out, data, schema, codecs, *, format, workers, max_s
             name = shard_name(split, s, num_shards)
             tasks.append(ShardTask(split, s, num_shards, int(bounds[s]), int(bounds[s + 1]),
                                    str(staging / name), str(partial / f"{split}-{s:05d}.json")))
-    todo = [t for t in tasks if not _shard_done(t)]
+    todo = [t for t in tasks if not _shard_done(t, publisher)]
     done_count = len(tasks) - len(todo)
     if done_count:
         print(f"resuming: {done_count} of {len(tasks)} shards already done, {len(todo)} to go")
 
     bars = PhaseBars(progress, phases)
     with children_die_with_parent():
-        _run_tasks(todo, source_pages, schema, settings, workers, bars)
+        _run_tasks(todo, source_pages, schema, settings, workers, bars, publisher.shard_finished)
         results = _shard_results(tasks)
         with full_disk_reported(out):
             manifest = _assemble(out, format, schema, settings, tasks, results, preset or guess_preset(schema), bars)
+    manifest = publisher.publish(manifest)
     shutil.rmtree(partial, ignore_errors=True)
     return manifest
 
@@ -400,18 +409,18 @@ def _load_or_make_plan(partial: Path, settings: dict, data, shard_size, workers)
     return plan
 
 
-def _shard_done(task: ShardTask) -> bool:
-    if not all(Path(p).exists() for p in (task.done_path, task.path, task.rows_path)):
+def _shard_done(task: ShardTask, publisher) -> bool:
+    if not (all(Path(p).exists() for p in (task.done_path, task.rows_path)) and publisher.shard_kept(task)):
         return False
     try:  # bookkeeping is not fsynced: after a power cut a done file may be empty; redo the shard
         done = json.loads(Path(task.done_path).read_text())
-        return os.path.getsize(task.path) == done["file"]["size"]
+        return not Path(task.path).exists() or os.path.getsize(task.path) == done["file"]["size"]
     except (ValueError, KeyError, TypeError):
         return False
 
 
 def _run_tasks(todo: list[ShardTask], source_pages: SourcePages, schema, settings, workers,
-               bars: PhaseBars) -> None:
+               bars: PhaseBars, finished_shard=lambda task: None) -> None:
     if not todo:
         return
     ctx = mp.get_context("fork")
@@ -420,13 +429,15 @@ def _run_tasks(todo: list[ShardTask], source_pages: SourcePages, schema, setting
     with bars.phase("convert", total) as advance, \
             ProcessPoolExecutor(max_workers=min(workers, len(todo)), mp_context=ctx, initializer=_init_worker,
                                 initargs=(source_pages, schema, settings, progress_queue)) as pool:
-        pending = {pool.submit(_run_shard, t) for t in todo}
+        task_of = {pool.submit(_run_shard, t): t for t in todo}
+        pending = set(task_of)
         try:
             while pending:
                 finished, pending = wait(pending, timeout=0.2, return_when=FIRST_COMPLETED)
                 _drain(progress_queue, advance)
                 for fut in finished:
                     fut.result()  # re-raises a worker's error here
+                    finished_shard(task_of[fut])  # a conversion to a URL uploads it now
         except BaseException:
             for fut in pending:
                 fut.cancel()
@@ -451,8 +462,9 @@ def _assemble(out: Path, format: str, schema: Schema, settings: dict, tasks, res
         files = []
         if format == "tfrecord":
             for t in split_tasks:
-                fsync_file(Path(t.path))  # on disk before the manifest says the dataset is complete
-                fsync_file(Path(t.path).with_suffix(".idx"))
+                if Path(t.path).exists():  # (an uploaded shard is in the store, not here)
+                    fsync_file(Path(t.path))  # on disk before the manifest says the dataset is complete
+                    fsync_file(Path(t.path).with_suffix(".idx"))
                 files.append({**results[t]["file"], "role": "data"})
                 files.append({**results[t]["index"], "role": "dali_index", "for": results[t]["file"]["path"]})
             files.append(_write_records(out, split, staged))
@@ -528,7 +540,7 @@ def _write_records(out: Path, split: str, staged: _StagedSplit, layout=None) -> 
 
 
 def _write_split_beton(out, split, schema, staged: _StagedSplit, bars: PhaseBars, codec) -> list[dict]:
-    from fastload.formats.beton import plan_beton, write_beton
+    from fastload.formats.beton import chunk_size, plan_beton, write_beton
     path = out / f"{split}.beton"
     tmp = out / PARTIAL / f"{split}.beton.tmp"
     tmp.unlink(missing_ok=True)
@@ -538,9 +550,9 @@ def _write_split_beton(out, split, schema, staged: _StagedSplit, bars: PhaseBars
     layout = plan_beton(staged.chunks, label_fields, codec)
     check_free_space(out, layout.data_end + 24 * 2 * staged.num_samples)
     with bars.phase(f"write {path.name}", staged.num_samples) as advance:
-        size, sha256 = write_beton(tmp, layout, staged.chunks, progress=advance)
+        size, sha256, chunk_sha256 = write_beton(tmp, layout, staged.chunks, progress=advance)
     os.replace(tmp, path)
     records = _write_records(out, split, staged, layout)
-    return [{"path": path.name, "size": size, "sha256": sha256, "records": staged.num_samples, "role": "data"},
-            records]
+    return [{"path": path.name, "size": size, "sha256": sha256, "records": staged.num_samples, "role": "data",
+             "chunk_size": chunk_size(layout.page_size), "chunk_sha256": chunk_sha256}, records]
 

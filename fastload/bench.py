@@ -249,7 +249,7 @@ def run_bench(directories, split="train", spec=None, backend="all", batch_size=6
     readers = {}
     for d in directories:
         try:
-            m = Manifest.read(d)
+            m = Manifest.open(d)
             readers[d] = SplitReader(m, split)
             resolve_spec(spec, m.preset, train=split == "train")  # a bad spec fails here, before any backend
         except (DatasetError, ValueError) as e:

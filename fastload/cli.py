@@ -17,6 +17,19 @@ def _fail(message: str) -> NoReturn:
     sys.exit(2)
 
 
+def _cache_dir_option(command):
+    """``--cache-dir`` for commands that read a dataset, which may be a URL (formats/cache.py)."""
+    def use(ctx, param, value):
+        if value:
+            import os
+            from fastload.formats.cache import CACHE_ENV
+            os.environ[CACHE_ENV] = value  # every loader and reader this command opens
+        return value
+    return click.option("--cache-dir", default=None, type=click.Path(file_okay=False), expose_value=False,
+                        callback=use, help="Node-local cache for a dataset given as a URL (default: "
+                                           "$FASTLOAD_CACHE_DIR, else ~/.cache/fastload).")(command)
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="fastload")
 def main():
@@ -27,7 +40,9 @@ def main():
 @click.argument("source")
 @click.option("--format", "fmt", type=click.Choice(STORAGES), required=True,
               help="beton for the ffcv backend, tfrecord for DALI.")
-@click.option("--out", required=True, type=click.Path(file_okay=False), help="Dataset directory to write.")
+@click.option("--out", required=True, metavar="LOCATION",
+              help="Dataset directory to write, or a URL (s3://bucket/prefix, gs://..., hf://...): staged "
+                   "locally a few shards at a time, uploaded, the manifest last.")
 @click.option("--split", "splits", multiple=True, help="Split(s) to convert (default: all).")
 @click.option("--workers", default=1, show_default=True, type=click.IntRange(1), help="Worker processes.")
 @click.option("--max-side", type=click.IntRange(16), default=None, help="Downscale images whose longer side exceeds N.")
@@ -75,7 +90,8 @@ def convert(source, fmt, out, splits, workers, max_side, jpeg_quality, skip_corr
 
 
 @main.command()
-@click.argument("directory", type=click.Path())
+@click.argument("directory", metavar="LOCATION")
+@_cache_dir_option
 @click.option("--no-decode", is_flag=True, help="Skip decoding every image (framing, checksums, labels only).")
 @click.option("--max-pixels", type=click.IntRange(1), default=DEFAULT_MAX_PIXELS, show_default=True,
               help="Refuse images with more pixels (a decompression-bomb guard).")
@@ -93,7 +109,8 @@ def verify(directory, no_decode, max_pixels):
 
 
 @main.command()
-@click.argument("directories", nargs=-1, required=True, type=click.Path())
+@click.argument("directories", nargs=-1, required=True, metavar="LOCATIONS...")
+@_cache_dir_option
 @click.option("--split", default="train", show_default=True)
 @click.option("--spec", default=None, help="Preset name ('imagenet', 'imagenet:eval'), or a .json/.yaml spec file.")
 @click.option("--backend", default="all", show_default=True,
@@ -121,7 +138,8 @@ def bench(directories, split, spec, backend, batch_size, batches, repeats, worke
 
 
 @main.command()
-@click.argument("directory", type=click.Path())
+@click.argument("directory", metavar="LOCATION")
+@_cache_dir_option
 @click.option("--split", default="train", show_default=True)
 @click.option("--spec", default=None, help="Preset name or .json/.yaml spec file (default: the dataset's preset).")
 @click.option("--backend", default="auto", show_default=True, type=click.Choice(["auto", *backend_names()]))

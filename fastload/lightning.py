@@ -54,7 +54,9 @@ class FastDataModule(pl.LightningDataModule):
                  val_batch_size: int | None = None, train_spec=None, val_spec=None, backend: str = "auto",
                  num_workers: int | None = None, device=None, **train_options):
         super().__init__()
-        self.manifest = Manifest.read(path)  # a wrong path fails here, not inside trainer.fit
+        # a wrong path fails here, not inside trainer.fit; a URL's cache options serve both loaders
+        self.cache = {k: train_options[k] for k in ("cache_dir", "cache_limit") if k in train_options}
+        self.manifest = Manifest.open(path, **self.cache)
         self.path, self.batch_size = path, batch_size
         self.val_batch_size = val_batch_size or batch_size
         splits = self.manifest.split_names
@@ -87,4 +89,4 @@ class FastDataModule(pl.LightningDataModule):
             return []
         return FastLoader(self.path, self.val_split, batch_size=self.val_batch_size, spec=self.val_spec,
                           backend=self.backend, device=self._device(), num_workers=self.num_workers,
-                          order="sequential", drop_last=False)
+                          order="sequential", drop_last=False, **self.cache)

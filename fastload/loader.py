@@ -82,13 +82,18 @@ class FastLoader:
     structure and size) before any decoder sees them; False skips that (a few % faster on raw
     CIFAR; a damaged file then reaches the decoders). ``max_pixels``: the most pixels an image of
     the dataset may have (a decompression-bomb guard; PIL's limit by default).
+
+    ``path`` is a dataset directory or URL: ``s3://``, ``gs://``, ``hf://``, ``https://`` datasets
+    are read through a node-local cache at ``cache_dir`` (default ``$FASTLOAD_CACHE_DIR``, else
+    ``~/.cache/fastload``), shared by the node's ranks, holding at most ``cache_limit`` bytes
+    (None: the disk's room). Their batches are the local dataset's, bit for bit.
     """
 
     def __init__(self, path, split: str = "train", batch_size: int = 256, spec=None, backend: str = "auto",
                  device="cpu", num_workers: int | None = None, seed: int = 0, drop_last: bool | None = None,
                  order: str = "random", distributed="auto", *, indices=None, classes=None,
                  repeated_augmentation: int = 1, columns=(), batch_transform=None, check_samples: bool = True,
-                 max_pixels: int = DEFAULT_MAX_PIXELS):
+                 max_pixels: int = DEFAULT_MAX_PIXELS, cache_dir=None, cache_limit: int | None = None):
         if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
             raise ValueError(f"batch_size={batch_size!r} is invalid: allowed an int >= 1")
         if num_workers is not None and (not isinstance(num_workers, int) or isinstance(num_workers, bool)
@@ -110,11 +115,11 @@ class FastLoader:
             registry.entry(backend)  # an unknown name fails before the dataset is opened
         if not isinstance(check_samples, bool):
             raise ValueError(f"check_samples={check_samples!r} is invalid: allowed True or False")
-        self.manifest = Manifest.read(path)
+        self.manifest = Manifest.open(path, cache_dir=cache_dir, cache_limit=cache_limit)
         self.split = split
         self.reader = SplitReader(self.manifest, split, max_pixels=max_pixels)
         if spec is None and self.manifest.preset not in PRESETS:
-            raise DatasetError(f"{self.manifest.root}: its manifest names preset {self.manifest.preset!r}, which this "
+            raise DatasetError(f"{self.manifest.name}: its manifest names preset {self.manifest.preset!r}, which this "
                                f"fastload does not have ({sorted(PRESETS)}): pass spec=...")
         self.spec: PreprocessSpec = resolve_spec(spec, self.manifest.preset, train=split == "train")
         self.device = resolve_device(device)
@@ -139,7 +144,7 @@ class FastLoader:
         try:  # 'dataset' normalization reads the manifest: a problem there is the dataset's
             self.spec.normalize.resolve(self.reader.info.stats)
         except ValueError as e:
-            raise DatasetError(f"{self.manifest.root}: split {split!r} cannot be normalized as the spec asks: {e}; "
+            raise DatasetError(f"{self.manifest.name}: split {split!r} cannot be normalized as the spec asks: {e}; "
                                "give a spec with normalize=Normalize('imagenet', 'imagenet') or values") from None
         self.transform = BatchTransform(self.spec, self.reader.labels, self.manifest.num_classes,
                                         self.manifest.multi_label, self.reader.info.stats, self.device)
@@ -249,7 +254,6 @@ class FastLoader:
         return order, params
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        from fastload.pipelines.sampling import augment_rng
         epoch, start = self.epoch, self._resume_batch
         self._resume_batch = 0
         order, params = self.epoch_plan(epoch)
@@ -261,7 +265,16 @@ class FastLoader:
         batch_threads = 1 if (self.device.type == "cpu" and self.backend != "reference" and light) else threads
         self._batches_done = start
         skip = start * self.batch_size  # resume: later batches only
+        remote = self.reader.remote
+        if remote is not None:  # a remote dataset's units fetched ahead, in the order they are used
+            remote.plan(order[skip:])
         batches = self._backend_for(self.spec_for_epoch(epoch)).run_epoch(order[skip:], params[skip:])
+        # (a remote prefetch runs on past the epoch's end: what it fetches serves the next epochs)
+        yield from self._batches(batches, epoch, start, batch_threads, threads, remote)
+        self.epoch, self._batches_done = epoch + 1, 0  # a completed pass moves on, as ffcv's Loader does
+
+    def _batches(self, batches, epoch, start, batch_threads, threads, remote):
+        from fastload.pipelines.sampling import augment_rng
         for b, (images, index) in enumerate(batches, start):
             # restored before the yield: a generator left suspended there (a `break`, then exit)
             # has nothing to undo when the interpreter closes it
@@ -273,8 +286,9 @@ class FastLoader:
             if self.batch_transform is not None:
                 images, labels = self._user_transform(images, labels)
             self._batches_done = b + 1
+            if remote is not None:
+                remote.advance((b + 1 - start) * self.batch_size)
             yield self.columns.batch(images, labels, index)
-        self.epoch, self._batches_done = epoch + 1, 0  # a completed pass moves on, as ffcv's Loader does
 
     def _user_transform(self, images, labels):
         out = self.batch_transform(images, labels)
@@ -284,6 +298,6 @@ class FastLoader:
         return out
 
     def __repr__(self) -> str:
-        return (f"FastLoader({str(self.manifest.root)!r}, split={self.split!r}, backend={self.backend!r}, "
+        return (f"FastLoader({self.manifest.name!r}, split={self.split!r}, backend={self.backend!r}, "
                 f"batch_size={self.batch_size}, device={str(self.device)!r}, batches={len(self)}, "
                 f"rank={self.rank}/{self.world_size})")

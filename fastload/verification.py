@@ -25,7 +25,9 @@ def verify(root, decode_images: bool = True, progress: bool = False, max_pixels:
            ) -> list[str]:
     """Return a list of problems (empty when the dataset is sound). Never modifies the directory."""
     try:
-        manifest = Manifest.read(root)
+        manifest = Manifest.open(root)
+        if manifest.remote is not None:  # every unit fetched and checked against its sha256 first
+            _fetch_all(manifest, progress)
     except DatasetError as e:
         return [str(e)]
     if manifest.data["format_version"] < CHECKSUM_FROM_VERSION:
@@ -35,6 +37,15 @@ def verify(root, decode_images: bool = True, progress: bool = False, max_pixels:
     for split in manifest.split_names:
         problems += _verify_split(manifest, split, decode_images, progress, max_pixels)
     return problems
+
+
+def _fetch_all(manifest: Manifest, progress: bool) -> None:
+    from tqdm.auto import tqdm
+    files = manifest.remote
+    with tqdm(total=sum(files.sizes.values()), unit="B", unit_scale=True, disable=not progress,
+              desc=f"fetch {manifest.name}") as bar:
+        for path in files.sizes:
+            files.fetch_file(path, progress=bar.update)
 
 
 def _verify_split(manifest: Manifest, split: str, decode_images: bool, progress: bool, max_pixels: int) -> list[str]:

@@ -168,13 +168,21 @@ def plan_beton(chunks: Callable[[], Iterator[BetonChunk]], label_fields: dict[st
     return layout
 
 
+CHUNK_BYTES = 32 * 2**20  # a remote reader's unit of transfer: a run of pages about this long
+
+
+def chunk_size(page_size: int) -> int:
+    """Whole pages (no sample block crosses a page, so none crosses a chunk), about CHUNK_BYTES."""
+    return page_size * max(1, CHUNK_BYTES // page_size)
+
+
 def write_beton(path: Path, layout: BetonLayout, chunks: Callable[[], Iterator[BetonChunk]],
-                progress: Callable[[int], None] | None = None) -> tuple[int, str]:
+                progress: Callable[[int], None] | None = None) -> tuple[int, str, list[str]]:
     """Write the .beton ``layout`` plans (see :func:`plan_beton`) to ``path``: one sequential
     pass, hashed as it goes. ``chunks()`` is read once per section (metadata, data, allocation
     table), each time yielding the same chunks in order; ``progress(n)`` counts samples whose
-    bytes are written. Returns (size, sha256 hex)."""
-    out = BulkFile(path, progress)
+    bytes are written. Returns (size, sha256 hex, the sha256 hex of each ``chunk_size(page_size)``)."""
+    out = BulkFile(path, progress, chunk_size=chunk_size(layout.page_size))
     try:
         _write_sections(out, layout, chunks)
         out.close()
@@ -182,7 +190,7 @@ def write_beton(path: Path, layout: BetonLayout, chunks: Callable[[], Iterator[B
         out.abandon()
         Path(path).unlink(missing_ok=True)  # no half-written .beton left behind (a full disk, ^C)
         raise
-    return out.size, out.sha256.hexdigest()
+    return out.size, out.sha256.hexdigest(), out.chunks.hexdigests()
 
 
 def _read_blocks(piece: np.ndarray, fd: int, starts: np.ndarray, source_offsets: np.ndarray, sizes: np.ndarray,

@@ -27,6 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .manifest import ChunkHashes
+
 ALIGN = 4096              # O_DIRECT offsets, lengths and addresses: a multiple of the block size
 PIECE_BYTES = 16 * 2**20  # the unit handed to the writer thread
 BUFFERS = 3
@@ -42,7 +44,8 @@ class BulkFile:
     was written; :meth:`close` makes it durable. ``direct``: past the page cache where the
     filesystem allows. Not thread-safe: one caller fills it."""
 
-    def __init__(self, path: Path, progress: Callable[[int], None] | None = None, direct: bool = True):
+    def __init__(self, path: Path, progress: Callable[[int], None] | None = None, direct: bool = True,
+                 chunk_size: int | None = None):
         self.path = Path(path)
         flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC
         self.fd, self.direct = -1, False
@@ -56,6 +59,8 @@ class BulkFile:
             self.fd = os.open(self.path, flags, 0o644)
         self.progress = progress
         self.sha256 = hashlib.sha256()
+        # with ``chunk_size``: a sha256 per chunk too (``chunks.hexdigests()``), on the hasher thread
+        self.chunks = ChunkHashes(chunk_size) if chunk_size else None
         self.size = 0           # bytes written or queued, including the current piece's
         self.flushed = 0        # file offset where the current piece starts
         self.free = [_aligned_buffer(PIECE_BYTES) for _ in range(BUFFERS)]
@@ -106,9 +111,14 @@ class BulkFile:
     def _submit(self, buffer: np.ndarray, nbytes: int, hashed: int) -> None:
         """Write ``buffer[:nbytes]`` at the next offset and hash its first ``hashed`` bytes."""
         self.in_flight.append((self.writer.submit(self._write, buffer[:nbytes], self.flushed),
-                               self.hasher.submit(self.sha256.update, buffer[:hashed]), buffer, self.samples))
+                               self.hasher.submit(self._hash, buffer[:hashed]), buffer, self.samples))
         self.flushed += nbytes
         self.samples = 0
+
+    def _hash(self, piece: np.ndarray) -> None:
+        self.sha256.update(piece)
+        if self.chunks is not None:
+            self.chunks.update(piece)
 
     def _write(self, piece: np.ndarray, start: int) -> None:
         view, at = memoryview(piece), start

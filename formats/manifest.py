@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 FORMAT_NAME = "fastload-dataset"
-FORMAT_VERSION = 3             # 3: a CRC32C per sample in the records index; 2: raw pixels (``image_codec``)
-READABLE_VERSIONS = (1, 2, 3)  # 1 reads as 2 with every split 'jpeg'; 1 and 2 have no per-sample checksums
+FORMAT_VERSION = 4  # 4: sha256 per chunk of a .beton; 3: a CRC32C per sample; 2: raw pixels (``image_codec``)
+READABLE_VERSIONS = (1, 2, 3, 4)  # 1 reads as 2 with every split 'jpeg'; 1 and 2 have no per-sample checksums
 MANIFEST = "manifest.json"
 STORAGE_NAMES = {"beton": ".beton", "tfrecord": "TFRecord"}  # the storages, and what users call them
 STORAGES = tuple(STORAGE_NAMES)
@@ -70,6 +70,28 @@ class HashingFile:
         self.f.write(data)
         self.sha256.update(data)
         self.size += memoryview(data).nbytes
+
+
+class ChunkHashes:
+    """sha256 of each ``chunk_size`` bytes of a stream fed in order, in pieces of any length: the
+    per-chunk checksums a remote reader checks each chunk against (format version 4)."""
+
+    def __init__(self, chunk_size: int):
+        self.chunk_size, self.done, self.current, self.filled = chunk_size, [], hashlib.sha256(), 0
+
+    def update(self, data) -> None:
+        view = memoryview(data).cast("B")
+        while len(view):
+            n = min(len(view), self.chunk_size - self.filled)
+            self.current.update(view[:n])
+            self.filled += n
+            view = view[n:]
+            if self.filled == self.chunk_size:
+                self.done.append(self.current.hexdigest())
+                self.current, self.filled = hashlib.sha256(), 0
+
+    def hexdigests(self) -> list[str]:
+        return self.done + ([self.current.hexdigest()] if self.filled or not self.done else [])
 
 
 def atomic_write_bytes(path: Path, data: bytes, durable: bool = True) -> None:
@@ -125,6 +147,26 @@ class SplitInfo:
 class Manifest:
     root: Path
     data: dict
+    # a dataset in object storage: ``root`` is its local copy in the node's cache, ``remote`` the
+    # RemoteFiles that fill it, ``location`` the URL (formats/cache.py)
+    remote: object = None
+    location: str | None = None
+
+    @classmethod
+    def open(cls, location, cache_dir=None, cache_limit: int | None = None) -> "Manifest":
+        """A dataset at a path or a URL (s3://, gs://, hf://, https://, formats/location.py); a
+        remote one is read through the node-local cache at ``cache_dir`` (formats/cache.py)."""
+        from .location import is_url, local_path
+        if not is_url(location):
+            return cls.read(local_path(location))
+        from .cache import open_remote
+        root, data, files = open_remote(location.rstrip("/"), cache_dir, cache_limit)
+        return cls(root, data, files, location.rstrip("/"))
+
+    @property
+    def name(self) -> str:
+        """The dataset as its user named it: the URL of a remote one, else its directory."""
+        return self.location or str(self.root)
 
     # -------------------------------------------------------------- reading
     @classmethod
@@ -259,6 +301,11 @@ def _problems(data) -> str | None:
             if not (isinstance(f, dict) and isinstance(f.get("path"), str) and f.get("role") in FILE_ROLES
                     and _is_int(f.get("size")) and (f.get("sha256") is None or isinstance(f.get("sha256"), str))):
                 return f"{where} file entry {k} is not a path, role, size and sha256"
+            if "chunk_size" in f and not (
+                    _is_int(f["chunk_size"], 1) and isinstance(f.get("chunk_sha256"), list)
+                    and len(f["chunk_sha256"]) == max(1, -(-f["size"] // f["chunk_size"]))
+                    and all(isinstance(h, str) for h in f["chunk_sha256"])):
+                return f"{where} file entry {k} has a chunk_size without a sha256 for each of its chunks"
         if sum(f["role"] == "records" for f in files) != 1 or not any(f["role"] == "data" for f in files):
             return f"{where} does not list one records index and its data files"
     return None

@@ -72,12 +72,14 @@ class SplitReader:
         self.split = split
         self.codec = self.info.image_codec
         self.max_pixels = check_max_pixels(max_pixels)
-        self.remedy = remedy = f"run `fastload verify {manifest.root}`, then convert again"
+        self.remedy = remedy = f"run `fastload verify {manifest.name}`, then convert again"
+        entry = self.info.files_with_role("records")[0]
+        if manifest.remote is not None:  # a remote dataset: its index, fetched and checked first
+            manifest.remote.fetch_file(entry["path"])
         for f in self.info.files:
             problem = self.info.file_problem(manifest.root, f)
             if problem:
                 raise DatasetError(f"{problem}: {remedy}")
-        entry = self.info.files_with_role("records")[0]
         path = manifest.path(entry["path"], f"split {split!r} records index")
         data = self.info.files_with_role("data")
         self.data_files = [manifest.path(f["path"], f"split {split!r} data file") for f in data]
@@ -86,6 +88,10 @@ class SplitReader:
         self._check_records(path)
         if entry.get("sha256") and sha256_file(path) != entry["sha256"]:
             raise DatasetError(f"{path} does not match its sha256 in the manifest (damaged or changed): {remedy}")
+        self.remote = None  # formats/cache.py's RemoteSplit: samples made local before they are read
+        if manifest.remote is not None:
+            from .cache import RemoteSplit
+            self.remote = RemoteSplit(manifest.remote, [f["path"] for f in data], self.records, self.crcs)
         self._maps: list[np.ndarray | None] = [None] * len(self.data_files)
         self._addresses = None
         self._lock = threading.RLock()  # maps are made once: a replaced map would unmap memory in use
@@ -177,8 +183,20 @@ class SplitReader:
                     self._maps[file_index] = m
         return m
 
+    def ensure(self, index: np.ndarray) -> None:
+        """Samples ``index`` local (a no-op for a local dataset; a remote one's fetched as needed)."""
+        if self.remote is not None:
+            self.remote.ensure(index)
+
+    def heal(self, i: int) -> bool:
+        """Sample i failed its check as read: for a remote dataset, fetch it again from the store
+        (True: check it again). A local dataset has nothing to heal from."""
+        return self.remote is not None and self.remote.heal(i)
+
     def stored(self, i: int) -> np.ndarray:
         """Sample i's stored bytes (a JPEG file, or raw pixels), a view of the mapped data file."""
+        if self.remote is not None and not self.remote.ready[i]:
+            self.remote.ensure(np.array([i]))
         r = self.records[i]
         off = int(r["offset"])
         return self.mapped(int(r["file"]))[off:off + int(r["size"])]
@@ -193,6 +211,7 @@ class SplitReader:
                 self._addresses = (bases[np.asarray(self.records["file"])]
                                    + np.asarray(self.records["offset"]).astype(np.uint64), sizes)
         addresses, sizes = self._addresses
+        self.ensure(index)
         return addresses[index], sizes[index]
 
     def pixels(self, i: int) -> np.ndarray:
@@ -200,13 +219,16 @@ class SplitReader:
         r = self.records[i]
         return self.stored(i).reshape(int(r["height"]), int(r["width"]), 3)
 
-    def image(self, i: int):
-        """The stored image as PIL (RGB): what the reference pipeline sees (decoded, or the raw pixels)."""
+    def image(self, i: int, stored: np.ndarray | None = None):
+        """The stored image as PIL (RGB): what the reference pipeline sees (decoded, or the raw
+        pixels); from ``stored``, its bytes already read, when given."""
         from PIL import Image
+        data = self.stored(i) if stored is None else stored
         if self.codec == "raw":
-            return Image.fromarray(self.pixels(i))
+            r = self.records[i]
+            return Image.fromarray(np.asarray(data).reshape(int(r["height"]), int(r["width"]), 3))
         try:
-            im = Image.open(io.BytesIO(self.stored(i).tobytes()))
+            im = Image.open(io.BytesIO(data.tobytes()))
             im.load()
         except Exception as e:  # PIL raises many types for bad image data, its bomb guard among them
             raise self.sample_error(i, f"{type(e).__name__}: {e}") from None
@@ -215,7 +237,7 @@ class SplitReader:
     def sample_error(self, i: int, problem: str) -> SampleDecodeError:
         data = self.data_files[int(self.records[i]["file"])]
         return SampleDecodeError(f"split {self.split!r} sample {i} (in {data}) does not decode: {problem}. "
-                                 f"Run `fastload verify {self.manifest.root}`; reconvert with --skip-corrupt "
+                                 f"Run `fastload verify {self.manifest.name}`; reconvert with --skip-corrupt "
                                  "to leave such images out")
 
     @property

@@ -76,14 +76,28 @@ class _EpochSource:
     def __iter__(self):
         self.fed.clear()
         sample = self.reader.pixels if self.reader.codec == "raw" else self.reader.stored
+        remote = self.reader.remote is not None
         for idx, rows in plan_batches(self.order, self.params, self.batch_size, self.drop_last):
-            self.checks(idx)  # DALI's decoders are handed only bytes that pass (samples.py)
+            # DALI's decoders are handed only bytes that pass (samples.py): views of a local
+            # dataset, checked copies of a remote one's cache (which another rank may evict)
+            if remote:
+                stored = [self._shaped(i, self.checks.read_checked(i)) for i in idx]
+            else:
+                self.checks(idx)
+                stored = [sample(int(i)) for i in idx]
             columns = self.columns(idx, rows)
             self.fed.append((idx, rows, columns))
-            batch = ([sample(int(i)) for i in idx], *(np.ascontiguousarray(columns[f]) for f in self.fields),
+            batch = (stored, *(np.ascontiguousarray(columns[f]) for f in self.fields),
                      np.ascontiguousarray(idx, np.int64))
             self.alive.append(batch)
             yield batch
+
+
+    def _shaped(self, i: int, data: np.ndarray) -> np.ndarray:
+        """A raw split's bytes as (height, width, 3) pixels, as ``SplitReader.pixels`` gives them."""
+        if self.reader.codec != "raw":
+            return data
+        return data.reshape(int(self.reader.heights[i]), int(self.reader.widths[i]), 3)
 
 
 class _Run:

@@ -209,12 +209,15 @@ class FFCVBackend(Backend):
         """Samples lo..hi of a batch, checked, decoded and resampled into ``out[lo:hi]``."""
         dst, index, rows, o, checks = out.numpy()[lo:hi], index[lo:hi], rows[lo:hi], self.out, self.checks
         if self.reader.codec == "raw":
+            self.reader.ensure(index)
+            offsets = np.asarray(self.reader.records["offset"][index], np.int64)
             message = np.zeros(MESSAGE_LEN, np.uint8)
-            status = resample_raw_batch(self.reader.mapped(0), np.asarray(self.reader.records["offset"][index], np.int64),
-                                        checks.crcs[index], self.heights[index], self.widths[index], checks.what, rows,
-                                        o.pad_mode, o.filter, dst, o.chw, o.fused, o.scale, o.shift, message)
-            self._raise_for(status, index, message)
-            return
+            while True:
+                status = resample_raw_batch(self.reader.mapped(0), offsets, checks.crcs[index], self.heights[index],
+                                            self.widths[index], checks.what, rows, o.pad_mode, o.filter, dst, o.chw,
+                                            o.fused, o.scale, o.shift, message)
+                if not self._healed(status, index):
+                    return self._raise_for(status, index, message)
         self._decode(index, lambda addresses, sizes, crcs, heights, widths, what, scratch, message:
                      decode_resample_batch(addresses, sizes, crcs, heights, widths, what, rows, o.pad_mode, o.filter,
                                            dst, o.chw, o.fused, o.scale, o.shift, scratch, message))
@@ -230,9 +233,26 @@ class FFCVBackend(Backend):
             if scratch is None:
                 scratch = self._local.scratch = np.empty(1 << 20, np.uint8)
             status = batch_call(addresses, sizes, crcs, heights, widths, self.checks.what, scratch, message)
+            if self._healed(status, index):
+                continue
             if status >= 0 or status == _DONE:
                 return self._raise_for(status, index, message)
             self._local.scratch = np.empty(-status, np.uint8)  # a bigger region than ever: grow, redo
+
+    def _healed(self, status: int, index: np.ndarray) -> bool:
+        """A remote dataset's sample that failed as cached, fetched again: the part is redone (a
+        sample fetched again that fails again is raised)."""
+        if status == _DONE:
+            self._local.__dict__.pop("healed", None)
+        if status < 0 or status == _DONE:
+            return False
+        healed = self._local.__dict__.setdefault("healed", set())
+        i = int(index[status])
+        if i in healed or not self.reader.heal(i):
+            healed.discard(i)
+            return False
+        healed.add(i)
+        return True
 
     def _raise_for(self, status: int, index: np.ndarray, message: np.ndarray) -> None:
         if status != _DONE:

@@ -60,9 +60,8 @@ class _SampleDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, key):
         i, row = key
-        try:
-            self.checks(np.array([i]))  # the sample's bytes, as every backend checks them before decoding
-            image = self.reader.image(i)
+        try:  # the sample's bytes copied out and checked, as every backend checks them before decoding
+            image = self.reader.image(i, self.checks.read_checked(i))
         except DatasetError as e:  # handed back as data: a DataLoader worker would rewrap its message
             return e, i
         return torch.from_numpy(apply_geometry(image, row, self.size, self.padding_mode, self.interpolation)), i

@@ -25,6 +25,9 @@ class SampleChecks:
     the flags ``fl_check_samples`` takes (compiled code calls it itself, ``crcs`` for its arguments)."""
 
     def __init__(self, reader, enabled: bool = True):
+        # a remote dataset's cached bytes are always checked: a unit evicted or changed on disk
+        # under a reader is seen here, and fetched again (SplitReader.heal)
+        enabled = enabled or reader.remote is not None
         self.reader, self.enabled = reader, enabled
         has_crc = reader.crcs is not None
         self.crcs = np.ascontiguousarray(reader.crcs if has_crc else np.zeros(len(reader)), np.uint32)
@@ -38,11 +41,37 @@ class SampleChecks:
             raise self.reader.sample_error(*failure)
 
     def first_failure(self, index: np.ndarray) -> tuple[int, str] | None:
-        """(sample, what is wrong) of the first of samples ``index`` that fails, or None."""
+        """(sample, what is wrong) of the first of samples ``index`` that fails, or None. A remote
+        dataset's failing sample is fetched again from the store once before it counts."""
+        healed = set()
+        while True:
+            failure = self._first_failure(index)
+            if failure is None or failure[0] in healed or not self.reader.heal(failure[0]):
+                return failure
+            healed.add(failure[0])
+
+    def read_checked(self, i: int) -> np.ndarray:
+        """A private copy of sample ``i``'s bytes, checked: what a decoder may then read at leisure.
+        (A view of a remote dataset's cache could change between its check and its decode: a unit
+        evicted meanwhile by another rank.) A failure raises, after one heal for a remote dataset."""
+        i = int(i)
+        for attempt in range(2):
+            data = np.array(self.reader.stored(i))
+            failure = self._first_failure(np.array([i]), data)
+            if failure is None:
+                return data
+            if attempt or not self.reader.heal(i):
+                raise self.reader.sample_error(*failure)
+        raise AssertionError("unreachable")
+
+    def _first_failure(self, index: np.ndarray, copy: np.ndarray | None = None) -> tuple[int, str] | None:
         if not self.what or not len(index):
             return None
         index = np.ascontiguousarray(index, np.int64)
-        addresses, sizes = self.reader.stored_addresses(index)
+        if copy is not None:  # one sample's bytes, copied out
+            addresses, sizes = np.array([copy.ctypes.data], np.uint64), np.array([copy.size], np.uint64)
+        else:
+            addresses, sizes = self.reader.stored_addresses(index)
         addresses, sizes = np.ascontiguousarray(addresses), np.ascontiguousarray(sizes)
         crcs = self.crcs[index]
         heights, widths = np.ascontiguousarray(self.heights[index]), np.ascontiguousarray(self.widths[index])

@@ -1,0 +1,605 @@
+"""The node-local cache of a dataset in object storage.
+
+Layout: ``<cache_dir>/<url slug>-<url hash>/<manifest checksum>/`` holds ``manifest.json`` and,
+for every file the manifest lists, a file of the listed size at the listed path: sparse until
+filled. A remote dataset therefore reads like a local one (the same maps, offsets and addresses);
+only which byte ranges hold data differs.
+
+The unit of transfer is a *unit*: a whole file (a TFRecord shard, the records index) or one
+chunk of a large one (a run of .beton pages, ``chunk_size`` / ``chunk_sha256`` in the manifest,
+format version 4). A unit is fetched whole, checked against the manifest's sha256, written in
+place, and only then marked present: a marker file ``.units/<unit>-<sha256>``, created by an
+atomic rename. Nothing else records state: a process killed mid-fetch leaves a unit without a
+marker (fetched again by whoever needs it next) and a lock that the kernel releases with it.
+
+The ranks of a node share the directory. A unit is fetched under an exclusive ``flock`` of its own
+lock file, so each unit is downloaded once per node; the others find the marker when the lock
+is theirs. Past ``cache_limit``, the present unit needed furthest in the future (by the
+consumer's known order) is evicted: its marker removed, its range punched out of the file.
+
+Samples are read before their unit is present when the dataset has per-sample CRC32Cs (format
+version 3 on): a range request for each sample of the batch at hand, checked against its CRC,
+so the first batch does not wait for the whole dataset. Every sample's bytes are checked again
+by the backends as they read them (``pipelines/samples.py``); a sample whose cached bytes fail
+(a unit evicted by another rank meanwhile, a cached file changed on disk) is fetched again,
+once, from the store (:meth:`RemoteSplit.heal`) before its failure counts.
+"""
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import weakref
+import fcntl
+import hashlib
+import os
+import re
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .location import Store, StoreError
+from .manifest import MANIFEST, DatasetError, atomic_write_bytes, contained_path
+
+CACHE_ENV = "FASTLOAD_CACHE_DIR"
+FETCHERS = 8  # concurrent unit downloads per process: enough to hide a store's per-request latency
+SAMPLE_FETCHERS = 32  # concurrent sample range requests (the first batches of a cold cache)
+_FALLOC_FL_KEEP_SIZE, _FALLOC_FL_PUNCH_HOLE = 1, 2
+_INSTANCES: "weakref.WeakSet[RemoteFiles]" = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for files in list(_INSTANCES):
+        files._new_locks()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+class CacheFull(DatasetError):
+    """cache_limit leaves no room for the unit needed now."""
+
+
+def default_cache_dir() -> Path:
+    """``$FASTLOAD_CACHE_DIR``, else ``$XDG_CACHE_HOME/fastload``, else ``~/.cache/fastload``."""
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "fastload"
+
+
+def dataset_cache_dir(cache_dir: Path, url: str, manifest_key: str) -> Path:
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "_", url.split("://", 1)[-1]).strip("_")[-80:]
+    return Path(cache_dir) / f"{slug}-{hashlib.sha256(url.encode()).hexdigest()[:12]}" / manifest_key[:32]
+
+
+def check_cache_limit(cache_limit) -> int | None:
+    if cache_limit is None:
+        return None
+    if not isinstance(cache_limit, int) or isinstance(cache_limit, bool) or cache_limit < 1:
+        raise ValueError(f"cache_limit={cache_limit!r} is invalid: allowed bytes as an int >= 1, or None "
+                         "(no limit but the disk)")
+    return cache_limit
+
+
+@dataclass(frozen=True)
+class Unit:
+    index: int
+    path: str       # the manifest's path of the file it is part of
+    start: int      # byte range in that file
+    end: int
+    sha256: str
+    evictable: bool  # data; an index file stays once fetched
+
+
+def _libc_fallocate():
+    libc = ctypes.CDLL(None, use_errno=True)
+    f = libc.fallocate
+    f.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
+    return f
+
+
+class RemoteFiles:
+    """The units of one remote dataset and their local copies under ``root``."""
+
+    def __init__(self, store: Store, root: Path, data: dict, cache_limit: int | None):
+        self.store, self.root, self.limit = store, Path(root), cache_limit
+        self.units: list[Unit] = []
+        self.first_unit: dict[str, int] = {}
+        self.chunk_size: dict[str, int] = {}
+        self.sizes: dict[str, int] = {}
+        for split in data["splits"].values():
+            for f in split["files"]:
+                if f["path"] in self.first_unit:
+                    continue
+                self._add_units(f)
+        (self.root / ".units").mkdir(exist_ok=True)
+        (self.root / ".locks").mkdir(exist_ok=True)
+        (self.root / ".reserved").mkdir(exist_ok=True)
+        self._present = bytearray(len(self.units))
+        self._new_locks()
+        _INSTANCES.add(self)
+        self.next_use = None  # the consumer's plan: unit -> position of its next use (eviction order)
+        self.bytes_fetched = 0  # this process's downloads (units and sample ranges), for the benchmarks
+        self._make_files()
+
+    def _new_locks(self) -> None:
+        """This process's locks (again in a forked child: a lock held by a parent's thread at the
+        fork would stay held there forever)."""
+        self._thread_locks = [threading.Lock() for _ in self.units]
+        self._evict_lock, self._room_lock, self._count_lock = threading.Lock(), threading.Lock(), threading.Lock()
+
+    def _add_units(self, f: dict) -> None:
+        path, size = f["path"], int(f["size"])
+        chunk = f.get("chunk_size")
+        hashes = f.get("chunk_sha256") if chunk else [f.get("sha256")]
+        chunk = int(chunk) if chunk else max(size, 1)
+        if not hashes or any(not isinstance(h, str) for h in hashes):
+            raise DatasetError(f"{self.store.url_of(path)} has no sha256 in the manifest: a remote dataset's files "
+                               "are checked before use; convert it again with this fastload")
+        self.first_unit[path], self.chunk_size[path], self.sizes[path] = len(self.units), chunk, size
+        for k, h in enumerate(hashes):
+            self.units.append(Unit(len(self.units), path, k * chunk, min(size, (k + 1) * chunk), h,
+                                   f["role"] == "data"))
+
+    def _make_files(self) -> None:
+        """Every listed file at its listed size (sparse): the maps and offsets of a local dataset."""
+        for path, size in self.sizes.items():
+            local = contained_path(self.root, path, "file")
+            local.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(local, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            try:
+                if os.fstat(fd).st_size != size:
+                    os.ftruncate(fd, size)
+            finally:
+                os.close(fd)
+
+    # ------------------------------------------------------------------ units
+    def _marker(self, u: Unit) -> Path:
+        return self.root / ".units" / f"{u.index}-{u.sha256[:32]}"
+
+    def present(self, u: int) -> bool:
+        if self._present[u]:
+            return True
+        if self._marker(self.units[u]).exists():
+            self._present[u] = 1
+            return True
+        return False
+
+    def forget(self, u: int) -> None:
+        """This process's belief that unit ``u`` is present, dropped (it was evicted or damaged)."""
+        self._present[u] = 0
+
+    def fetch(self, u: int, wait: bool = True) -> bool:
+        """Make unit ``u`` present (downloaded, checked, written, marked). ``wait=False``: give up
+        at once (False) when another process or thread is fetching it."""
+        if self.present(u):
+            return True
+        unit = self.units[u]
+        with self._unit_lock(u, wait) as mine:
+            if not mine:
+                return False
+            if self.present(u):  # fetched by the lock's previous holder
+                return True
+            self._make_room(unit)
+            try:
+                data = self._download(unit)
+                self._write(unit.path, unit.start, data)
+                atomic_write_bytes(self._marker(unit), b"", durable=False)
+            finally:
+                self._unreserve(unit)
+            self._present[u] = 1
+            return True
+
+    @contextlib.contextmanager
+    def _unit_lock(self, u: int, wait: bool):
+        """Unit ``u`` exclusively, node-wide (yields whether it is ours): this process's thread
+        lock, then a POSIX lock of ``.locks/<u>``, which the kernel drops with a dead process and
+        which a forked DataLoader worker does not inherit (a ``flock`` would be)."""
+        tlock = self._thread_locks[u]
+        if not tlock.acquire(blocking=wait):
+            yield False
+            return
+        try:
+            fd = os.open(self.root / ".locks" / str(u), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            try:
+                try:
+                    fcntl.lockf(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+                except OSError as e:
+                    if e.errno not in (errno.EAGAIN, errno.EACCES):
+                        raise
+                    yield False
+                    return
+                yield True
+            finally:
+                os.close(fd)  # releases the lock
+        finally:
+            tlock.release()
+
+    def _download(self, unit: Unit) -> bytes:
+        """The unit's bytes from the store, checked against the manifest (a body that does not
+        match is fetched again, as a truncated one is)."""
+        for attempt in range(self.store.retries + 1):
+            data = self.store.read(unit.path, unit.start, unit.end)
+            self._count(len(data))
+            if hashlib.sha256(data).hexdigest() == unit.sha256:
+                return data
+        raise StoreError(f"{self.store.url_of(unit.path)}: bytes {unit.start}..{unit.end} do not match their sha256 "
+                         f"in the manifest, {self.store.retries + 1} downloads in a row: the stored file differs "
+                         "from the one the manifest describes (convert it again)")
+
+    def _count(self, n: int) -> None:
+        with self._count_lock:
+            self.bytes_fetched += n
+
+    def _write(self, path: str, offset: int, data: bytes) -> None:
+        local = contained_path(self.root, path, "file")
+        view = memoryview(data)
+        fd = os.open(local, os.O_WRONLY | os.O_CLOEXEC)
+        try:
+            while len(view):
+                try:
+                    n = os.pwrite(fd, view, offset)
+                except OSError as e:
+                    if e.errno != errno.ENOSPC:
+                        raise self._disk_error(e) from None
+                    waited = 0
+                    while not (self._evict_one(exclude=None) or self._drop_samples_read_ahead()):
+                        # units being fetched may become evictable
+                        if waited >= 20 or not self._reserved_bytes():
+                            raise self._disk_error(e) from None
+                        threading.Event().wait(0.1)
+                        waited += 1
+                    continue
+                view, offset = view[n:], offset + n
+        finally:
+            os.close(fd)
+
+    def _disk_error(self, e: OSError) -> DatasetError:
+        if e.errno == errno.ENOSPC:
+            return DatasetError(f"the cache directory {self.root} is on a full disk ({os.strerror(e.errno)}), "
+                                "and nothing in it can be evicted: free space there, give a smaller cache_limit, "
+                                f"or another cache_dir (${CACHE_ENV})")
+        return DatasetError(f"the cache directory {self.root} cannot be written: {e}")
+
+    # ------------------------------------------------------------------ samples before their unit
+    def fetch_range(self, path: str, start: int, end: int) -> bytes:
+        data = self.store.read(path, start, end)
+        self._count(len(data))
+        return data
+
+    def write_range(self, path: str, start: int, data: bytes) -> None:
+        self._write(path, start, data)
+
+    # ------------------------------------------------------------------ eviction
+    def used_bytes(self) -> int:
+        """Disk bytes the dataset's files hold on this node (every process's units, and samples
+        fetched by range into units not yet present): what the filesystem allocated."""
+        total = 0
+        for path in self.sizes:
+            try:
+                total += os.stat(contained_path(self.root, path, "file")).st_blocks * 512
+            except FileNotFoundError:
+                pass
+        return total
+
+    def _make_room(self, unit: Unit) -> None:
+        """Under cache_limit with ``unit`` counted: evict what is used later than it, then reserve
+        its bytes (``.reserved/<unit>``) until its marker exists. One node-wide lock orders this,
+        so concurrent fetches (threads, ranks) do not all see the same free room."""
+        need = unit.end - unit.start
+        with self._room_lock:
+            fd = os.open(self.root / ".locks" / "room", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            try:
+                fcntl.lockf(fd, fcntl.LOCK_EX)
+                while (held := self.used_bytes() + self._reserved_bytes()) + need > self._room_limit(held):
+                    if not (self._drop_samples_read_ahead()
+                            or self._evict_one(exclude=unit.index, before=self._use_of(unit.index))):
+                        limit = (f"cache_limit={self.limit} bytes" if self.limit is not None else
+                                 f"the free space of {self.root}")
+                        raise CacheFull(f"{limit} is too small for {self.store.url}: the units needed now ({need} "
+                                        "bytes more) do not fit beside the ones in use; raise it")
+                (self.root / ".reserved" / str(unit.index)).touch()
+            finally:
+                os.close(fd)
+
+    def _room_limit(self, held: int) -> int:
+        """cache_limit, or without one the disk's room: what the cache holds now plus the free
+        space, less 5% of the filesystem (the disk is shared with everything else)."""
+        if self.limit is not None:
+            return self.limit
+        st = os.statvfs(self.root)
+        return held + st.f_bavail * st.f_frsize - st.f_blocks * st.f_frsize // 20
+
+    def _unreserve(self, unit: Unit) -> None:
+        (self.root / ".reserved" / str(unit.index)).unlink(missing_ok=True)
+
+    def _reserved_bytes(self) -> int:
+        """Bytes of units being fetched on this node: a reservation whose unit lock is free was
+        left by a process that died (dropped here)."""
+        total = 0
+        for entry in os.scandir(self.root / ".reserved"):
+            if not entry.name.isdigit() or int(entry.name) >= len(self.units):
+                continue
+            u = int(entry.name)
+            with self._unit_lock(u, wait=False) as free:
+                if free:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(entry.path)  # stale
+                else:
+                    total += self.units[u].end - self.units[u].start
+        return total
+
+    def _use_of(self, u: int) -> float:
+        return self.next_use(u) if self.next_use is not None else float("inf")
+
+    def _evict_one(self, exclude: int | None, before: float = float("-inf")) -> bool:
+        """Evict the present unit used furthest in the future (later than ``before``); False when
+        none can go."""
+        with self._evict_lock:
+            present = [u for e in os.scandir(self.root / ".units")
+                       if (u := _unit_of_marker(e.name, len(self.units))) is not None
+                       and u != exclude and self.units[u].evictable]
+            present.sort(key=self._use_of, reverse=True)
+            for u in present:
+                if self._use_of(u) <= before and before != float("-inf"):
+                    return False
+                if self._evict(u):
+                    return True
+            return False
+
+    def _evict(self, u: int) -> bool:
+        unit = self.units[u]
+        with self._unit_lock(u, wait=False) as mine:
+            if not mine:
+                return False  # being fetched
+            try:
+                self._marker(unit).unlink()
+            except FileNotFoundError:
+                return False
+            self._present[u] = 0
+            self._punch(unit)
+            return True
+
+    def _punch(self, unit: Unit) -> None:
+        """The unit's range back to a hole: its disk space returned, the file's size kept (a
+        filesystem without holes keeps the bytes: the marker's absence is what counts)."""
+        data_fd = os.open(contained_path(self.root, unit.path, "file"), os.O_WRONLY | os.O_CLOEXEC)
+        try:
+            _libc_fallocate()(data_fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, unit.start, unit.end - unit.start)
+        finally:
+            os.close(data_fd)
+
+    def trim(self, keep: set[int]) -> None:
+        """Past the cache's room, samples fetched by range into other units than ``keep`` (the
+        batch at hand's) are dropped: their units come whole or not at all."""
+        if self.limit is None:
+            return
+        if self.used_bytes() > self.limit:
+            self._drop_samples_read_ahead(keep)
+
+    def _drop_samples_read_ahead(self, keep: set[int] = frozenset()) -> bool:
+        """On a full disk with no unit to evict: the samples fetched by range into units not yet
+        present take room no marker accounts for; their ranges are punched out (a reader of one
+        sees its check fail and fetches it again). True when there was any."""
+        dropped = False
+        for u, unit in enumerate(self.units):
+            if not unit.evictable or u in keep or self.present(u):
+                continue
+            with self._unit_lock(u, wait=False) as mine:
+                if mine and not self.present(u):
+                    path = contained_path(self.root, unit.path, "file")
+                    before = os.stat(path).st_blocks
+                    self._punch(unit)
+                    dropped |= os.stat(path).st_blocks < before
+        return dropped
+
+    # ------------------------------------------------------------------ whole files
+    def fetch_file(self, path: str, progress=None) -> None:
+        """Every unit of file ``path`` (the records index, or everything for ``verify``)."""
+        first = self.first_unit[path]
+        units = [u.index for u in self.units[first:] if u.path == path]
+        with ThreadPoolExecutor(FETCHERS, thread_name_prefix="fastload-fetch") as pool:
+            for u, _ in zip(units, pool.map(self.fetch, units)):
+                if progress is not None:
+                    progress(self.units[u].end - self.units[u].start)
+
+
+def _unit_of_marker(name: str, count: int) -> int | None:
+    head = name.split("-", 1)[0]
+    if not head.isdigit() or "tmp" in name:
+        return None
+    u = int(head)
+    return u if u < count else None
+
+
+class RemoteSplit:
+    """One split's samples over :class:`RemoteFiles`: which unit holds each sample, which are
+    ready in this process, and the prefetch of the units an epoch's order needs, in that order."""
+
+    def __init__(self, files: RemoteFiles, data_paths: list[str], records: np.ndarray, crcs: np.ndarray | None):
+        self.files, self.data_paths, self.crcs = files, data_paths, crcs
+        file = np.asarray(records["file"]).astype(np.int64)
+        offset = np.asarray(records["offset"]).astype(np.int64)
+        size = np.asarray(records["size"]).astype(np.int64)
+        first = np.array([files.first_unit[p] for p in data_paths], np.int64)
+        chunk = np.array([files.chunk_size[p] for p in data_paths], np.int64)
+        self.file, self.offset, self.size = file, offset, size
+        self.unit_first = first[file] + offset // chunk[file]
+        self.unit_last = first[file] + np.maximum(offset + size - 1, offset) // chunk[file]
+        self.ready = np.zeros(len(records), bool)
+        self._plan_lock = threading.Lock()
+        self._generation = 0
+        self._position = 0
+        self._samples_pool = None
+        self._units_pool = None
+
+    # ------------------------------------------------------------------ reading
+    def ensure(self, index: np.ndarray) -> None:
+        """Samples ``index`` readable from their local files: present units, or (with CRCs) their
+        own bytes fetched by range. Blocks until they are."""
+        index = np.asarray(index, np.int64)
+        todo = index[~self.ready[index]]
+        if not len(todo):
+            return
+        files = self.files
+        units = np.unique(np.concatenate([self.unit_first[todo], self.unit_last[todo]]))
+        absent = {int(u) for u in units if not files.present(int(u))}
+        if absent:
+            missing = np.isin(self.unit_first[todo], list(absent)) | np.isin(self.unit_last[todo], list(absent))
+            if self.crcs is not None:
+                self._fetch_samples(np.unique(todo[missing]))
+                files.trim(keep={int(u) for u in units})
+            else:
+                list(self._pool("units").map(files.fetch, sorted(absent)))
+        self.ready[todo] = True
+
+    def _pool(self, kind: str) -> ThreadPoolExecutor:
+        with self._plan_lock:
+            if kind == "samples":
+                if self._samples_pool is None:
+                    self._samples_pool = ThreadPoolExecutor(SAMPLE_FETCHERS, thread_name_prefix="fastload-sample")
+                return self._samples_pool
+            if self._units_pool is None:
+                self._units_pool = ThreadPoolExecutor(FETCHERS, thread_name_prefix="fastload-unit")
+            return self._units_pool
+
+    def _fetch_samples(self, samples: np.ndarray) -> None:
+        list(self._pool("samples").map(self._fetch_sample, samples.tolist()))
+
+    def _fetch_sample(self, i: int) -> bool:
+        """Sample ``i``'s bytes by range, checked against its CRC32C, written in place; False when
+        the store's bytes fail their CRC too (the dataset itself is damaged)."""
+        import crc32c
+        path = self.data_paths[int(self.file[i])]
+        start, end = int(self.offset[i]), int(self.offset[i] + self.size[i])
+        for _ in range(self.files.store.retries + 1):
+            data = self.files.fetch_range(path, start, end)
+            if crc32c.crc32c(data) == int(self.crcs[i]):
+                self.files.write_range(path, start, data)
+                return True
+        return False
+
+    def heal(self, i: int) -> bool:
+        """Sample ``i`` failed its check as read from the cache: fetch it again from the store.
+        True when the store's copy passes (the caller checks again); False when it fails too."""
+        i = int(i)
+        for u in {int(self.unit_first[i]), int(self.unit_last[i])}:
+            self.files.forget(u)
+            marker = self.files._marker(self.files.units[u])
+            if marker.exists():  # a unit marked present with damaged bytes: fetched whole again later
+                self._drop_marker(u)
+        self.ready[i] = False
+        if self.crcs is None:
+            for u in {int(self.unit_first[i]), int(self.unit_last[i])}:
+                self.files.fetch(u)
+            self.ready[i] = True
+            return True
+        ok = self._fetch_sample(i)
+        self.ready[i] = ok
+        return ok
+
+    def _drop_marker(self, u: int) -> None:
+        try:
+            self.files._marker(self.files.units[u]).unlink()
+        except FileNotFoundError:
+            pass
+
+    # ------------------------------------------------------------------ prefetch
+    def plan(self, order: np.ndarray) -> None:
+        """The epoch's order (this rank's, from its resume point): its units are fetched ahead of
+        the consumer in order of first use, and eviction keeps the ones used soonest."""
+        order = np.asarray(order, np.int64)
+        with self._plan_lock:
+            self._generation += 1
+            generation = self._generation
+            self._position = 0
+        units = self.unit_first[order]
+        # unit -> sorted positions where it is used (Belady's "next use")
+        by_unit = np.argsort(units, kind="stable")
+        sorted_units = units[by_unit]
+        starts = np.searchsorted(sorted_units, np.arange(len(self.files.units) + 1))
+        first_use = {int(u): int(by_unit[starts[u]]) for u in np.unique(units)}
+
+        def next_use(u: int) -> float:
+            pos = by_unit[starts[u]:starts[u + 1]]
+            k = np.searchsorted(pos, self._position)
+            return float(pos[k]) if k < len(pos) else float("inf")
+        self.files.next_use = next_use
+        self._prefetch_units(sorted(first_use, key=first_use.get), generation)
+
+    def advance(self, position: int) -> None:
+        """The consumer has reached ``position`` of the planned order."""
+        self._position = position
+
+    def _prefetch_units(self, sequence: list[int], generation: int) -> None:
+        """FETCHERS daemon threads walk ``sequence`` in order: a unit another process is fetching
+        is left to it; past the cache's room, the next unit waits until the consumer has moved on
+        (eviction makes room by then). They stop when another plan starts or :meth:`stop`."""
+        lock, it = threading.Lock(), iter(sequence)
+
+        def worker():
+            while generation == self._generation:
+                with lock:
+                    u = next(it, None)
+                if u is None:
+                    return
+                while generation == self._generation:
+                    try:
+                        if self.files.fetch(u, wait=False):
+                            break
+                        threading.Event().wait(0.02)  # another fetches it: present soon, or ours to redo
+                    except CacheFull:
+                        threading.Event().wait(0.05)
+                    except Exception:  # noqa: BLE001 - the consumer's own fetch raises it, named, if it persists
+                        break
+        threads = [threading.Thread(target=worker, name="fastload-prefetch", daemon=True) for _ in range(FETCHERS)]
+        for t in threads:
+            t.start()
+
+    def stop(self) -> None:
+        """No more prefetching for the current plan (the epoch ended or was abandoned)."""
+        with self._plan_lock:
+            self._generation += 1
+
+    def close(self) -> None:
+        self._generation += 1
+        for pool in (self._samples_pool, self._units_pool):
+            if pool is not None:
+                pool.shutdown(wait=False, cancel_futures=True)
+
+
+def open_remote(url: str, cache_dir=None, cache_limit: int | None = None):
+    """(the dataset's local directory under the cache, its manifest's data, its RemoteFiles)."""
+    import json
+    from .manifest import MAX_MANIFEST_BYTES, check_manifest, manifest_checksum, CHECKSUM_KEY
+    store = Store(url)
+    try:
+        raw = store.read(MANIFEST)
+    except StoreError as e:
+        if "does not exist" in str(e):
+            raise DatasetError(f"{url} has no {MANIFEST}, so it is not a complete fastload dataset (a conversion "
+                               "to it may be running or was interrupted: rerun the same `fastload convert`)") from None
+        raise
+    where = f"{url}/{MANIFEST}"
+    if len(raw) > MAX_MANIFEST_BYTES:
+        raise DatasetError(f"{where} is {len(raw)} bytes: not a fastload manifest")
+    try:
+        data = json.loads(raw)
+    except (ValueError, RecursionError) as e:
+        raise DatasetError(f"{where}: not valid JSON ({type(e).__name__}: {str(e)[:200]})") from None
+    check_manifest(where, data)
+    key = data.get(CHECKSUM_KEY) or hashlib.sha256(raw).hexdigest()
+    if not isinstance(key, str) or not re.fullmatch(r"[0-9a-f]{64}", key):
+        key = manifest_checksum(data)
+    root = dataset_cache_dir(Path(cache_dir) if cache_dir else default_cache_dir(), url, key)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        if not (root / MANIFEST).exists():
+            atomic_write_bytes(root / MANIFEST, raw, durable=False)
+    except OSError as e:
+        raise DatasetError(f"cache directory {root} cannot be written ({e}): give cache_dir= or "
+                           f"${CACHE_ENV} a writable place") from None
+    return root, data, RemoteFiles(store, root, data, check_cache_limit(cache_limit))

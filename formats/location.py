@@ -1,0 +1,175 @@
+"""Where a dataset lies: a local (or shared-filesystem) path, or a URL in object storage.
+
+URLs go through fsspec's filesystems (s3fs, gcsfs, huggingface_hub's ``HfFileSystem``, aiohttp
+for http(s)), each with its store's standard credential chain (``AWS_ENDPOINT_URL`` and friends
+for an S3-compatible store). :class:`Store` is the one place fastload talks to a store: whole
+files or byte ranges read, files written, each call retried with backoff on what a store or a
+network does transiently (5xx, a reset connection, a truncated body, a stall past the timeout),
+then one :class:`StoreError` naming the URL and what failed.
+"""
+from __future__ import annotations
+
+import os
+import random
+import time
+from pathlib import Path
+
+from .manifest import DatasetError
+
+# scheme -> (the module fsspec needs for it, the fastload extra that installs it)
+SCHEMES = {"s3": ("s3fs", "s3"), "gs": ("gcsfs", "gcs"), "gcs": ("gcsfs", "gcs"),
+           "hf": ("huggingface_hub", None), "http": ("aiohttp", None), "https": ("aiohttp", None)}
+WRITABLE = ("s3", "gs", "gcs", "hf")
+# a request with no progress for this long is a stall: abandoned and retried
+TIMEOUT_S = float(os.environ.get("FASTLOAD_STORE_TIMEOUT", 30))
+RETRIES = 5          # tries per request beyond the first
+BACKOFF_S = 0.25     # first wait between tries, doubled each time (with jitter), at most MAX_BACKOFF_S
+MAX_BACKOFF_S = 8.0
+
+
+class StoreError(DatasetError):
+    """A store that failed (after retries), or refused a request; names the URL and what failed."""
+
+
+def is_url(location) -> bool:
+    """True for ``scheme://...`` other than ``file://`` (a local path)."""
+    return isinstance(location, str) and "://" in location and not location.startswith("file://")
+
+
+def local_path(location) -> Path:
+    return Path(location[len("file://"):] if isinstance(location, str) and location.startswith("file://")
+                else location)
+
+
+def scheme_of(url: str) -> str:
+    scheme = url.split("://", 1)[0].lower()
+    if scheme not in SCHEMES:
+        raise DatasetError(f"{url!r}: fastload does not read {scheme}:// locations (it reads "
+                           f"{', '.join(s + '://' for s in SCHEMES)} and local paths)")
+    return scheme
+
+
+def _storage_options(scheme: str) -> dict:
+    """Per-store settings: fastload's own retries are the policy (the clients' off, so a fault is
+    retried once per try, not multiplied), with a timeout that turns a stall into an error."""
+    if scheme == "s3":
+        return {"config_kwargs": {"retries": {"max_attempts": 1}, "connect_timeout": TIMEOUT_S,
+                                  "read_timeout": TIMEOUT_S}}
+    if scheme in ("http", "https"):
+        import aiohttp
+        return {"client_kwargs": {"timeout": aiohttp.ClientTimeout(sock_connect=TIMEOUT_S, sock_read=TIMEOUT_S)}}
+    if scheme in ("gs", "gcs"):
+        return {"timeout": TIMEOUT_S}
+    return {}
+
+
+def _filesystem(url: str):
+    scheme = scheme_of(url)
+    module, extra = SCHEMES[scheme]
+    try:
+        __import__(module)
+    except ImportError:
+        remedy = f"pip install 'fastload[{extra}]'" if extra else f"pip install {module}"
+        raise DatasetError(f"{url}: reading {scheme}:// locations needs {module}: {remedy}") from None
+    import fsspec
+    fs, root = fsspec.core.url_to_fs(url, skip_instance_cache=True, **_storage_options(scheme))
+    return fs, root.rstrip("/")
+
+
+# the clients' own exception families: their network and server faults are worth another try
+_CLIENT_MODULES = ("aiohttp", "botocore", "aiobotocore", "s3fs", "gcsfs", "google", "huggingface_hub", "requests",
+                   "urllib3", "fsspec", "asyncio")
+
+
+def _transient(e: BaseException) -> bool:
+    """Worth another try: a network or server fault, not a missing key or a refused credential
+    (nor a bug: a TypeError is raised at once)."""
+    if isinstance(e, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)):
+        return False
+    if isinstance(e, OSError) and getattr(e, "errno", None) in (13, 2):
+        return False
+    if isinstance(e, (OSError, TimeoutError, ConnectionError)):
+        return True
+    return any(type(e).__module__.startswith(m) for m in _CLIENT_MODULES)
+
+
+class Store:
+    """A dataset location in object storage (``url``: the dataset's prefix). Paths given to its
+    methods are the manifest's, relative to that prefix. A fork-safe handle: a child process
+    (a DataLoader worker) makes its own client on first use."""
+
+    def __init__(self, url: str, retries: int = RETRIES, timeout: float = TIMEOUT_S):
+        self.url = url.rstrip("/")
+        self.scheme = scheme_of(url)
+        self.retries, self.timeout = retries, timeout
+        self._fs, self._root, self._pid = None, None, None
+        self.fs  # a missing extra or a malformed URL fails here, not at the first read
+
+    def __getstate__(self):
+        return {**self.__dict__, "_fs": None, "_pid": None}
+
+    @property
+    def fs(self):
+        if self._fs is None or self._pid != os.getpid():
+            self._fs, self._root = _filesystem(self.url)
+            self._pid = os.getpid()
+        return self._fs
+
+    def key(self, relative: str) -> str:
+        self.fs
+        return f"{self._root}/{relative}" if relative else self._root
+
+    def url_of(self, relative: str) -> str:
+        return f"{self.url}/{relative}"
+
+    def _retry(self, what: str, relative: str, call):
+        """``call()``, tried up to 1 + retries times with exponential backoff and jitter."""
+        delay = BACKOFF_S
+        for attempt in range(self.retries + 1):
+            try:
+                return call()
+            except Exception as e:
+                if not _transient(e) and not isinstance(e, (FileNotFoundError, PermissionError, OSError)):
+                    raise
+                if not _transient(e):
+                    kind = "does not exist" if isinstance(e, FileNotFoundError) else f"was refused ({e})"
+                    raise StoreError(f"{self.url_of(relative)} {kind} ({what})") from None
+                if attempt == self.retries:
+                    raise StoreError(f"{self.url_of(relative)}: {what} failed {self.retries + 1} times; the "
+                                     f"last: {type(e).__name__}: {str(e)[:300]}") from None
+                time.sleep(min(delay, MAX_BACKOFF_S) * (0.5 + random.random()))
+                delay *= 2
+
+    def read(self, relative: str, start: int | None = None, end: int | None = None, size: int | None = None) -> bytes:
+        """Bytes ``start..end`` of a file (all of it without them). A body of another length than
+        asked (``size`` for a whole file) is a truncated transfer: retried like any fault."""
+        want = end - start if start is not None and end is not None else size
+
+        def call():
+            data = self.fs.cat_file(self.key(relative), start=start, end=end)
+            if want is not None and len(data) != want:
+                raise OSError(f"truncated body: {len(data)} of {want} bytes")
+            return data
+        span = f"bytes {start}..{end}" if start is not None else "the file"
+        return self._retry(f"reading {span}", relative, call)
+
+    def size(self, relative: str) -> int:
+        return int(self._retry("its size", relative, lambda: self.fs.info(self.key(relative))["size"]))
+
+    def exists(self, relative: str) -> bool:
+        return bool(self._retry("checking it", relative, lambda: self.fs.exists(self.key(relative))))
+
+    def put(self, local: Path, relative: str) -> None:
+        """Upload file ``local`` to ``relative`` (a whole object: readers never see part of it)."""
+        if self.scheme not in WRITABLE:
+            raise StoreError(f"{self.url}: {self.scheme}:// locations are read-only for fastload: write the dataset "
+                             "to s3://, gs://, hf:// or a path, and serve it from there")
+        self._retry("uploading", relative, lambda: self.fs.put_file(str(local), self.key(relative)))
+
+    def remove(self, relative: str) -> None:
+        self._retry("removing", relative, lambda: self.fs.rm_file(self.key(relative)))
+
+
+def describe(location) -> str:
+    """A location as users wrote it, for messages."""
+    return location if is_url(location) else str(local_path(location))

@@ -1,0 +1,304 @@
+"""Datasets in object storage (#21), against real components: moto's S3 server on 127.0.0.1 behind
+a proxy that injects latency and faults and counts requests (tests/store_proxy.py), the real
+s3fs client, real processes sharing one cache, and an HTTP server with range requests."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import IMAGENET, ROOT
+from store_proxy import StoreServers
+
+from fastload import FastLoader
+from fastload.formats import location
+from fastload.formats.manifest import MANIFEST, DatasetError, Manifest
+
+pytestmark = pytest.mark.slow
+KW = dict(split="validation", batch_size=32, num_workers=2, seed=3, spec="imagenet:train")
+
+
+@pytest.fixture(scope="module")
+def store():
+    servers = StoreServers()
+    yield servers
+    servers.close()
+
+
+@pytest.fixture
+def s3(store, monkeypatch):
+    """The store's environment, no faults, an empty request log, and a fresh bucket's URL."""
+    for k, v in store.env().items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setattr(location, "BACKOFF_S", 0.01)  # faults are retried at once here
+    store.faults([])
+    store.latency(0)
+    bucket = f"b-{uuid.uuid4().hex[:12]}"
+    fs = _fs()
+    fs.mkdir(bucket)
+    store.clear_log()
+    return f"s3://{bucket}"
+
+
+def _fs():
+    import s3fs
+    return s3fs.S3FileSystem(skip_instance_cache=True)
+
+
+def upload(local: Path, url: str) -> str:
+    _fs().put(f"{local}/", url[len("s3://"):] + "/", recursive=True)
+    return url
+
+
+def batches(loader) -> list[torch.Tensor]:
+    return [images.clone() for images, _ in loader]
+
+
+def same(a, b) -> bool:
+    return len(a) == len(b) and all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+@pytest.fixture(scope="module")
+def local_batches(imagenet_dirs):
+    return {(fmt, backend): batches(FastLoader(imagenet_dirs[fmt], backend=backend, **KW))
+            for fmt, backend in (("beton", "ffcv"), ("tfrecord", "reference"), ("tfrecord", "dali"))}
+
+
+# --------------------------------------------------------------------------- reading
+@pytest.mark.parametrize("fmt,backend", [("beton", "ffcv"), ("tfrecord", "reference"), ("tfrecord", "dali")])
+def test_remote_batches_are_the_local_datasets_bit_for_bit(s3, store, imagenet_dirs, local_batches, tmp_path,
+                                                            fmt, backend):
+    url = upload(imagenet_dirs[fmt], f"{s3}/{fmt}")
+    store.clear_log()
+    loader = FastLoader(url, backend=backend, cache_dir=tmp_path / "cache", **KW)
+    assert same(batches(loader), local_batches[fmt, backend])
+    dataset = sum(f.stat().st_size for f in imagenet_dirs[fmt].iterdir())
+    assert store.bytes_read() > 0.9 * sum(f.stat().st_size for f in imagenet_dirs[fmt].glob("*.[bt][ef]*"))
+    store.clear_log()
+    loader.set_epoch(0)
+    assert same(batches(loader), local_batches[fmt, backend])  # a second pass, as the first
+    assert store.bytes_read() < 0.05 * dataset, "the second epoch downloaded again"
+    # a new loader (a new process's view) on the warm cache reads nothing but the manifest
+    store.clear_log()
+    again = FastLoader(url, backend=backend, cache_dir=tmp_path / "cache", **KW)
+    assert same(batches(again), local_batches[fmt, backend])
+    assert [e[1].rsplit("/", 1)[-1] for e in store.log() if e[0] == "GET"] == [MANIFEST]
+
+
+def test_http_location_with_range_requests(imagenet_dirs, local_batches, tmp_path):
+    servers = StoreServers(directory=str(imagenet_dirs["beton"].parent))
+    try:
+        url = f"{servers.endpoint}/beton"
+        loader = FastLoader(url, backend="ffcv", cache_dir=tmp_path / "cache", **KW)
+        assert same(batches(loader), local_batches["beton", "ffcv"])
+        assert any(e[2] for e in servers.log()), "no range request was made"
+    finally:
+        servers.close()
+
+
+def test_cache_limit_evicts_furthest_and_keeps_the_data(s3, store, imagenet_dirs, local_batches, tmp_path):
+    url = upload(imagenet_dirs["tfrecord"], f"{s3}/t")
+    limit = 9 * 2**20  # about 40% of the dataset
+    loader = FastLoader(url, backend="reference", cache_dir=tmp_path / "cache", cache_limit=limit, **KW)
+    for _ in range(2):
+        loader.set_epoch(0)
+        assert same(batches(loader), local_batches["tfrecord", "reference"])
+        batch = 32 * int(loader.reader.records["size"].max())  # samples of the batch at hand, by range
+        assert loader.manifest.remote.used_bytes() <= limit + batch
+
+
+def test_two_ranks_share_one_cache_and_download_each_unit_once(s3, store, imagenet_dirs, tmp_path):
+    url = upload(imagenet_dirs["tfrecord"], f"{s3}/t")
+    store.clear_log()
+    store.latency(20)
+    env = {**os.environ, **store.env(), "PYTHONPATH": f"{ROOT / 'tests'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    cache = tmp_path / "cache"
+    procs = [subprocess.Popen([sys.executable, "-c", _RANK_SCRIPT, url, str(cache), str(rank)],
+                              env={**env, "RANK": str(rank), "WORLD_SIZE": "2"}, stdout=subprocess.PIPE, text=True)
+             for rank in range(2)]
+    outs = [p.communicate(timeout=180)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs
+    m = Manifest.read(next(cache.glob("*/*")))
+    shards = [f for f in m.split("validation").files if f["role"] == "data"]
+    for f in shards:  # each shard fetched whole once, by one rank or the other
+        whole = [e for e in store.log() if e[0] == "GET" and e[1].endswith(f["path"]) and e[2] == f"bytes=0-{f['size'] - 1}"]
+        assert len(whole) == 1, (f["path"], whole)
+    assert sum(json.loads(o)["samples"] for o in outs) == 200
+
+
+_RANK_SCRIPT = """
+import json, sys
+from fastload import FastLoader
+url, cache, rank = sys.argv[1], sys.argv[2], int(sys.argv[3])
+loader = FastLoader(url, "validation", batch_size=16, backend="ffcv" if False else "reference", num_workers=1,
+                    cache_dir=cache, spec="imagenet:eval", drop_last=False)
+n = sum(len(labels) for _, labels in loader)
+print(json.dumps({"rank": rank, "samples": n}))
+"""
+
+
+# --------------------------------------------------------------------------- faults
+@pytest.mark.parametrize("kind", ["500", "reset", "truncate"])
+def test_store_faults_are_retried_and_change_nothing(s3, store, imagenet_dirs, local_batches, tmp_path, kind):
+    url = upload(imagenet_dirs["beton"], f"{s3}/b")
+    store.clear_log()
+    store.faults([{"match": ".beton", "method": "GET", "kind": kind, "count": 3},
+                  {"match": "records.npy", "method": "GET", "kind": kind, "count": 1}])
+    loader = FastLoader(url, backend="ffcv", cache_dir=tmp_path / "cache", **KW)
+    assert same(batches(loader), local_batches["beton", "ffcv"])
+    statuses = [e[3] for e in store.log()]
+    if kind == "500":
+        assert statuses.count(500) == 4
+
+
+def test_a_stalled_store_times_out_and_is_retried(s3, store, imagenet_dirs, local_batches, tmp_path, monkeypatch):
+    url = upload(imagenet_dirs["tfrecord"], f"{s3}/t")
+    monkeypatch.setattr(location, "TIMEOUT_S", 1.0)
+    store.faults([{"match": "-00002-", "method": "GET", "kind": "stall", "count": 1}])
+    t = time.perf_counter()
+    loader = FastLoader(url, backend="reference", cache_dir=tmp_path / "cache", **KW)
+    assert same(batches(loader), local_batches["tfrecord", "reference"])
+    assert time.perf_counter() - t < 40
+
+
+def test_a_store_that_keeps_failing_is_one_error_naming_the_url(s3, store, imagenet_dirs, tmp_path):
+    url = upload(imagenet_dirs["beton"], f"{s3}/b")
+    store.faults([{"match": "records.npy", "method": "GET", "kind": "500", "count": 100}])
+    with pytest.raises(DatasetError, match=rf"{url}/validation.records.npy: reading .* failed 6 times"):
+        FastLoader(url, backend="ffcv", cache_dir=tmp_path / "cache", **KW)
+    store.faults([{"match": ".beton", "method": "GET", "kind": "reset", "count": 1000}])
+    loader = FastLoader(url, backend="ffcv", cache_dir=tmp_path / "cache", **KW)
+    with pytest.raises(DatasetError, match=rf"{url}/validation.beton: reading bytes .* failed 6 times"):
+        batches(loader)
+
+
+def test_no_manifest_and_missing_extra_are_one_line(s3, tmp_path, monkeypatch):
+    with pytest.raises(DatasetError, match=rf"{s3}/nothing has no manifest.json, so it is not a complete"):
+        FastLoader(f"{s3}/nothing", cache_dir=tmp_path)
+    monkeypatch.setitem(sys.modules, "gcsfs", None)  # as if the extra were not installed
+    with pytest.raises(DatasetError, match=r"gs://b/x: reading gs:// locations needs gcsfs: pip install 'fastload\[gcs\]'"):
+        FastLoader("gs://b/x", cache_dir=tmp_path)
+    with pytest.raises(DatasetError, match=r"does not read ftp:// locations"):
+        FastLoader("ftp://host/x", cache_dir=tmp_path)
+
+
+def test_a_cached_file_changed_after_verification_is_fetched_again(s3, store, imagenet_dirs, local_batches, tmp_path):
+    url = upload(imagenet_dirs["beton"], f"{s3}/b")
+    cache = tmp_path / "cache"
+    batches(FastLoader(url, backend="ffcv", cache_dir=cache, **KW))
+    beton = next(cache.glob("*/*/validation.beton"))
+    reader = FastLoader(imagenet_dirs["beton"], **KW).reader
+    damaged = [int(reader.records["offset"][i]) + 700 for i in (5, 77, 150)]
+    with open(beton, "r+b") as f:
+        for at in damaged:
+            f.seek(at)
+            byte = f.read(1)
+            f.seek(at)
+            f.write(bytes([byte[0] ^ 0x5A]))
+    store.clear_log()
+    for backend in ("ffcv", "reference"):
+        assert same(batches(FastLoader(url, backend=backend, cache_dir=cache, **KW)),
+                    local_batches["beton", "ffcv"] if backend == "ffcv" else
+                    batches(FastLoader(imagenet_dirs["beton"], backend=backend, **KW)))
+    assert any(e[2] for e in store.log() if e[0] == "GET" and e[1].endswith(".beton")), "nothing was fetched again"
+
+
+def test_full_cache_disk_evicts_then_is_one_error(s3, imagenet_dirs, local_batches, tmp_path):
+    from test_faults import small_disk
+    url = upload(imagenet_dirs["tfrecord"], f"{s3}/t")
+    with small_disk(tmp_path / "small", "12m") as disk:  # the dataset is 22 MB: evicted as it goes
+        assert same(batches(FastLoader(url, backend="reference", cache_dir=disk, cache_limit=6 * 2**20, **KW)),
+                    local_batches["tfrecord", "reference"])
+    url = upload(imagenet_dirs["beton"], f"{s3}/b")
+    with small_disk(tmp_path / "tiny", "4m") as disk:  # its one 22 MB unit does not fit
+        loader = FastLoader(url, backend="ffcv", cache_dir=disk, **KW)
+        with pytest.raises(DatasetError, match=r"is on a full disk .* free space there"):
+            batches(loader)
+
+
+def test_kill_9_of_a_rank_mid_download_leaves_nothing_stale(s3, store, imagenet_dirs, local_batches, tmp_path):
+    url = upload(imagenet_dirs["beton"], f"{s3}/b")
+    cache = tmp_path / "cache"
+    store.latency(300)  # slow enough to kill it mid-transfer
+    env = {**os.environ, **store.env()}
+    p = subprocess.Popen([sys.executable, "-c", "import sys; from fastload import FastLoader; "
+                          "l = FastLoader(sys.argv[1], 'validation', backend='ffcv', cache_dir=sys.argv[2], "
+                          "batch_size=32, num_workers=1); [0 for _ in l]", url, str(cache)], env=env)
+    deadline = time.time() + 60
+    while time.time() < deadline and not any(e[0] == "GET" and e[1].endswith(".beton") for e in store.log()):
+        time.sleep(0.05)
+    time.sleep(0.2)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    store.latency(0)
+    assert same(batches(FastLoader(url, backend="ffcv", cache_dir=cache, **KW)), local_batches["beton", "ffcv"])
+
+
+# --------------------------------------------------------------------------- writing
+@pytest.mark.parametrize("fmt", ["tfrecord", "beton"])
+def test_convert_to_s3_writes_the_local_conversions_bytes_manifest_last(s3, store, tmp_path, fmt, monkeypatch):
+    from fastload import convert
+    monkeypatch.setenv("FASTLOAD_CACHE_DIR", str(tmp_path / "cache"))
+    local = convert(str(IMAGENET), tmp_path / "local", format=fmt, workers=2, shard_size=48, progress=False)
+    store.clear_log()
+    remote = convert(str(IMAGENET), f"{s3}/{fmt}", format=fmt, workers=2, shard_size=48, progress=False)
+    files = lambda m: {f["path"]: f["sha256"] for s in m.split_names for f in m.split(s).files}  # noqa: E731
+    assert files(remote) == files(local)
+    puts = [e[1].rsplit("/", 1)[-1] for e in store.log() if e[0] == "PUT" and e[3] == 200]
+    assert puts[-1] == MANIFEST and set(puts) == set(files(local)) | {MANIFEST}
+    assert not any((tmp_path / "cache" / "convert").glob("*/*")), "the staging copy was left behind"
+    loaded = FastLoader(f"{s3}/{fmt}", cache_dir=tmp_path / "read", **KW)
+    local_loader = FastLoader(tmp_path / "local", **KW)
+    assert same(batches(loaded), batches(local_loader))
+    from fastload.converters.jobs import ConversionError
+    with pytest.raises(ConversionError, match="already holds a complete dataset"):
+        convert(str(IMAGENET), f"{s3}/{fmt}", format=fmt, workers=2, progress=False)
+
+
+def test_convert_to_s3_killed_resumes_without_uploading_a_shard_twice(s3, store, tmp_path):
+    env = {**os.environ, **store.env(), "FASTLOAD_CACHE_DIR": str(tmp_path / "cache")}
+    url = f"{s3}/killed"
+    cmd = [sys.executable, "-m", "fastload.cli", "convert", str(IMAGENET), "--format", "tfrecord", "--out", url,
+           "--workers", "1", "--shard-size", "20"]
+    store.latency(150)
+    p = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and sum(e[0] == "PUT" and e[1].endswith(".idx") for e in store.log()) < 2:
+        time.sleep(0.05)
+    time.sleep(0.2)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    staging = next((tmp_path / "cache" / "convert").glob("*"))
+    marked = {Path(m).stem for m in staging.glob(".partial/*.uploaded")}
+    assert marked, "no shard was uploaded before the kill"
+    before = _shard_puts(store)
+    assert not any(e[0] == "PUT" and e[1].endswith(MANIFEST) for e in store.log())
+    store.latency(0)
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    after = _shard_puts(store)[len(before):]
+    again = [name for name in after if any(name.startswith(f"validation-{m.split('-')[1]}-") for m in marked)]
+    assert not again, f"shards uploaded and recorded before the kill were uploaded again: {again}"
+    assert len(after) + len(marked) >= 10  # 200 images / 20: every other shard, once
+    m = Manifest.open(url, cache_dir=tmp_path / "read")
+    assert m.split("validation").num_examples == 200
+
+
+def _shard_puts(store) -> list[str]:
+    return [e[1].rsplit("/", 1)[-1] for e in store.log() if e[0] == "PUT" and e[3] == 200 and e[1].endswith(".tfrecord")]
+
+
+def test_verify_a_remote_dataset(s3, imagenet_dirs, tmp_path):
+    url = upload(imagenet_dirs["tfrecord"], f"{s3}/t")
+    r = subprocess.run([sys.executable, "-m", "fastload.cli", "verify", url, "--no-decode", "--cache-dir",
+                        str(tmp_path / "c")], capture_output=True, text=True, env=os.environ, timeout=300)
+    assert r.returncode == 0 and f"OK {url}" in r.stdout, r.stderr
