@@ -115,11 +115,15 @@ def _write_shard(task: ShardTask) -> dict:
     stats_images = 0
     with open(tmp, "wb") as raw:
         f = HashingFile(raw)  # checksum while writing: no second read of the shard
+        order = _write_order(task.split, len(ds), settings.get("shuffle_seed"))
         for offset in range(task.start, task.stop, 256):
-            batch = ds[offset:min(task.stop, offset + 256)]
+            if order is None:
+                batch = ds[offset:min(task.stop, offset + 256)]
+            else:  # a seeded random order: its rows, gathered
+                batch = ds[order[offset:min(task.stop, offset + 256)].tolist()]
             n = len(batch[schema.image_column])
             for k in range(n):
-                index = offset + k
+                index = offset + k if order is None else int(order[offset + k])
                 row = {key: batch[key][k] for key in batch}
                 try:
                     img = prepare_image(source_bytes(row[schema.image_column]), settings["max_side"],
@@ -180,6 +184,20 @@ def _write_shard(task: ShardTask) -> dict:
     return done
 
 
+def _write_order(split: str, n: int, seed: int | None) -> np.ndarray | None:
+    """The source rows in the order they are written: as they are, or (``shuffle_seed``) a seeded
+    permutation, so that shards of a class-sorted source (an image folder) each hold a mix of
+    classes and a shard-aware shuffle draws batches as varied as a global one (pipelines/orders.py).
+    ``source_index`` keeps each sample's row in the source."""
+    if seed is None:
+        return None
+    key = (split, n, seed)
+    if _WORKER.get("order_key") != key:
+        _WORKER["order"] = np.random.default_rng([int(seed), n]).permutation(n)
+        _WORKER["order_key"] = key
+    return _WORKER["order"]
+
+
 def _shard_records(rows: list[tuple], shard: int, schema: Schema) -> np.ndarray:
     """A shard's rows as a records array (``file`` = the shard, ``offset`` into its file), kept
     in ``.partial/`` rather than in memory: the job's memory stays flat at any dataset size."""
@@ -223,7 +241,8 @@ def convert(source, out, format: str = "tfrecord", splits: list[str] | None = No
             max_side: int | None = None, jpeg_quality: int = 90, skip_corrupt: bool = False,
             label: str | None = None, shard_size: int | None = None, preset: str | None = None,
             overwrite: bool = False, progress: bool = True, image_codec: str = "auto",
-            phases: list[Phase] | None = None, max_pixels: int = DEFAULT_MAX_PIXELS) -> Manifest:
+            phases: list[Phase] | None = None, max_pixels: int = DEFAULT_MAX_PIXELS,
+            shuffle_seed: int | None = None) -> Manifest:
     """Convert ``source`` into the dataset directory ``out``; returns its manifest.
 
     ``image_codec``: 'auto' (raw pixels for small images from a lossless source, see
@@ -231,8 +250,11 @@ def convert(source, out, format: str = "tfrecord", splits: list[str] | None = No
     interruption and finished shards are kept. ``phases``, when given, receives a
     :class:`Phase` (images, seconds) per progress bar shown, for a summary. ``max_pixels``: the
     decompression-bomb guard; a larger source image is refused by name, or with ``max_side`` a
-    JPEG is decoded at a reduced size and stored downscaled.
+    JPEG is decoded at a reduced size and stored downscaled. ``shuffle_seed``: write each split's
+    samples in a seeded random order (for sources sorted by class, read shard-aware later).
     """
+    if shuffle_seed is not None and (not isinstance(shuffle_seed, int) or isinstance(shuffle_seed, bool)):
+        raise ValueError(f"shuffle_seed={shuffle_seed!r} is invalid: allowed an int, or None for the source's order")
     if format not in STORAGES:
         raise ValueError(f"format={format!r} is invalid: allowed {STORAGES}")
     if image_codec not in CODEC_CHOICES:
@@ -274,7 +296,8 @@ def convert(source, out, format: str = "tfrecord", splits: list[str] | None = No
             manifest = _convert_locked(source, target, data, schema, codecs, format=format, workers=workers,
                                        max_side=max_side, jpeg_quality=jpeg_quality, max_pixels=max_pixels,
                                        skip_corrupt=skip_corrupt, shard_size=shard_size, preset=preset,
-                                       progress=progress, phases=phases, publisher=publisher)
+                                       progress=progress, phases=phases, publisher=publisher,
+                                       shuffle_seed=shuffle_seed)
         finally:
             publisher.close()
         if replacing:
@@ -304,14 +327,15 @@ def _first_images(ds, schema: Schema, n: int = 16) -> list[bytes]:
 
 
 def _convert_locked(source, out, data, schema, codecs, *, format, workers, max_side, jpeg_quality, max_pixels,
-                    skip_corrupt, shard_size, preset, progress, phases, publisher=None) -> Manifest:
+                    skip_corrupt, shard_size, preset, progress, phases, publisher=None,
+                    shuffle_seed=None) -> Manifest:
     publisher = publisher or InPlace()
     partial = out / PARTIAL
     partial.mkdir(exist_ok=True)
     source_pages = SourcePages(data)  # the parent's and (inherited at fork) every worker's
     settings = {"format": format, "source": str(source) if isinstance(source, (str, os.PathLike)) else "<in-memory>",
                 "splits": list(data), "max_side": max_side, "jpeg_quality": int(jpeg_quality), "image_codecs": codecs,
-                "max_pixels": max_pixels,
+                "max_pixels": max_pixels, "shuffle_seed": shuffle_seed,
                 "skip_corrupt": bool(skip_corrupt), "label": schema.target,
                 "sizes": {s: len(d) for s, d in data.items()},
                 "stats_every": {s: stats_every(len(d), codecs[s]) for s, d in data.items()},

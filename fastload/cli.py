@@ -60,8 +60,11 @@ def main():
 @click.option("--image-codec", type=click.Choice(["auto", "jpeg", "raw"]), default="auto", show_default=True,
               help="How images are stored: auto = raw RGB pixels for small images (longer side <= 64 px) from a "
                    "lossless source such as CIFAR's PNGs, JPEG otherwise.")
+@click.option("--shuffle-seed", type=int, default=None,
+              help="Write samples in a seeded random order (for sources sorted by class, such as image folders: "
+                   "shard-aware loading then mixes classes as a global shuffle does).")
 def convert(source, fmt, out, splits, workers, max_side, jpeg_quality, skip_corrupt, label, shard_size,
-            preset, overwrite, max_pixels, image_codec):
+            preset, overwrite, max_pixels, image_codec, shuffle_seed):
     """Convert SOURCE (hub name, parquet folder, save_to_disk folder or image folder). Resumable."""
     from fastload.converters.convert import ConversionError, convert as run
     from fastload.converters.images import CorruptImageError
@@ -72,7 +75,8 @@ def convert(source, fmt, out, splits, workers, max_side, jpeg_quality, skip_corr
     try:
         m = run(source, out, format=fmt, splits=list(splits) or None, workers=workers, max_side=max_side,
                 jpeg_quality=jpeg_quality, skip_corrupt=skip_corrupt, label=label, shard_size=shard_size,
-                preset=preset, overwrite=overwrite, image_codec=image_codec, phases=phases, max_pixels=max_pixels)
+                preset=preset, overwrite=overwrite, image_codec=image_codec, phases=phases, max_pixels=max_pixels,
+                shuffle_seed=shuffle_seed)
     except (ConversionError, CorruptImageError, SchemaError, ValueError) as e:
         _fail(str(e))
     except OSError as e:  # the environment, not a bug: a read-only or vanished path

@@ -68,6 +68,10 @@ class FastLoader:
     ``spec``: a :class:`PreprocessSpec`, a preset name (``'imagenet'``, ``'cifar10:eval'``), or
     None for the dataset's preset (train variant for the split named ``train``, eval otherwise).
     ``distributed``: 'auto' shards by rank when a process group or torchrun environment exists.
+    ``order``: 'auto' (default) is 'random', a global permutation, except where this node's share of
+    a remote dataset outgrows its cache: then 'shards', a shard-aware order (each rank reads its own
+    units, a window at a time, pipelines/orders.py), with a warning. ``loader.order`` says which.
+    A checkpoint resumes on another number of ranks with the same global batch size.
     The remainder rule is ``DistributedSampler``'s (see :func:`fastload.pipelines.sampling.epoch_indices`).
 
     ``indices`` / ``classes``: train on a subset (sample indices of the split, or the samples with
@@ -91,7 +95,7 @@ class FastLoader:
 
     def __init__(self, path, split: str = "train", batch_size: int = 256, spec=None, backend: str = "auto",
                  device="cpu", num_workers: int | None = None, seed: int = 0, drop_last: bool | None = None,
-                 order: str = "random", distributed="auto", *, indices=None, classes=None,
+                 order: str = "auto", distributed="auto", *, indices=None, classes=None,
                  repeated_augmentation: int = 1, columns=(), batch_transform=None, check_samples: bool = True,
                  max_pixels: int = DEFAULT_MAX_PIXELS, cache_dir=None, cache_limit: int | None = None):
         if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
@@ -102,8 +106,9 @@ class FastLoader:
                              "a backend can), or None for one per core")
         if not isinstance(seed, int) or isinstance(seed, bool):
             raise ValueError(f"seed={seed!r} is invalid: allowed an int")
-        if order not in ("random", "sequential"):
-            raise ValueError(f"order={order!r} is invalid: allowed 'random' or 'sequential'")
+        if order not in ("auto", "random", "shards", "sequential"):
+            raise ValueError(f"order={order!r} is invalid: allowed 'auto' (random, or shard-aware where a node's share "
+                             "of a remote dataset outgrows its cache), 'random', 'shards' or 'sequential'")
         if (not isinstance(repeated_augmentation, int) or isinstance(repeated_augmentation, bool)
                 or repeated_augmentation < 1):
             raise ValueError(f"repeated_augmentation={repeated_augmentation!r} is invalid: allowed an int >= 1 "
@@ -125,12 +130,14 @@ class FastLoader:
         self.device = resolve_device(device)
         self.batch_size = batch_size
         self.seed = int(seed)
-        self.shuffle = order == "random"
+        self.shuffle = order != "sequential"
         self.drop_last = (split == "train") if drop_last is None else bool(drop_last)
         self.num_workers = num_workers if num_workers is not None else max(1, (os.cpu_count() or 1))
         self.rank, self.world_size = distributed_rank_world(distributed)
         self.repeats = repeated_augmentation
         self.indices = select_samples(self.reader, indices, classes)
+        self.order = self._choose_order(order)
+        self._elastic = None  # (epoch, samples consumed, world size that ordered it): an elastic resume
         self.columns = ExtraColumns(self.reader, columns)
         self.batch_transform = batch_transform
         self.epoch = 0
@@ -197,8 +204,14 @@ class FastLoader:
         model after a training step, and :meth:`load_state_dict` makes the next batch the one that
         would have come next (bit-identical: order, crops and augmentations are functions of the
         seed, the epoch and the batch's position, so no skipped batch is decoded)."""
+        elastic = self._elastic if self._elastic is not None and self._elastic[0] == self.epoch else None
+        consumed = (elastic[1] if elastic else 0) + self._batches_done * self.batch_size * self.world_size
         return {"format": self.STATE_FORMAT, "epoch": self.epoch, "batches_done": self._batches_done,
                 "seed": self.seed, "rank": self.rank, "world_size": self.world_size,
+                # where the epoch's global sequence stands (elastic resume): samples consumed across
+                # all ranks, and the world size that ordered the epoch
+                "samples_done": consumed, "order_world_size": elastic[2] if elastic else self.world_size,
+                "global_batch_size": self.batch_size * self.world_size, "order": self.order,
                 "batch_size": self.batch_size, "num_samples": self.num_samples, "dataset_size": len(self.reader),
                 "drop_last": self.drop_last, "shuffle": self.shuffle, "spec": self.spec.to_dict(),
                 "subset": subset_digest(self.indices, len(self.reader)), "repeated_augmentation": self.repeats,
@@ -210,23 +223,41 @@ class FastLoader:
             raise ValueError(f"not a FastLoader state (format {fmt!r}, expected {self.STATE_FORMAT!r}): pass what "
                              "state_dict() returned")
         mine = self.state_dict()
-        differ = [k for k in ("seed", "world_size", "rank", "batch_size", "dataset_size", "drop_last", "shuffle",
-                              "spec", "subset", "repeated_augmentation") if state.get(k, mine[k]) != mine[k]]
+        old_world = state.get("world_size", mine["world_size"])
+        if state.get("global_batch_size", state.get("batch_size", 0) * old_world) != mine["global_batch_size"]:
+            raise ValueError(f"the checkpoint's global batch size is {state.get('batch_size')} x {old_world} ranks, "
+                             f"this loader's {self.batch_size} x {self.world_size}: resume with the same global batch "
+                             f"size (per-rank batch_size = global / world size)")
+        elastic = old_world != self.world_size or state.get("order_world_size", old_world) != self.world_size
+        same = ("seed", "dataset_size", "drop_last", "shuffle", "spec", "subset", "repeated_augmentation", "order")
+        differ = [k for k in same + (() if elastic else ("batch_size",)) if state.get(k, mine[k]) != mine[k]]
         if differ:
             diffs = ", ".join(f"{k}={state.get(k)!r} (this loader: {mine[k]!r})" for k in differ if k != "spec")
             raise ValueError(f"the checkpoint's loader differs from this one in {differ}: {diffs or 'the spec'}; "
-                             "resume with the same dataset, seed, batch size, spec and world size")
-        if not 0 <= int(state["batches_done"]) <= len(self):
+                             "resume with the same dataset, seed, global batch size and spec")
+        if elastic and self.repeats > 1:
+            raise ValueError(f"the checkpoint was taken on {old_world} ranks, this loader runs on {self.world_size}: "
+                             "resuming repeated_augmentation on another number of ranks is not supported")
+        self._elastic = None
+        if elastic:  # the epoch's global sequence, from where all ranks stood, dealt to this world
+            done = int(state.get("samples_done", int(state["batches_done"]) * state["global_batch_size"]))
+            self._elastic = (int(state["epoch"]), done, int(state.get("order_world_size", old_world)))
+            self.epoch, self._resume_batch = int(state["epoch"]), 0
+        else:
+            self.epoch, self._resume_batch = int(state["epoch"]), int(state["batches_done"])
+        if not 0 <= self._resume_batch <= len(self):
             raise ValueError(f"batches_done={state['batches_done']!r} is invalid: allowed 0..{len(self)}")
-        self.epoch, self._resume_batch = int(state["epoch"]), int(state["batches_done"])
         self._batches_done = self._resume_batch
         if state.get("resolution") is not None:
             self._resolution = tuple(state["resolution"])
 
     @property
     def num_samples(self) -> int:
-        """Samples this rank sees per epoch (before drop_last on the final batch)."""
+        """Samples this rank sees per epoch (before drop_last on the final batch); in an epoch
+        resumed on another number of ranks, what is left of it."""
         from fastload.pipelines.sampling import rank_share, repeated_share
+        if self._elastic is not None and self._elastic[0] == self.epoch:
+            return len(self.global_order(self.epoch)) // self.world_size
         if self.repeats > 1:
             return repeated_share(len(self.indices), self.world_size)
         return rank_share(len(self.indices), self.world_size, self.drop_last)
@@ -235,11 +266,54 @@ class FastLoader:
         from fastload.pipelines.sampling import num_batches
         return num_batches(self.num_samples, self.batch_size, self.drop_last)
 
+    def _choose_order(self, order: str) -> str:
+        """'auto' is the global random order unless this node's share of a remote dataset outgrows
+        its cache; then it is shard-aware, and a warning says so (``self.order`` tells which)."""
+        if order != "auto":
+            return order
+        if self.reader.remote is None or self.repeats > 1:
+            return "random"
+        files = self.reader.remote.files
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        share = sum(files.sizes.values()) * min(local, self.world_size) / self.world_size
+        budget = files.cache_budget()
+        if share <= budget:
+            return "random"
+        import warnings
+        warnings.warn(f"{self.manifest.name}: this node's share of the dataset ({share / 2**30:.1f} GiB) outgrows "
+                      f"its cache ({budget / 2**30:.1f} GiB): order='shards' (shard-aware: each rank reads its own "
+                      "units, a window at a time); pass order='random' for a global order", RuntimeWarning)
+        return "shards"
+
+    def _window_units(self) -> int:
+        """Units per shuffle window: a node's ranks' windows fill half its cache (at least 2)."""
+        remote = self.reader.remote
+        if remote is None:
+            return 8
+        files = remote.files
+        unit = max(1, sum(files.sizes.values()) // max(1, len(files.units)))
+        local = min(int(os.environ.get("LOCAL_WORLD_SIZE", "1")), self.world_size)
+        return max(2, int(files.cache_budget() // 2 // (unit * local)))
+
+    def global_order(self, epoch: int) -> np.ndarray:
+        """The epoch's global sequence over the selected samples (pipelines/orders.py): rank r
+        reads ``[r::world_size]``; an elastic resume's epoch, what was left of it."""
+        from fastload.pipelines.orders import global_order, remainder
+        elastic = self._elastic if self._elastic is not None and self._elastic[0] == epoch else None
+        world = elastic[2] if elastic else self.world_size
+        units = self.reader.units[self.indices] if self.order == "shards" else None
+        g = global_order(len(self.indices), kind="shards" if self.order == "shards" else "random",
+                         shuffle=self.shuffle, seed=self.seed, epoch=epoch, world_size=world,
+                         drop_last=self.drop_last, units=units, window_units=self._window_units())
+        if elastic:
+            g = remainder(g, elastic[1], self.world_size, self.drop_last)
+        return g
+
     def epoch_plan(self, epoch: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(this rank's sample order, a geometry row per position) of an epoch: pure functions of the
         seed. A sample's crop does not depend on the subset or world size, except under repeated
         augmentation, where each copy draws its own."""
-        from fastload.pipelines.sampling import epoch_indices, geometry_params, repeated_epoch_indices
+        from fastload.pipelines.sampling import geometry_params, repeated_epoch_indices
         e = self.epoch if epoch is None else epoch
         spec = self.spec_for_epoch(e)
         where = dict(shuffle=self.shuffle, seed=self.seed, epoch=e, rank=self.rank, world_size=self.world_size)
@@ -249,7 +323,7 @@ class FastLoader:
             params = geometry_params(spec.geometry, spec.hflip, heights[order], widths[order], self.seed, e,
                                      stream=(self.rank,))
         else:
-            order = self.indices[epoch_indices(len(self.indices), drop_last=self.drop_last, **where)]
+            order = self.indices[self.global_order(e)[self.rank::self.world_size]]
             params = geometry_params(spec.geometry, spec.hflip, heights, widths, self.seed, e)[order]
         return order, params
 

@@ -29,12 +29,13 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
-import weakref
 import fcntl
 import hashlib
 import os
 import re
 import threading
+import weakref
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -123,6 +124,8 @@ class RemoteFiles:
         _INSTANCES.add(self)
         self.next_use = None  # the consumer's plan: unit -> position of its next use (eviction order)
         self.bytes_fetched = 0  # this process's downloads (units and sample ranges), for the benchmarks
+        self.loose: set[int] = set()  # units not present that this process wrote samples into
+        self.in_flight = frozenset  # () -> units of the batches this process is reading (RemoteSplit's)
         self._make_files()
 
     def _new_locks(self) -> None:
@@ -246,7 +249,7 @@ class RemoteFiles:
                     if e.errno != errno.ENOSPC:
                         raise self._disk_error(e) from None
                     waited = 0
-                    while not (self._evict_one(exclude=None) or self._drop_samples_read_ahead()):
+                    while not (self._evict_one(exclude=None) or self._drop_samples_read_ahead(self.in_flight())):
                         # units being fetched may become evictable
                         if waited >= 20 or not self._reserved_bytes():
                             raise self._disk_error(e) from None
@@ -270,8 +273,9 @@ class RemoteFiles:
         self._count(len(data))
         return data
 
-    def write_range(self, path: str, start: int, data: bytes) -> None:
+    def write_range(self, path: str, start: int, data: bytes, unit: int) -> None:
         self._write(path, start, data)
+        self.loose.add(unit)
 
     # ------------------------------------------------------------------ eviction
     def used_bytes(self) -> int:
@@ -312,6 +316,10 @@ class RemoteFiles:
             return self.limit
         st = os.statvfs(self.root)
         return held + st.f_bavail * st.f_frsize - st.f_blocks * st.f_frsize // 20
+
+    def cache_budget(self) -> int:
+        """Bytes this cache may hold: cache_limit, else the disk's room for it."""
+        return self._room_limit(self.used_bytes())
 
     def _unreserve(self, unit: Unit) -> None:
         (self.root / ".reserved" / str(unit.index)).unlink(missing_ok=True)
@@ -373,8 +381,8 @@ class RemoteFiles:
             os.close(data_fd)
 
     def trim(self, keep: set[int]) -> None:
-        """Past the cache's room, samples fetched by range into other units than ``keep`` (the
-        batch at hand's) are dropped: their units come whole or not at all."""
+        """Past the cache's room, samples this process fetched by range into other units than
+        ``keep`` (the batches in flight's) are dropped: their units come whole or not at all."""
         if self.limit is None:
             return
         if self.used_bytes() > self.limit:
@@ -385,8 +393,10 @@ class RemoteFiles:
         present take room no marker accounts for; their ranges are punched out (a reader of one
         sees its check fail and fetches it again). True when there was any."""
         dropped = False
-        for u, unit in enumerate(self.units):
-            if not unit.evictable or u in keep or self.present(u):
+        for u in sorted(self.loose - keep):  # this process's: another's are its own to drop
+            unit = self.units[u]
+            self.loose.discard(u)
+            if self.present(u):
                 continue
             with self._unit_lock(u, wait=False) as mine:
                 if mine and not self.present(u):
@@ -430,6 +440,8 @@ class RemoteSplit:
         self.unit_first = first[file] + offset // chunk[file]
         self.unit_last = first[file] + np.maximum(offset + size - 1, offset) // chunk[file]
         self.ready = np.zeros(len(records), bool)
+        self._recent = deque(maxlen=8)  # units of the last batches made ready: in flight, not trimmed
+        files.in_flight = self.in_flight
         self._plan_lock = threading.Lock()
         self._generation = 0
         self._position = 0
@@ -451,10 +463,14 @@ class RemoteSplit:
             missing = np.isin(self.unit_first[todo], list(absent)) | np.isin(self.unit_last[todo], list(absent))
             if self.crcs is not None:
                 self._fetch_samples(np.unique(todo[missing]))
-                files.trim(keep={int(u) for u in units})
+                self._recent.append({int(u) for u in units})
+                files.trim(keep=self.in_flight())
             else:
                 list(self._pool("units").map(files.fetch, sorted(absent)))
         self.ready[todo] = True
+
+    def in_flight(self) -> set[int]:
+        return set().union(*list(self._recent))
 
     def _pool(self, kind: str) -> ThreadPoolExecutor:
         with self._plan_lock:
@@ -478,7 +494,7 @@ class RemoteSplit:
         for _ in range(self.files.store.retries + 1):
             data = self.files.fetch_range(path, start, end)
             if crc32c.crc32c(data) == int(self.crcs[i]):
-                self.files.write_range(path, start, data)
+                self.files.write_range(path, start, data, int(self.unit_first[i]))
                 return True
         return False
 

@@ -246,6 +246,19 @@ class SplitReader:
         return np.asarray(self.records["crc32c"]) if "crc32c" in self.records.dtype.names else None
 
     @property
+    def units(self) -> np.ndarray:
+        """Each sample's unit of transfer from a store: its data file, or the .beton chunk it starts
+        in (numbered across the split's data files)."""
+        if self.remote is not None:
+            return self.remote.unit_first
+        data = self.info.files_with_role("data")
+        chunk = np.array([f.get("chunk_size") or max(1, f["size"]) for f in data], np.int64)
+        count = -(-np.array([max(1, f["size"]) for f in data], np.int64) // chunk)
+        base = np.concatenate([[0], np.cumsum(count)[:-1]]).astype(np.int64)
+        file = np.asarray(self.records["file"]).astype(np.int64)
+        return base[file] + np.asarray(self.records["offset"]).astype(np.int64) // chunk[file]
+
+    @property
     def labels(self) -> np.ndarray:
         return np.asarray(self.records["label"])
 

@@ -159,7 +159,7 @@ def test_version_1_directories_still_load(labelled_colors, tmp_path):
     assert x.shape == (8, 3, 224, 224) and Manifest.read(old).split("train").image_codec == "jpeg"
     data["format_version"] = 99
     path.write_text(json.dumps(data))
-    with pytest.raises(DatasetError, match=r"format_version=99; this fastload reads versions \[1, 2, 3\]"):
+    with pytest.raises(DatasetError, match=r"format_version=99; this fastload reads versions \[1, 2, 3, 4\]"):
         FastLoader(old, "train")
 
 

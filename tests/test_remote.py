@@ -108,7 +108,11 @@ def test_http_location_with_range_requests(imagenet_dirs, local_batches, tmp_pat
 def test_cache_limit_evicts_furthest_and_keeps_the_data(s3, store, imagenet_dirs, local_batches, tmp_path):
     url = upload(imagenet_dirs["tfrecord"], f"{s3}/t")
     limit = 9 * 2**20  # about 40% of the dataset
-    loader = FastLoader(url, backend="reference", cache_dir=tmp_path / "cache", cache_limit=limit, **KW)
+    with pytest.warns(RuntimeWarning, match=r"outgrows its cache .* order='shards'"):
+        auto = FastLoader(url, backend="reference", cache_dir=tmp_path / "auto", cache_limit=limit, **KW)
+    assert auto.order == "shards"  # the loader's choice for data larger than the cache, said aloud
+    loader = FastLoader(url, backend="reference", cache_dir=tmp_path / "cache", cache_limit=limit, order="random",
+                        **KW)
     for _ in range(2):
         loader.set_epoch(0)
         assert same(batches(loader), local_batches["tfrecord", "reference"])
@@ -175,7 +179,7 @@ def test_a_store_that_keeps_failing_is_one_error_naming_the_url(s3, store, image
     store.faults([{"match": "records.npy", "method": "GET", "kind": "500", "count": 100}])
     with pytest.raises(DatasetError, match=rf"{url}/validation.records.npy: reading .* failed 6 times"):
         FastLoader(url, backend="ffcv", cache_dir=tmp_path / "cache", **KW)
-    store.faults([{"match": ".beton", "method": "GET", "kind": "reset", "count": 1000}])
+    store.faults([{"match": ".beton", "method": "GET", "kind": "500", "count": 10000}])
     loader = FastLoader(url, backend="ffcv", cache_dir=tmp_path / "cache", **KW)
     with pytest.raises(DatasetError, match=rf"{url}/validation.beton: reading bytes .* failed 6 times"):
         batches(loader)
@@ -215,8 +219,9 @@ def test_a_cached_file_changed_after_verification_is_fetched_again(s3, store, im
 def test_full_cache_disk_evicts_then_is_one_error(s3, imagenet_dirs, local_batches, tmp_path):
     from test_faults import small_disk
     url = upload(imagenet_dirs["tfrecord"], f"{s3}/t")
-    with small_disk(tmp_path / "small", "12m") as disk:  # the dataset is 22 MB: evicted as it goes
-        assert same(batches(FastLoader(url, backend="reference", cache_dir=disk, cache_limit=6 * 2**20, **KW)),
+    with small_disk(tmp_path / "small", "16m") as disk:  # the dataset is 22 MB: evicted as it goes
+        assert same(batches(FastLoader(url, backend="reference", cache_dir=disk, cache_limit=4 * 2**20,
+                                       order="random", **KW)),
                     local_batches["tfrecord", "reference"])
     url = upload(imagenet_dirs["beton"], f"{s3}/b")
     with small_disk(tmp_path / "tiny", "4m") as disk:  # its one 22 MB unit does not fit
@@ -302,3 +307,23 @@ def test_verify_a_remote_dataset(s3, imagenet_dirs, tmp_path):
     r = subprocess.run([sys.executable, "-m", "fastload.cli", "verify", url, "--no-decode", "--cache-dir",
                         str(tmp_path / "c")], capture_output=True, text=True, env=os.environ, timeout=300)
     assert r.returncode == 0 and f"OK {url}" in r.stdout, r.stderr
+
+
+def test_a_version_3_dataset_reads_remotely_one_file_a_unit(s3, store, imagenet_dirs, local_batches, tmp_path):
+    """Format version 3 had no chunk hashes: its .beton is fetched whole, checked by its sha256."""
+    import shutil
+    from fastload.formats.manifest import CHECKSUM_KEY, manifest_checksum
+    old = tmp_path / "v3"
+    shutil.copytree(imagenet_dirs["beton"], old)
+    data = json.loads((old / MANIFEST).read_text())
+    data["format_version"] = 3
+    for f in data["splits"]["validation"]["files"]:
+        f.pop("chunk_size", None), f.pop("chunk_sha256", None)
+    data[CHECKSUM_KEY] = manifest_checksum(data)
+    (old / MANIFEST).write_text(json.dumps(data))
+    url = upload(old, f"{s3}/v3")
+    store.clear_log()
+    assert same(batches(FastLoader(url, backend="ffcv", cache_dir=tmp_path / "cache", **KW)),
+                local_batches["beton", "ffcv"])
+    size = (old / "validation.beton").stat().st_size
+    assert [e for e in store.log() if e[1].endswith(".beton") and e[2] == f"bytes=0-{size - 1}"]

@@ -1,0 +1,153 @@
+#!/usr/bin/env python
+"""FastLoader on a dataset in object storage against the same loader on a local directory.
+
+    .venv/bin/python scripts/bench_remote.py [--tile 20] [--cifar-tile 5] [--latency-ms 20] [--workers 2]
+
+The store: moto's S3 server on 127.0.0.1 behind tests/store_proxy.py, which adds ``--latency-ms``
+to every request and counts the bytes it relays. Workloads: the ImageNet sample tiled ``--tile``
+times (.beton, JPEG, ffcv backend) and the CIFAR-10 sample tiled ``--cifar-tile`` times (.beton,
+raw pixels); train spec, ``--workers`` workers, cache large enough for the dataset. Each
+measurement runs in a fresh process (its own page cache state, imports, JIT):
+- local: epochs over the local directory (the first warms the page cache; img/s of the later ones);
+- cold: an empty cache: seconds from ``FastLoader(url)`` to the first batch, the first epoch's
+  img/s and the bytes read from the store during it, then the second epoch's;
+- warm: a new process on the filled cache: an epoch's img/s and its bytes.
+Targets (#21): cold >= 90% of local img/s, warm >= 98%, first batch <= 3 s, second epoch's bytes
+< 5% of the dataset.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "scripts"))
+
+
+def child(cfg: dict) -> dict:
+    """Runs in its own process: epochs of one loader, timed, with the store's bytes per epoch."""
+    from fastload import FastLoader
+
+    def store_bytes(clear=False):
+        if not cfg.get("endpoint"):
+            return 0
+        with urllib.request.urlopen(f"{cfg['endpoint']}/__control__/log", timeout=30) as r:
+            n = sum(e[4] for e in json.loads(r.read()) if e[0] == "GET")
+        if clear:
+            urllib.request.urlopen(urllib.request.Request(f"{cfg['endpoint']}/__control__/log", method="DELETE"))
+        return n
+    store_bytes(clear=True)
+    t0 = time.perf_counter()
+    loader = FastLoader(cfg["location"], "train", batch_size=cfg["batch_size"], spec=cfg["spec"],
+                        backend="ffcv", num_workers=cfg["workers"], distributed=False,
+                        cache_dir=cfg.get("cache_dir"))
+    out = {"epochs": []}
+    for e in range(cfg["epochs"]):
+        loader.set_epoch(e)
+        n, first = 0, None
+        t = time.perf_counter()
+        for images, labels in loader:
+            if first is None:
+                first = time.perf_counter() - (t0 if e == 0 else t)
+            n += len(labels)
+        dt = time.perf_counter() - t
+        out["epochs"].append({"img_s": n / dt, "seconds": dt, "first_batch_s": first,
+                              "bytes": store_bytes(clear=True)})
+    return out
+
+
+def run_child(cfg: dict) -> dict:
+    r = subprocess.run([sys.executable, __file__, "--child", json.dumps(cfg)], capture_output=True, text=True,
+                       env={**os.environ, **cfg.get("env", {})})
+    if r.returncode:
+        raise RuntimeError(r.stderr[-3000:])
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def prepare(args) -> dict:
+    import datasets
+    from bench_convert import cifar_png_source, imagenet_source
+    from fastload import Manifest, convert
+    cache = ROOT / ".cache" / "remote"
+    out = {}
+    for name, source, codec, spec in (("imagenet", imagenet_source(cache, args.tile), "auto", "imagenet:train"),
+                                      ("cifar", cifar_png_source(cache, args.cifar_tile), "raw", "cifar10:train")):
+        d = cache / f"{name}-beton-{Path(source).name}"
+        if not (d / "manifest.json").exists() or Manifest.read(d).data["format_version"] < 4:
+            convert(str(source), d, format="beton", workers=args.workers, progress=False, image_codec=codec,
+                    overwrite=True)
+        out[name] = {"dir": d, "spec": spec, "size": sum(f.stat().st_size for f in d.iterdir() if f.is_file()),
+                     "images": Manifest.read(d).split("train").num_examples}
+    del datasets
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    ap.add_argument("--tile", type=int, default=20)
+    ap.add_argument("--cifar-tile", type=int, default=5)
+    ap.add_argument("--latency-ms", type=float, default=20)
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--batch-size", type=int, default=256)
+    ap.add_argument("--only", choices=["imagenet", "cifar"], default=None)
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    if args.child:
+        print(json.dumps(child(json.loads(args.child))))
+        return
+    import s3fs
+    from store_proxy import StoreServers
+    data = prepare(args)
+    servers = StoreServers(latency_ms=args.latency_ms)
+    os.environ.update(servers.env())
+    results = {}
+    try:
+        fs = s3fs.S3FileSystem(skip_instance_cache=True)
+        fs.mkdir("bench")
+        for name, w in data.items():
+            if args.only and name != args.only:
+                continue
+            servers.latency(0)
+            fs.put(f"{w['dir']}/", f"bench/{name}/", recursive=True)
+            servers.latency(args.latency_ms)
+            url = f"s3://bench/{name}"
+            base = {"batch_size": args.batch_size, "workers": args.workers, "spec": w["spec"],
+                    "endpoint": servers.endpoint}
+            cache_dir = ROOT / ".cache" / "remote" / "node-cache"
+            shutil.rmtree(cache_dir, ignore_errors=True)
+            r = {"local": run_child({**base, "location": str(w["dir"]), "epochs": 3, "endpoint": None}),
+                 "cold": run_child({**base, "location": url, "epochs": 2, "cache_dir": str(cache_dir)}),
+                 "warm": run_child({**base, "location": url, "epochs": 2, "cache_dir": str(cache_dir)})}
+            results[name] = {"dataset_bytes": w["size"], "images": w["images"], **r}
+            report(name, results[name])
+    finally:
+        servers.close()
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+
+
+def report(name: str, r: dict) -> None:
+    local = max(e["img_s"] for e in r["local"]["epochs"][1:])
+    cold, warm = r["cold"]["epochs"], r["warm"]["epochs"]
+    size = r["dataset_bytes"]
+    print(f"\n{name}: {r['images']} images, {size / 1e6:.0f} MB, local {local:,.0f} img/s")
+    print("| run | img/s | vs local | first batch | bytes from the store |")
+    print("|---|---|---|---|---|")
+    rows = [("cold cache, epoch 1", cold[0]), ("cold cache, epoch 2", cold[1]),
+            ("warm cache (new process), epoch 1", warm[0]), ("warm cache, epoch 2", warm[1])]
+    for label, e in rows:
+        print(f"| {label} | {e['img_s']:,.0f} | {e['img_s'] / local:.2f}x | {e['first_batch_s']:.2f} s | "
+              f"{e['bytes'] / 1e6:.1f} MB ({e['bytes'] / size:.1%}) |")
+
+
+if __name__ == "__main__":
+    main()
