@@ -286,14 +286,16 @@ class FastLoader:
         return "shards"
 
     def _window_units(self) -> int:
-        """Units per shuffle window: a node's ranks' windows fill half its cache (at least 2)."""
+        """Units per shuffle window: a node's ranks hold a window each while the next arrives, in
+        a third of the cache each (at least one unit: a conversion with --shuffle-seed mixes
+        classes inside each unit)."""
         remote = self.reader.remote
         if remote is None:
             return 8
         files = remote.files
         unit = max(1, sum(files.sizes.values()) // max(1, len(files.units)))
         local = min(int(os.environ.get("LOCAL_WORLD_SIZE", "1")), self.world_size)
-        return max(2, int(files.cache_budget() // 2 // (unit * local)))
+        return max(1, int(files.cache_budget() // 3 // (unit * local)))
 
     def global_order(self, epoch: int) -> np.ndarray:
         """The epoch's global sequence over the selected samples (pipelines/orders.py): rank r
@@ -340,14 +342,28 @@ class FastLoader:
         self._batches_done = start
         skip = start * self.batch_size  # resume: later batches only
         remote = self.reader.remote
-        if remote is not None:  # a remote dataset's units fetched ahead, in the order they are used
-            remote.plan(order[skip:])
+        local = 1
+        if remote is not None:  # a remote dataset's units fetched ahead, in the order this node uses them
+            node_order, local = self._node_order(epoch, order, skip)
+            remote.plan(node_order, lag=2 * self.batch_size * local)  # ranks drift a batch or two apart
         batches = self._backend_for(self.spec_for_epoch(epoch)).run_epoch(order[skip:], params[skip:])
         # (a remote prefetch runs on past the epoch's end: what it fetches serves the next epochs)
-        yield from self._batches(batches, epoch, start, batch_threads, threads, remote)
+        yield from self._batches(batches, epoch, start, batch_threads, threads, remote, local)
         self.epoch, self._batches_done = epoch + 1, 0  # a completed pass moves on, as ffcv's Loader does
 
-    def _batches(self, batches, epoch, start, batch_threads, threads, remote):
+    def _node_order(self, epoch: int, order: np.ndarray, skip: int) -> tuple[np.ndarray, int]:
+        """The samples this node's ranks read from position ``skip`` on, step by step (ranks
+        interleaved), and how many ranks that is: the node shares one cache, so its prefetch and
+        eviction follow every local rank's order (torchrun numbers ranks node by node)."""
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        first = self.rank - local_rank
+        if local <= 1 or self.repeats > 1 or not 0 <= first <= self.world_size - local:
+            return order[skip:], 1
+        g = self.indices[self.global_order(epoch)].reshape(-1, self.world_size)
+        return g[skip:, first:first + local].reshape(-1), local
+
+    def _batches(self, batches, epoch, start, batch_threads, threads, remote, local=1):
         from fastload.pipelines.sampling import augment_rng
         for b, (images, index) in enumerate(batches, start):
             # restored before the yield: a generator left suspended there (a `break`, then exit)
@@ -361,7 +377,7 @@ class FastLoader:
                 images, labels = self._user_transform(images, labels)
             self._batches_done = b + 1
             if remote is not None:
-                remote.advance((b + 1 - start) * self.batch_size)
+                remote.advance((b + 1 - start) * self.batch_size * local)
             yield self.columns.batch(images, labels, index)
 
     def _user_transform(self, images, labels):

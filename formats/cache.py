@@ -208,11 +208,7 @@ class RemoteFiles:
         try:
             fd = os.open(self.root / ".locks" / str(u), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
             try:
-                try:
-                    fcntl.lockf(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
-                except OSError as e:
-                    if e.errno not in (errno.EAGAIN, errno.EACCES):
-                        raise
+                if not _lock_file(fd, wait):
                     yield False
                     return
                 yield True
@@ -297,7 +293,7 @@ class RemoteFiles:
         with self._room_lock:
             fd = os.open(self.root / ".locks" / "room", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
             try:
-                fcntl.lockf(fd, fcntl.LOCK_EX)
+                _lock_file(fd, wait=True)
                 while (held := self.used_bytes() + self._reserved_bytes()) + need > self._room_limit(held):
                     if not (self._drop_samples_read_ahead()
                             or self._evict_one(exclude=unit.index, before=self._use_of(unit.index))):
@@ -320,6 +316,10 @@ class RemoteFiles:
     def cache_budget(self) -> int:
         """Bytes this cache may hold: cache_limit, else the disk's room for it."""
         return self._room_limit(self.used_bytes())
+
+    def being_fetched(self, u: int) -> bool:
+        """Whether some process reserved unit ``u``'s room and is fetching it now."""
+        return (self.root / ".reserved" / str(u)).exists()
 
     def _unreserve(self, unit: Unit) -> None:
         (self.root / ".reserved" / str(unit.index)).unlink(missing_ok=True)
@@ -417,6 +417,21 @@ class RemoteFiles:
                     progress(self.units[u].end - self.units[u].start)
 
 
+def _lock_file(fd: int, wait: bool) -> bool:
+    """A POSIX lock of file ``fd``, polled rather than waited for: the kernel's deadlock check sees
+    processes, not threads, and refuses a wait that threads of two processes would resolve."""
+    while True:
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except OSError as e:
+            if e.errno not in (errno.EAGAIN, errno.EACCES):
+                raise
+            if not wait:
+                return False
+            threading.Event().wait(0.005)
+
+
 def _unit_of_marker(name: str, count: int) -> int | None:
     head = name.split("-", 1)[0]
     if not head.isdigit() or "tmp" in name:
@@ -445,6 +460,7 @@ class RemoteSplit:
         self._plan_lock = threading.Lock()
         self._generation = 0
         self._position = 0
+        self._lag = 0
         self._samples_pool = None
         self._units_pool = None
 
@@ -459,6 +475,12 @@ class RemoteSplit:
         files = self.files
         units = np.unique(np.concatenate([self.unit_first[todo], self.unit_last[todo]]))
         absent = {int(u) for u in units if not files.present(int(u))}
+        # a batch that needs few units (a shard-aware order; a warm-up's tail) waits for them whole;
+        # one that needs many (a global order from a cold cache) reads its samples by range
+        coming = absent if len(absent) <= FETCHERS else {u for u in absent if files.being_fetched(u)}
+        if coming:  # on their way (the prefetch, another rank): waited for, not fetched twice
+            list(self._pool("units").map(self._wait_for, sorted(coming)))
+            absent -= {u for u in coming if files.present(u)}
         if absent:
             missing = np.isin(self.unit_first[todo], list(absent)) | np.isin(self.unit_last[todo], list(absent))
             if self.crcs is not None:
@@ -468,6 +490,14 @@ class RemoteSplit:
             else:
                 list(self._pool("units").map(files.fetch, sorted(absent)))
         self.ready[todo] = True
+
+    def _wait_for(self, u: int) -> None:
+        """Unit ``u``, which another fetches: present once its lock is free (or fetched here if
+        that fetch failed; past the cache's room, left to the samples' range reads)."""
+        try:
+            self.files.fetch(u)
+        except CacheFull:
+            pass
 
     def in_flight(self) -> set[int]:
         return set().union(*list(self._recent))
@@ -524,10 +554,13 @@ class RemoteSplit:
             pass
 
     # ------------------------------------------------------------------ prefetch
-    def plan(self, order: np.ndarray) -> None:
-        """The epoch's order (this rank's, from its resume point): its units are fetched ahead of
-        the consumer in order of first use, and eviction keeps the ones used soonest."""
+    def plan(self, order: np.ndarray, lag: int = 0) -> None:
+        """The epoch's order (this node's, from its resume point): its units are fetched ahead of
+        the consumer in order of first use, and eviction keeps the ones used soonest. ``lag``:
+        positions behind this process's that the node's other ranks may still be at (a unit they
+        use there is not evicted)."""
         order = np.asarray(order, np.int64)
+        self._lag = int(lag)
         with self._plan_lock:
             self._generation += 1
             generation = self._generation
@@ -541,7 +574,7 @@ class RemoteSplit:
 
         def next_use(u: int) -> float:
             pos = by_unit[starts[u]:starts[u + 1]]
-            k = np.searchsorted(pos, self._position)
+            k = np.searchsorted(pos, max(0, self._position - self._lag))
             return float(pos[k]) if k < len(pos) else float("inf")
         self.files.next_use = next_use
         self._prefetch_units(sorted(first_use, key=first_use.get), generation)

@@ -202,9 +202,13 @@ def _wait_listening(port: int, proc: subprocess.Popen, what: str) -> None:
 class StoreServers:
     """moto's S3 server and this proxy in front of it, as processes; ``endpoint`` is the proxy's."""
 
-    def __init__(self, latency_ms: float = 0, directory: str | None = None):
+    def __init__(self, latency_ms: float = 0, directory: str | None = None, moto_port: int | None = None):
+        """``moto_port``: another proxy in front of a running moto server (a second node's view,
+        with its own log)."""
         self.procs = []
-        if directory is None:
+        if moto_port is not None:
+            self.moto_port = moto_port
+        elif directory is None:
             self.moto_port = free_port()
             moto = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.moto_port)],
                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

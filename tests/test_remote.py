@@ -327,3 +327,51 @@ def test_a_version_3_dataset_reads_remotely_one_file_a_unit(s3, store, imagenet_
                 local_batches["beton", "ffcv"])
     size = (old / "validation.beton").stat().st_size
     assert [e for e in store.log() if e[1].endswith(".beton") and e[2] == f"bytes=0-{size - 1}"]
+
+
+@pytest.mark.parametrize("fits", [True, False])
+def test_two_nodes_of_two_ranks_under_torchrun(s3, store, tmp_path, fits):
+    """Two `torchrun --nnodes 2 --node_rank 0/1 --nproc_per_node 2` on a local rendezvous, each
+    node its own cache and its own view of the store (a proxy each, to count its bytes)."""
+    from fastload import convert
+    from store_proxy import free_port
+    local = tmp_path / "data"
+    convert(str(IMAGENET), local, format="tfrecord", workers=2, shard_size=10, progress=False, shuffle_seed=0)
+    url = upload(local, f"{s3}/multi")
+    shards = {f.name: f.stat().st_size for f in local.glob("*.tfrecord")}
+    dataset = sum(shards.values())
+    limit = 0 if fits else dataset // 4  # a node's share is half the dataset: a quarter does not hold it
+    nodes = [store] + [StoreServers(moto_port=store.moto_port)]
+    port = free_port()
+    try:
+        for n in nodes:
+            n.clear_log()
+        procs = []
+        for node, view in enumerate(nodes):
+            env = {**os.environ, **view.env(), "FASTLOAD_CACHE_DIR": str(tmp_path / f"cache{node}"),
+                   "PYTHONPATH": f"{ROOT / 'tests'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+            procs.append(subprocess.Popen(
+                [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank", str(node),
+                 "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(port),
+                 str(ROOT / "tests" / "multinode_worker.py"), url, str(tmp_path), str(limit)],
+                env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+        outs = [p.communicate(timeout=200)[0] for p in procs]
+        assert all(p.returncode == 0 for p in procs), outs[0][-3000:] + outs[1][-3000:]
+        ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(4)]
+        seen = [i for r in ranks for i in r["indices"]]
+        assert sorted(seen) == list(range(200))  # disjoint and complete (200 = 4 x 50)
+        assert {r["order"] for r in ranks} == {"random" if fits else "shards"}
+        for view in nodes:
+            log = [e for e in view.log() if e[0] == "GET" and e[1].endswith(".tfrecord")]
+            whole = {}
+            for e in log:
+                name = e[1].rsplit("/", 1)[-1]
+                if e[2] == f"bytes=0-{shards[name] - 1}":
+                    whole[name] = whole.get(name, 0) + 1
+            got = sum(e[4] for e in log)
+            if fits:
+                assert max(whole.values()) == 1, whole  # each unit downloaded at most once per node
+            else:  # its own half of the units, not all of them (#22's 1.1x target is not met yet: see the note)
+                assert got < 0.8 * dataset, (got, dataset, whole)
+    finally:
+        nodes[1].close()
