@@ -31,6 +31,7 @@ import ctypes
 import errno
 import fcntl
 import hashlib
+import logging
 import os
 import re
 import threading
@@ -46,6 +47,7 @@ from .location import Store, StoreError
 from .manifest import MANIFEST, DatasetError, atomic_write_bytes, contained_path
 
 CACHE_ENV = "FASTLOAD_CACHE_DIR"
+log = logging.getLogger("fastload.cache")  # fetches and evictions, at DEBUG
 FETCHERS = 8  # concurrent unit downloads per process: enough to hide a store's per-request latency
 SAMPLE_FETCHERS = 32  # concurrent sample range requests (the first batches of a cold cache)
 _FALLOC_FL_KEEP_SIZE, _FALLOC_FL_PUNCH_HOLE = 1, 2
@@ -187,6 +189,7 @@ class RemoteFiles:
             if self.present(u):  # fetched by the lock's previous holder
                 return True
             self._make_room(unit)
+            log.debug("fetch unit %d (next use %s)", u, self._use_of(u))
             try:
                 data = self._download(unit)
                 self._write(unit.path, unit.start, data)
@@ -369,6 +372,7 @@ class RemoteFiles:
                 return False
             self._present[u] = 0
             self._punch(unit)
+            log.debug("evict unit %d (next use %s)", u, self._use_of(u))
             return True
 
     def _punch(self, unit: Unit) -> None:
@@ -516,6 +520,10 @@ class RemoteSplit:
         list(self._pool("samples").map(self._fetch_sample, samples.tolist()))
 
     def _fetch_sample(self, i: int) -> bool:
+        log.debug("range sample %d (unit %d)", i, self.unit_first[i])
+        return self._fetch_sample_bytes(i)
+
+    def _fetch_sample_bytes(self, i: int) -> bool:
         """Sample ``i``'s bytes by range, checked against its CRC32C, written in place; False when
         the store's bytes fail their CRC too (the dataset itself is damaged)."""
         import crc32c
@@ -570,7 +578,10 @@ class RemoteSplit:
         by_unit = np.argsort(units, kind="stable")
         sorted_units = units[by_unit]
         starts = np.searchsorted(sorted_units, np.arange(len(self.files.units) + 1))
-        first_use = {int(u): int(by_unit[starts[u]]) for u in np.unique(units)}
+        used = np.unique(units)
+        first_use = {int(u): int(by_unit[starts[u]]) for u in used}
+        self._span = (used, by_unit[starts[used]], by_unit[starts[used + 1] - 1],  # each unit's first, last use
+                      np.array([self.files.units[u].end - self.files.units[u].start for u in used], np.int64))
 
         def next_use(u: int) -> float:
             pos = by_unit[starts[u]:starts[u + 1]]
@@ -582,6 +593,7 @@ class RemoteSplit:
     def advance(self, position: int) -> None:
         """The consumer has reached ``position`` of the planned order."""
         self._position = position
+        log.debug("position %d", position)
 
     def _prefetch_units(self, sequence: list[int], generation: int) -> None:
         """FETCHERS daemon threads walk ``sequence`` in order: a unit another process is fetching
@@ -596,6 +608,9 @@ class RemoteSplit:
                 if u is None:
                     return
                 while generation == self._generation:
+                    if not self._fits_ahead(u):  # not before the units needed sooner have room
+                        threading.Event().wait(0.05)
+                        continue
                     try:
                         if self.files.fetch(u, wait=False):
                             break
@@ -607,6 +622,16 @@ class RemoteSplit:
         threads = [threading.Thread(target=worker, name="fastload-prefetch", daemon=True) for _ in range(FETCHERS)]
         for t in threads:
             t.start()
+
+    def _fits_ahead(self, u: int) -> bool:
+        """Whether unit ``u`` and every unit needed before it and still to be used fit in the
+        cache: a prefetch further ahead would evict what it fetched before its use."""
+        if self.files.limit is None:
+            return True
+        units, first, last, sizes = self._span
+        k = np.searchsorted(units, u)
+        still = (first <= first[k]) & (last >= self._position - self._lag)
+        return int(sizes[still].sum()) <= self.files.cache_budget()
 
     def stop(self) -> None:
         """No more prefetching for the current plan (the epoch ended or was abandoned)."""

@@ -7,7 +7,13 @@ import sys
 
 from fastload import FastLoader
 
+import logging
+
 import torch.distributed as dist
+
+if os.environ.get("FASTLOAD_CACHE_LOG"):
+    logging.basicConfig(filename=os.environ["FASTLOAD_CACHE_LOG"] + os.environ["RANK"], level=logging.DEBUG,
+                        format="%(relativeCreated)d %(message)s")
 
 url, out, limit = sys.argv[1], sys.argv[2], int(sys.argv[3])
 dist.init_process_group("gloo")
