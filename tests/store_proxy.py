@@ -239,8 +239,11 @@ class StoreServers:
     def latency(self, ms: float) -> None:
         self._call("POST", "latency", {"ms": ms})
 
+    only: str | None = None  # a path substring (a test's bucket): log() leaves out other requests
+
     def log(self) -> list[list]:
-        return self._call("GET", "log")
+        entries = self._call("GET", "log")
+        return [e for e in entries if self.only is None or self.only in e[1]]
 
     def clear_log(self) -> None:
         self._call("DELETE", "log")
