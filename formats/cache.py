@@ -50,6 +50,9 @@ CACHE_ENV = "FASTLOAD_CACHE_DIR"
 log = logging.getLogger("fastload.cache")  # fetches and evictions, at DEBUG
 FETCHERS = 8  # concurrent unit downloads per process: enough to hide a store's per-request latency
 SAMPLE_FETCHERS = 32  # concurrent sample range requests (the first batches of a cold cache)
+# a batch waits for its absent units whole when they hold at most this many times its bytes in them
+# (so range reads, which the units then download again, are for a cold start over a large dataset)
+WAIT_FOR_UNITS = 32
 _FALLOC_FL_KEEP_SIZE, _FALLOC_FL_PUNCH_HOLE = 1, 2
 _INSTANCES: "weakref.WeakSet[RemoteFiles]" = weakref.WeakSet()
 
@@ -479,9 +482,13 @@ class RemoteSplit:
         files = self.files
         units = np.unique(np.concatenate([self.unit_first[todo], self.unit_last[todo]]))
         absent = {int(u) for u in units if not files.present(int(u))}
-        # a batch that needs few units (a shard-aware order; a warm-up's tail) waits for them whole;
-        # one that needs many (a global order from a cold cache) reads its samples by range
-        coming = absent if len(absent) <= FETCHERS else {u for u in absent if files.being_fetched(u)}
+        # a batch whose absent units are not much larger than its samples in them (a shard-aware
+        # order, a small dataset) waits for them whole; one that would wait for far more (a global
+        # order over a large dataset, from a cold cache) reads its samples by range meanwhile
+        unit_bytes = sum(files.units[u].end - files.units[u].start for u in absent)
+        in_absent = np.isin(self.unit_first[todo], list(absent)) if absent else np.zeros(len(todo), bool)
+        whole = unit_bytes <= WAIT_FOR_UNITS * max(1, int(self.size[todo[in_absent]].sum()))
+        coming = absent if whole or self.crcs is None else {u for u in absent if files.being_fetched(u)}
         if coming:  # on their way (the prefetch, another rank): waited for, not fetched twice
             list(self._pool("units").map(self._wait_for, sorted(coming)))
             absent -= {u for u in coming if files.present(u)}

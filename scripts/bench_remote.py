@@ -99,6 +99,9 @@ def main():
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--batch-size", type=int, default=256)
     ap.add_argument("--only", choices=["imagenet", "cifar"], default=None)
+    ap.add_argument("--store", choices=["s3", "http"], default="s3",
+                    help="s3: moto's S3 server (which copies a whole object to answer a range request); http: "
+                         "a static HTTP server with range requests (https://-style locations)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     if args.child:
@@ -107,19 +110,26 @@ def main():
     import s3fs
     from store_proxy import StoreServers
     data = prepare(args)
-    servers = StoreServers(latency_ms=args.latency_ms)
-    os.environ.update(servers.env())
+    if args.store == "http":
+        servers = StoreServers(latency_ms=args.latency_ms, directory=str(ROOT / ".cache" / "remote"))
+    else:
+        servers = StoreServers(latency_ms=args.latency_ms)
+        os.environ.update(servers.env())
     results = {}
     try:
-        fs = s3fs.S3FileSystem(skip_instance_cache=True)
-        fs.mkdir("bench")
+        if args.store == "s3":
+            fs = s3fs.S3FileSystem(skip_instance_cache=True)
+            fs.mkdir("bench")
         for name, w in data.items():
             if args.only and name != args.only:
                 continue
-            servers.latency(0)
-            fs.put(f"{w['dir']}/", f"bench/{name}/", recursive=True)
-            servers.latency(args.latency_ms)
-            url = f"s3://bench/{name}"
+            if args.store == "s3":
+                servers.latency(0)
+                fs.put(f"{w['dir']}/", f"bench/{name}/", recursive=True)
+                servers.latency(args.latency_ms)
+                url = f"s3://bench/{name}"
+            else:
+                url = f"{servers.endpoint}/{w['dir'].name}"
             base = {"batch_size": args.batch_size, "workers": args.workers, "spec": w["spec"],
                     "endpoint": servers.endpoint}
             cache_dir = ROOT / ".cache" / "remote" / "node-cache"
@@ -137,9 +147,11 @@ def main():
 
 def report(name: str, r: dict) -> None:
     local = max(e["img_s"] for e in r["local"]["epochs"][1:])
+    local_first = r["local"]["epochs"][0]
     cold, warm = r["cold"]["epochs"], r["warm"]["epochs"]
     size = r["dataset_bytes"]
-    print(f"\n{name}: {r['images']} images, {size / 1e6:.0f} MB, local {local:,.0f} img/s")
+    print(f"\n{name}: {r['images']} images, {size / 1e6:.0f} MB, local {local:,.0f} img/s (a new process's first "
+          f"epoch: {local_first['img_s']:,.0f} img/s, first batch {local_first['first_batch_s']:.2f} s)")
     print("| run | img/s | vs local | first batch | bytes from the store |")
     print("|---|---|---|---|---|")
     rows = [("cold cache, epoch 1", cold[0]), ("cold cache, epoch 2", cold[1]),

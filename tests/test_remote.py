@@ -379,3 +379,18 @@ def test_two_nodes_of_two_ranks_under_torchrun(s3, store, tmp_path, fits):
                 assert got < 0.9 * dataset, (got, dataset, whole)
     finally:
         nodes[1].close()
+
+
+def test_a_cold_start_over_large_units_reads_samples_by_range(s3, store, imagenet_dirs, local_batches, tmp_path,
+                                                              monkeypatch):
+    """Where the units a batch needs dwarf its samples (ImageNet's first batch needs most of its
+    units), the batch's samples come by range, checked by CRC, while the units download."""
+    from fastload.formats import cache
+    monkeypatch.setattr(cache, "WAIT_FOR_UNITS", 0)  # as if the units were far larger than a batch
+    url = upload(imagenet_dirs["beton"], f"{s3}/b")
+    store.clear_log()
+    loader = FastLoader(url, backend="ffcv", cache_dir=tmp_path / "cache", **KW)
+    assert same(batches(loader), local_batches["beton", "ffcv"])
+    size = (imagenet_dirs["beton"] / "validation.beton").stat().st_size
+    ranges = [e for e in store.log() if e[1].endswith(".beton") and e[2] != f"bytes=0-{size - 1}"]
+    assert len(ranges) >= 32, "the first batch did not read its samples by range"
