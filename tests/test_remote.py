@@ -387,6 +387,7 @@ def test_a_cold_start_over_large_units_reads_samples_by_range(s3, store, imagene
     units), the batch's samples come by range, checked by CRC, while the units download."""
     from fastload.formats import cache
     monkeypatch.setattr(cache, "WAIT_FOR_UNITS", 0)  # as if the units were far larger than a batch
+    monkeypatch.setattr(cache.RemoteSplit, "_prefetch_units", lambda *a: None)  # and far from arriving
     url = upload(imagenet_dirs["beton"], f"{s3}/b")
     store.clear_log()
     loader = FastLoader(url, backend="ffcv", cache_dir=tmp_path / "cache", **KW)
