@@ -131,6 +131,7 @@ class RemoteFiles:
         self.bytes_fetched = 0  # this process's downloads (units and sample ranges), for the benchmarks
         self.loose: set[int] = set()  # units not present that this process wrote samples into
         self.in_flight = frozenset  # () -> units of the batches this process is reading (RemoteSplit's)
+        self.on_evict = lambda u: None  # RemoteSplit: its samples in unit u are no longer ready
         self._make_files()
 
     def _new_locks(self) -> None:
@@ -179,6 +180,9 @@ class RemoteFiles:
     def forget(self, u: int) -> None:
         """This process's belief that unit ``u`` is present, dropped (it was evicted or damaged)."""
         self._present[u] = 0
+
+    def forget_all(self) -> None:
+        self._present = bytearray(len(self.units))
 
     def fetch(self, u: int, wait: bool = True) -> bool:
         """Make unit ``u`` present (downloaded, checked, written, marked). ``wait=False``: give up
@@ -375,6 +379,7 @@ class RemoteFiles:
                 return False
             self._present[u] = 0
             self._punch(unit)
+            self.on_evict(u)
             log.debug("evict unit %d (next use %s)", u, self._use_of(u))
             return True
 
@@ -462,8 +467,10 @@ class RemoteSplit:
         self.unit_first = first[file] + offset // chunk[file]
         self.unit_last = first[file] + np.maximum(offset + size - 1, offset) // chunk[file]
         self.ready = np.zeros(len(records), bool)
+        self._all_ready = False
         self._recent = deque(maxlen=8)  # units of the last batches made ready: in flight, not trimmed
         files.in_flight = self.in_flight
+        files.on_evict = self._evicted
         self._plan_lock = threading.Lock()
         self._generation = 0
         self._position = 0
@@ -475,6 +482,8 @@ class RemoteSplit:
     def ensure(self, index: np.ndarray) -> None:
         """Samples ``index`` readable from their local files: present units, or (with CRCs) their
         own bytes fetched by range. Blocks until they are."""
+        if self._all_ready:  # a warm cache: nothing to look up per batch
+            return
         index = np.asarray(index, np.int64)
         todo = index[~self.ready[index]]
         if not len(todo):
@@ -501,6 +510,7 @@ class RemoteSplit:
             else:
                 list(self._pool("units").map(files.fetch, sorted(absent)))
         self.ready[todo] = True
+        self._all_ready = bool(self.ready.all())
 
     def _wait_for(self, u: int) -> None:
         """Unit ``u``, which another fetches: present once its lock is free (or fetched here if
@@ -509,6 +519,10 @@ class RemoteSplit:
             self.files.fetch(u)
         except CacheFull:
             pass
+
+    def _evicted(self, u: int) -> None:
+        self._all_ready = False
+        self.ready[(self.unit_first == u) | (self.unit_last == u)] = False
 
     def in_flight(self) -> set[int]:
         return set().union(*list(self._recent))
@@ -547,6 +561,7 @@ class RemoteSplit:
         """Sample ``i`` failed its check as read from the cache: fetch it again from the store.
         True when the store's copy passes (the caller checks again); False when it fails too."""
         i = int(i)
+        self._all_ready = False
         for u in {int(self.unit_first[i]), int(self.unit_last[i])}:
             self.files.forget(u)
             marker = self.files._marker(self.files.units[u])
@@ -576,6 +591,10 @@ class RemoteSplit:
         use there is not evicted)."""
         order = np.asarray(order, np.int64)
         self._lag = int(lag)
+        # what this process believes present is looked at again each epoch (other ranks evict)
+        self.ready[:] = False
+        self._all_ready = False
+        self.files.forget_all()
         with self._plan_lock:
             self._generation += 1
             generation = self._generation
