@@ -29,8 +29,8 @@ if [ "${FASTLOAD_TORCH:-}" != "keep" ]; then
   "$VENV/bin/python" -m pip install -q -c constraints.txt torch
 fi
 # numpy first: ffcv's setup.py imports it at build time; flit_core builds fastargs (ffcv's
-# dependency, an sdist) under --no-build-isolation.
-"$VENV/bin/python" -m pip install -q -c constraints.txt numpy flit_core
+# dependency, an sdist whose [tool.flit.metadata] needs flit_core < 4) under --no-build-isolation.
+"$VENV/bin/python" -m pip install -q -c constraints.txt numpy "flit_core<4"
 "$VENV/bin/python" -m pip install -q -c constraints.txt --no-build-isolation -e ".[all]"
 "$VENV/bin/python" -c "import fastload, ffcv, nvidia.dali, datasets, torch" 
 touch "$VENV/.fastload-setup-done"
