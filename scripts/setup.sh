@@ -28,9 +28,11 @@ fi
 if [ "${FASTLOAD_TORCH:-}" != "keep" ]; then
   "$VENV/bin/python" -m pip install -q -c constraints.txt torch
 fi
-# numpy first: ffcv's setup.py imports it at build time; flit_core builds fastargs (ffcv's
-# dependency, an sdist whose [tool.flit.metadata] needs flit_core < 4) under --no-build-isolation.
-"$VENV/bin/python" -m pip install -q -c constraints.txt numpy "flit_core<4"
+# numpy first: ffcv's setup.py imports it at build time. ffcv's own dependencies that come as
+# sdists (assertpy, fastargs) are built in isolation first: under --no-build-isolation their
+# builds fail (assertpy's setup.py imports itself; fastargs needs flit_core < 4).
+"$VENV/bin/python" -m pip install -q -c constraints.txt numpy
+"$VENV/bin/python" -m pip install -q -c constraints.txt assertpy fastargs
 "$VENV/bin/python" -m pip install -q -c constraints.txt --no-build-isolation -e ".[all]"
 "$VENV/bin/python" -c "import fastload, ffcv, nvidia.dali, datasets, torch" 
 touch "$VENV/.fastload-setup-done"
