@@ -28,12 +28,12 @@ fi
 if [ "${FASTLOAD_TORCH:-}" != "keep" ]; then
   "$VENV/bin/python" -m pip install -q -c constraints.txt torch
 fi
-# numpy first: ffcv's setup.py imports it at build time. ffcv's own dependencies that come as
-# sdists (assertpy, fastargs) are built in isolation first: under --no-build-isolation their
-# builds fail (assertpy's setup.py imports itself; fastargs needs flit_core < 4).
+# numpy first: ffcv's setup.py imports it at build time, so ffcv alone builds without isolation
+# (its dependencies after it, normally: some are sdists whose builds need isolation, e.g.
+# fastargs needs flit_core < 4); then fastload and the rest, with build isolation.
 "$VENV/bin/python" -m pip install -q -c constraints.txt numpy
-"$VENV/bin/python" -m pip install -q -c constraints.txt assertpy fastargs
-"$VENV/bin/python" -m pip install -q -c constraints.txt --no-build-isolation -e ".[all]"
+"$VENV/bin/python" -m pip install -q -c constraints.txt --no-build-isolation --no-deps ffcv
+"$VENV/bin/python" -m pip install -q -c constraints.txt -e ".[all]"
 "$VENV/bin/python" -c "import fastload, ffcv, nvidia.dali, datasets, torch" 
 touch "$VENV/.fastload-setup-done"
 echo "setup: ok ($(du -sh "$VENV" | cut -f1) in $VENV)"
