@@ -28,12 +28,14 @@ fi
 if [ "${FASTLOAD_TORCH:-}" != "keep" ]; then
   "$VENV/bin/python" -m pip install -q -c constraints.txt torch
 fi
-# numpy first: ffcv's setup.py imports it at build time, so ffcv alone builds without isolation
-# (its dependencies after it, normally: some are sdists whose builds need isolation, e.g.
-# fastargs needs flit_core < 4); then fastload and the rest, with build isolation.
+# numpy first: ffcv's setup.py imports it at build time. ffcv goes in without its declared
+# dependencies, then the ones it imports: its assertpy and fastargs serve only its benchmark
+# suites, and come as sdists that no longer build with current setuptools/flit_core.
 "$VENV/bin/python" -m pip install -q -c constraints.txt numpy
 "$VENV/bin/python" -m pip install -q -c constraints.txt --no-build-isolation --no-deps ffcv
-"$VENV/bin/python" -m pip install -q -c constraints.txt -e ".[all]"
+"$VENV/bin/python" -m pip install -q -c constraints.txt opencv-python terminaltables pytorch_pfn_extras
+# every extra but stock-ffcv (installed above), for the same reason
+"$VENV/bin/python" -m pip install -q -c constraints.txt --no-build-isolation -e ".[ffcv,dali,bench,test,lightning,remote]"
 "$VENV/bin/python" -c "import fastload, ffcv, nvidia.dali, datasets, torch" 
 touch "$VENV/.fastload-setup-done"
 echo "setup: ok ($(du -sh "$VENV" | cut -f1) in $VENV)"
