@@ -274,8 +274,7 @@ class FastLoader:
         if self.reader.remote is None or self.repeats > 1:
             return "random"
         files = self.reader.remote.files
-        local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-        share = sum(files.sizes.values()) * min(local, self.world_size) / self.world_size
+        share = sum(files.sizes.values()) * self._local_ranks() / self.world_size
         budget = files.cache_budget()
         if share <= budget:
             return "random"
@@ -294,8 +293,11 @@ class FastLoader:
             return 8
         files = remote.files
         unit = max(1, sum(files.sizes.values()) // max(1, len(files.units)))
-        local = min(int(os.environ.get("LOCAL_WORLD_SIZE", "1")), self.world_size)
-        return max(1, int(files.cache_budget() // 3 // (unit * local)))
+        return max(1, int(files.cache_budget() // 3 // (unit * self._local_ranks())))
+
+    def _local_ranks(self) -> int:
+        """Ranks on this node, which share its cache (torchrun's LOCAL_WORLD_SIZE)."""
+        return max(1, min(int(os.environ.get("LOCAL_WORLD_SIZE", "1")), self.world_size))
 
     def global_order(self, epoch: int) -> np.ndarray:
         """The epoch's global sequence over the selected samples (pipelines/orders.py): rank r
@@ -355,7 +357,7 @@ class FastLoader:
         """The samples this node's ranks read from position ``skip`` on, step by step (ranks
         interleaved), and how many ranks that is: the node shares one cache, so its prefetch and
         eviction follow every local rank's order (torchrun numbers ranks node by node)."""
-        local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        local = self._local_ranks()
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         first = self.rank - local_rank
         if local <= 1 or self.repeats > 1 or not 0 <= first <= self.world_size - local:

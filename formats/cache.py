@@ -541,13 +541,10 @@ class RemoteSplit:
         list(self._pool("samples").map(self._fetch_sample, samples.tolist()))
 
     def _fetch_sample(self, i: int) -> bool:
-        log.debug("range sample %d (unit %d)", i, self.unit_first[i])
-        return self._fetch_sample_bytes(i)
-
-    def _fetch_sample_bytes(self, i: int) -> bool:
         """Sample ``i``'s bytes by range, checked against its CRC32C, written in place; False when
         the store's bytes fail their CRC too (the dataset itself is damaged)."""
         import crc32c
+        log.debug("range sample %d (unit %d)", i, self.unit_first[i])
         path = self.data_paths[int(self.file[i])]
         start, end = int(self.offset[i]), int(self.offset[i] + self.size[i])
         for _ in range(self.files.store.retries + 1):
@@ -624,7 +621,7 @@ class RemoteSplit:
     def _prefetch_units(self, sequence: list[int], generation: int) -> None:
         """FETCHERS daemon threads walk ``sequence`` in order: a unit another process is fetching
         is left to it; past the cache's room, the next unit waits until the consumer has moved on
-        (eviction makes room by then). They stop when another plan starts or :meth:`stop`."""
+        (eviction makes room by then). They stop when another plan starts."""
         lock, it = threading.Lock(), iter(sequence)
 
         def worker():
@@ -659,22 +656,10 @@ class RemoteSplit:
         still = (first <= first[k]) & (last >= self._position - self._lag)
         return int(sizes[still].sum()) <= self.files.cache_budget()
 
-    def stop(self) -> None:
-        """No more prefetching for the current plan (the epoch ended or was abandoned)."""
-        with self._plan_lock:
-            self._generation += 1
-
-    def close(self) -> None:
-        self._generation += 1
-        for pool in (self._samples_pool, self._units_pool):
-            if pool is not None:
-                pool.shutdown(wait=False, cancel_futures=True)
-
 
 def open_remote(url: str, cache_dir=None, cache_limit: int | None = None):
     """(the dataset's local directory under the cache, its manifest's data, its RemoteFiles)."""
-    import json
-    from .manifest import MAX_MANIFEST_BYTES, check_manifest, manifest_checksum, CHECKSUM_KEY
+    from .manifest import CHECKSUM_KEY, parse_manifest
     store = Store(url)
     try:
         raw = store.read(MANIFEST)
@@ -683,17 +668,9 @@ def open_remote(url: str, cache_dir=None, cache_limit: int | None = None):
             raise DatasetError(f"{url} has no {MANIFEST}, so it is not a complete fastload dataset (a conversion "
                                "to it may be running or was interrupted: rerun the same `fastload convert`)") from None
         raise
-    where = f"{url}/{MANIFEST}"
-    if len(raw) > MAX_MANIFEST_BYTES:
-        raise DatasetError(f"{where} is {len(raw)} bytes: not a fastload manifest")
-    try:
-        data = json.loads(raw)
-    except (ValueError, RecursionError) as e:
-        raise DatasetError(f"{where}: not valid JSON ({type(e).__name__}: {str(e)[:200]})") from None
-    check_manifest(where, data)
-    key = data.get(CHECKSUM_KEY) or hashlib.sha256(raw).hexdigest()
-    if not isinstance(key, str) or not re.fullmatch(r"[0-9a-f]{64}", key):
-        key = manifest_checksum(data)
+    data = parse_manifest(raw, f"{url}/{MANIFEST}")
+    # the cache directory's name: the manifest's checksum (checked above from version 3 on), else its bytes'
+    key = data[CHECKSUM_KEY] if data["format_version"] >= 3 else hashlib.sha256(raw).hexdigest()
     root = dataset_cache_dir(Path(cache_dir) if cache_dir else default_cache_dir(), url, key)
     try:
         root.mkdir(parents=True, exist_ok=True)

@@ -182,15 +182,10 @@ class Manifest:
             hint = (" A conversion started here and did not finish: rerun the same `fastload convert` to resume."
                     if partial else " Create one with `fastload convert`.")
             raise DatasetError(f"{str(root)!r} has no {MANIFEST}, so it is not a complete fastload dataset.{hint}")
-        if path.stat().st_size > MAX_MANIFEST_BYTES:
+        if path.stat().st_size > MAX_MANIFEST_BYTES:  # before reading it
             raise DatasetError(f"{path} is {path.stat().st_size} bytes: not a fastload manifest (at most "
                                f"{MAX_MANIFEST_BYTES} bytes)")
-        try:
-            data = json.loads(path.read_bytes())
-        except (ValueError, RecursionError) as e:  # JSON, UTF-8, or nesting too deep
-            raise DatasetError(f"{path}: not valid JSON ({type(e).__name__}: {str(e)[:200]})") from None
-        check_manifest(path, data)
-        return cls(root, data)
+        return cls(root, parse_manifest(path.read_bytes(), path))
 
     @property
     def storage(self) -> str:
@@ -316,6 +311,18 @@ def manifest_checksum(data: dict) -> str:
     digit of the dataset's stats, a label name) is seen, as the data files' checksums see theirs."""
     body = {k: v for k, v in data.items() if k != CHECKSUM_KEY}
     return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def parse_manifest(raw: bytes, where) -> dict:
+    """A manifest's bytes read from ``where`` (a path or a URL), parsed and checked."""
+    if len(raw) > MAX_MANIFEST_BYTES:
+        raise DatasetError(f"{where} is {len(raw)} bytes: not a fastload manifest (at most {MAX_MANIFEST_BYTES} bytes)")
+    try:
+        data = json.loads(raw)
+    except (ValueError, RecursionError) as e:  # JSON, UTF-8, or nesting too deep
+        raise DatasetError(f"{where}: not valid JSON ({type(e).__name__}: {str(e)[:200]})") from None
+    check_manifest(where, data)
+    return data
 
 
 def check_manifest(path: Path, data) -> None:
