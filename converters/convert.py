@@ -11,247 +11,52 @@ it) and ``manifest.json`` written, last.
 """
 from __future__ import annotations
 
-import hashlib
-import io
 import json
 import math
-import multiprocessing as mp
 import os
-import queue
 import shutil
-import threading
 import time
-from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from crc32c import crc32c
 
-from fastload.formats import tfrecord
 from fastload.formats.manifest import (FORMAT_NAME, FORMAT_VERSION, MANIFEST, STORAGES, HashingFile, Manifest,
                                        atomic_write_bytes,
-                               fsync_file)
+                                       fsync_file)
 from fastload.formats.records import DEFAULT_MAX_PIXELS, check_max_pixels, records_dtype, records_filename
 
-from .images import (CODEC_CHOICES, CorruptImageError, choose_codec, prepare_image, source_bytes, stats_every,
-                     stats_from_histograms)
 from . import replace
-from .publish import InPlace, output_for
-from .jobs import (PARTIAL, ConversionError, OutputLock, check_free_space, children_die_with_parent, die_with_parent,
-                   full_disk_reported, pages_released_while_opening, SourcePages)
+from .engines import ENGINES, LocalEngine, RayEngine, usable_cores
+from .images import CODEC_CHOICES, CorruptImageError, choose_codec, source_bytes, stats_every, stats_from_histograms
+from .jobs import (PARTIAL, ConversionError, OutputLock, SourcePages, check_free_space, children_die_with_parent,
+                   full_disk_reported, pages_released_while_opening)
 from .progress import Phase, PhaseBars
-from .sources import Schema, SchemaError, detect_schema, guess_preset, open_source, source_fingerprint
+from .publish import InPlace, output_for
+from .shards import IMAGE_FEATURES, ShardTask, record_shard, shard_done, shard_name
+from .source_rows import ArrowSource, DatasetRows, ParquetSource, ParquetSplit, parquet_source
+from .sources import Schema, detect_schema, guess_preset, open_source, source_fingerprint
 
-IMAGE_FEATURES = {"jpeg": "image/encoded", "raw": "image/raw"}  # the TFRecord bytes feature per codec
-
-
-@dataclass(frozen=True)
-class ShardTask:
-    split: str
-    shard: int
-    num_shards: int
-    start: int
-    stop: int
-    path: str         # final path of this shard's TFRecord file
-    done_path: str    # .partial/<split>-NNNNN.json, written when the shard is complete
-
-    @property
-    def rows_path(self) -> Path:
-        """The shard's records (.partial/<split>-NNNNN.rows.npy), written before its done file."""
-        return Path(self.done_path).with_suffix(".rows.npy")
-
-    @property
-    def tmp_path(self) -> Path:
-        """Where the shard is written until it is complete."""
-        return Path(self.path).with_name(f".{Path(self.path).name}.tmp")
-
-
-def shard_name(split: str, shard: int, num_shards: int) -> str:
-    return f"{split}-{shard:05d}-of-{num_shards:05d}.tfrecord"
-
-
-# --------------------------------------------------------------------------- worker side
-_WORKER: dict = {}
-
-
-def _init_worker(source_pages: SourcePages, schema: Schema, settings: dict, progress_queue) -> None:
-    # fork start: the datasets (memory-mapped Arrow) are inherited, not pickled
-    die_with_parent()  # a kill -9 of the job takes its workers with it
-    _WORKER.update(datasets=source_pages.data, source_pages=source_pages, schema=schema, settings=settings,
-                   progress=progress_queue)
-
-
-def _run_shard(task: ShardTask) -> dict:
-    try:
-        with full_disk_reported(Path(task.path).parent):
-            return _write_shard(task)
-    except (OSError, ConversionError):
-        task.tmp_path.unlink(missing_ok=True)  # no half-written shard left behind
-        raise
-    finally:
-        _WORKER["source_pages"].release()  # the shard's source rows, read: not kept
-
-
-def _write_shard(task: ShardTask) -> dict:
-    import datasets
-    ds = _WORKER["datasets"][task.split]
-    schema: Schema = _WORKER["schema"]
-    settings = _WORKER["settings"]
-    progress = _WORKER["progress"]
-    # Raw bytes: we decide passthrough vs re-encode ourselves.
-    ds = ds.cast_column(schema.image_column, datasets.Image(decode=False))
-    tmp = task.tmp_path
-    # shards are not fsynced here (a fsync per shard cost ~10% of a CIFAR job): writeback starts
-    # in the background and assembly syncs them all; beton staging is temporary: no checksum either
-    final = settings["format"] == "tfrecord"
-    hist = np.zeros((3, 256), np.int64)
-    rows, skipped, index_entries = [], [], []
-    passthrough = 0
-    pos = 0
-    pending = 0
-    codec = settings["image_codecs"][task.split]
-    every = settings["stats_every"][task.split]
-    stats_images = 0
-    with open(tmp, "wb") as raw:
-        f = HashingFile(raw)  # checksum while writing: no second read of the shard
-        order = _write_order(task.split, len(ds), settings.get("shuffle_seed"))
-        for offset in range(task.start, task.stop, 256):
-            if order is None:
-                batch = ds[offset:min(task.stop, offset + 256)]
-            else:  # a seeded random order: its rows, gathered
-                batch = ds[order[offset:min(task.stop, offset + 256)].tolist()]
-            n = len(batch[schema.image_column])
-            for k in range(n):
-                index = offset + k if order is None else int(order[offset + k])
-                row = {key: batch[key][k] for key in batch}
-                try:
-                    img = prepare_image(source_bytes(row[schema.image_column]), settings["max_side"],
-                                        settings["jpeg_quality"], codec, histogram=index % every == 0,
-                                        max_pixels=settings["max_pixels"])
-                except CorruptImageError as e:
-                    if not settings["skip_corrupt"]:
-                        tmp.unlink(missing_ok=True)
-                        raise CorruptImageError(f"split {task.split!r} index {index}: {e}; "
-                                                "rerun with --skip-corrupt to skip it and list it "
-                                                "in the manifest") from None
-                    skipped.append({"index": index, "error": str(e)})
-                    continue
-                try:
-                    labels = schema.labels_of(row)
-                except SchemaError as e:
-                    raise ConversionError(f"split {task.split!r} index {index}: {e}") from None
-                _check_labels(labels, schema, task.split, index)
-                ints = {"image/height": [img.height], "image/width": [img.width],
-                        "image/class/label": labels[schema.target], "image/source_index": [index]}
-                for col in schema.extra_labels:
-                    ints[f"image/class/{col}"] = labels[col]
-                ex = tfrecord.encode_example({IMAGE_FEATURES[codec]: img.data}, ints)
-                size = tfrecord.write_record(f, ex.data)
-                index_entries.append((pos, size))
-                rows.append((pos + tfrecord.RECORD_HEADER + ex.image_offset, len(img.data), crc32c(img.data),
-                             img.height, img.width, index, labels[schema.target],
-                             [labels[c][0] for c in schema.extra_labels]))
-                pos += size
-                if img.histogram is not None:
-                    hist += img.histogram
-                    stats_images += 1
-                passthrough += img.passthrough
-                pending += 1
-                if pending >= 16:
-                    progress.put(pending)
-                    pending = 0
-        raw.flush()
-    progress.put(pending)
-    idx_path = Path(task.path).with_suffix(".idx")
-    index_bytes = tfrecord.format_index(index_entries).encode()
-    atomic_write_bytes(idx_path, index_bytes, durable=False)
-    records = _shard_records(rows, task.shard, schema)
-    buffer = io.BytesIO()
-    np.save(buffer, records)
-    atomic_write_bytes(task.rows_path, buffer.getvalue(), durable=False)
-    os.replace(tmp, task.path)
-    done = {"split": task.split, "shard": task.shard, "count": len(rows), "passthrough": passthrough,
-            "skipped": skipped, "histogram": hist.tolist(), "stats_images": stats_images,
-            "max_labels": _max_labels(records, schema),
-            "file": {"path": Path(task.path).name, "size": f.size,
-                     "sha256": f.sha256.hexdigest() if final else None, "records": len(rows)},
-            "index": {"path": idx_path.name, "size": len(index_bytes),
-                      "sha256": hashlib.sha256(index_bytes).hexdigest() if final else None}}
-    atomic_write_bytes(Path(task.done_path), json.dumps(done).encode(), durable=False)
-    if final:  # start the shard's writeback now, beside the next shard's work (assembly waits for it)
-        threading.Thread(target=fsync_file, args=(Path(task.path),), daemon=True).start()
-    return done
-
-
-def _write_order(split: str, n: int, seed: int | None) -> np.ndarray | None:
-    """The source rows in the order they are written: as they are, or (``shuffle_seed``) a seeded
-    permutation, so that shards of a class-sorted source (an image folder) each hold a mix of
-    classes and a shard-aware shuffle draws batches as varied as a global one (pipelines/orders.py).
-    ``source_index`` keeps each sample's row in the source."""
-    if seed is None:
-        return None
-    key = (split, n, seed)
-    if _WORKER.get("order_key") != key:
-        _WORKER["order"] = np.random.default_rng([int(seed), n]).permutation(n)
-        _WORKER["order_key"] = key
-    return _WORKER["order"]
-
-
-def _shard_records(rows: list[tuple], shard: int, schema: Schema) -> np.ndarray:
-    """A shard's rows as a records array (``file`` = the shard, ``offset`` into its file), kept
-    in ``.partial/`` rather than in memory: the job's memory stays flat at any dataset size."""
-    multi = schema.kind == "multi"
-    width = max([len(r[6]) for r in rows] + [1]) if multi else 1
-    records = np.zeros(len(rows), records_dtype(schema.label_columns, multi, width))
-    if not rows:
-        return records
-    offset, size, crc, height, width_px, source_index, target, extras = zip(*rows)
-    records["file"], records["offset"], records["size"], records["crc32c"] = shard, offset, size, crc
-    records["height"], records["width"], records["source_index"] = height, width_px, source_index
-    if multi:
-        records["label"] = -1
-        for i, ids in enumerate(target):
-            records["label"][i, :len(ids)] = ids
-    else:
-        records["label"] = [t[0] for t in target]
-    for k, col in enumerate(schema.extra_labels):
-        records[col] = [e[k] for e in extras]
-    return records
-
-
-def _max_labels(records: np.ndarray, schema: Schema) -> int:
-    """Most class ids on one sample (1 for single-label data)."""
-    if schema.kind != "multi" or not len(records):
-        return 1
-    return max(1, int((records["label"] >= 0).sum(axis=1).max()))
-
-
-def _check_labels(labels: dict, schema: Schema, split: str, index: int) -> None:
-    for col, values in labels.items():
-        n = schema.num_classes if col == schema.target else len(schema.extra_names[col])
-        bad = [v for v in values if not 0 <= v < n]
-        if bad:
-            raise ConversionError(f"split {split!r} index {index}: label column {col!r} has value(s) {bad} "
-                                  f"outside 0..{n - 1}")
+SHARD_MAX, SHARDS_MIN = 1024, 8  # default shard size: at most SHARD_MAX images, at least SHARDS_MIN shards a split
 
 
 # --------------------------------------------------------------------------- main side
-def convert(source, out, format: str = "tfrecord", splits: list[str] | None = None, workers: int = 1,
+def convert(source, out, format: str = "tfrecord", splits: list[str] | None = None, workers: int | None = None,
             max_side: int | None = None, jpeg_quality: int = 90, skip_corrupt: bool = False,
             label: str | None = None, shard_size: int | None = None, preset: str | None = None,
             overwrite: bool = False, progress: bool = True, image_codec: str = "auto",
             phases: list[Phase] | None = None, max_pixels: int = DEFAULT_MAX_PIXELS,
-            shuffle_seed: int | None = None) -> Manifest:
+            shuffle_seed: int | None = None, engine: str = "local", address: str | None = None) -> Manifest:
     """Convert ``source`` into the dataset directory ``out``; returns its manifest.
 
-    ``image_codec``: 'auto' (raw pixels for small images from a lossless source, see
-    ``converters/images.py``), 'jpeg' or 'raw'. Resumable: rerun the same call after an
-    interruption and finished shards are kept. ``phases``, when given, receives a
-    :class:`Phase` (images, seconds) per progress bar shown, for a summary. ``max_pixels``: the
-    decompression-bomb guard; a larger source image is refused by name, or with ``max_side`` a
-    JPEG is decoded at a reduced size and stored downscaled. ``shuffle_seed``: write each split's
-    samples in a seeded random order (for sources sorted by class, read shard-aware later).
+    ``image_codec``: 'auto' (raw pixels for small images, see ``converters/images.py``), 'jpeg'
+    or 'raw'. Resumable: rerun the same call after an interruption and finished shards are kept.
+    ``phases``, when given, receives a :class:`Phase` (images, seconds) per progress bar shown,
+    for a summary. ``max_pixels``: the decompression-bomb guard; a larger source image is refused
+    by name, or with ``max_side`` a JPEG is decoded at a reduced size and stored downscaled.
+    ``shuffle_seed``: write each split's samples in a seeded random order (for sources sorted by
+    class, read shard-aware later). ``engine``: 'local' (``workers`` processes, default: every
+    usable core) or 'ray' (a task per shard on the Ray cluster at ``address``; see
+    ``engines.py``). The output is the same for either engine and any worker count.
     """
     if shuffle_seed is not None and (not isinstance(shuffle_seed, int) or isinstance(shuffle_seed, bool)):
         raise ValueError(f"shuffle_seed={shuffle_seed!r} is invalid: allowed an int, or None for the source's order")
@@ -264,19 +69,30 @@ def convert(source, out, format: str = "tfrecord", splits: list[str] | None = No
     if max_side is not None and max_side < 16:
         raise ValueError(f"max_side={max_side!r} is invalid: allowed >= 16 (or None to keep sizes)")
     check_max_pixels(max_pixels)
+    workers = usable_cores() if workers is None else workers
     if workers < 1:
         raise ValueError(f"workers={workers!r} is invalid: allowed >= 1")
+    if engine not in ENGINES:
+        raise ValueError(f"engine={engine!r} is invalid: allowed {ENGINES}")
+    if address is not None and engine != "ray":
+        raise ValueError(f"address={address!r} is for engine='ray' (--engine ray)")
     out, publisher = output_for(out)  # a URL: converted in a local staging directory, uploaded (publish.py)
+    if engine == "ray" and format == "beton" and publisher.staging is not None:
+        raise ConversionError("--engine ray writes a .beton (one file per split) on a directory every Ray node "
+                              "shares: give --out such a directory, or use --format tfrecord for object storage")
     finished = publisher.finished_staging(str(source), format)
     if finished is not None:  # converted, killed before its upload ended: the upload is what is left
         return finished
     if (out / MANIFEST).exists() and not overwrite:  # at once; checked again under the lock
         raise _already_complete(out)
     # the source and its schema first: a bad source leaves nothing behind, and deletes nothing
-    with pages_released_while_opening():  # memory flat at any source size (converters/jobs.py)
-        data = open_source(source, splits)
+    data, rows_source = _open_for(engine, source, splits)
     first = next(iter(data.values()))
     schema = detect_schema(first.features, label)
+    if isinstance(rows_source, ParquetSource) and shuffle_seed is not None:
+        raise ConversionError("--shuffle-seed gathers rows from anywhere in a split, which parquet cannot read by "
+                              "row: convert a parquet source with the local engine, or save it with datasets' "
+                              "save_to_disk on a shared disk first")
     empty = [s for s, d in data.items() if len(d) == 0]
     if empty:
         raise ConversionError(f"split(s) {empty} of source {source!r} hold no rows: nothing to convert "
@@ -297,7 +113,8 @@ def convert(source, out, format: str = "tfrecord", splits: list[str] | None = No
                                        max_side=max_side, jpeg_quality=jpeg_quality, max_pixels=max_pixels,
                                        skip_corrupt=skip_corrupt, shard_size=shard_size, preset=preset,
                                        progress=progress, phases=phases, publisher=publisher,
-                                       shuffle_seed=shuffle_seed)
+                                       shuffle_seed=shuffle_seed, engine=engine, address=address,
+                                       rows_source=rows_source)
         finally:
             publisher.close()
         if replacing:
@@ -308,6 +125,32 @@ def convert(source, out, format: str = "tfrecord", splits: list[str] | None = No
     return manifest
 
 
+def _open_for(engine: str, source, splits):
+    """({split: rows' length and features}, what Ray tasks read) for ``source``. The local engine
+    opens it with ``datasets`` (memory-mapped; its workers inherit it). The Ray engine reads a
+    parquet source's footers only, its tasks the row groups; any other source is opened with
+    ``datasets`` here and its tasks map the same Arrow files (which must lie on a shared disk)."""
+    if engine == "ray" and isinstance(source, (str, os.PathLike)) and _may_be_parquet(source):
+        parquet = parquet_source(str(source), splits)
+        if parquet is not None:
+            return parquet, ParquetSource(parquet)
+    with pages_released_while_opening():  # memory flat at any source size (converters/jobs.py)
+        data = open_source(source, splits)
+    return data, (ArrowSource.of(data) if engine == "ray" else None)
+
+
+def _may_be_parquet(source) -> bool:
+    """A hub name, or a local folder holding parquet files (not a save_to_disk folder): asked of
+    ``datasets``' builder. An image folder is not asked (its builder globs every file, slowly)."""
+    path = Path(str(source))
+    if not path.exists():
+        return True
+    if not path.is_dir() or (path / "dataset_dict.json").exists() or (path / "state.json").exists():
+        return False
+    return any(next(path.glob(pattern), None) is not None for pattern in ("*.parquet", "*/*.parquet",
+                                                                          "*/*/*.parquet"))
+
+
 def _already_complete(out: Path) -> ConversionError:
     return ConversionError(f"{out} already holds a complete dataset ({MANIFEST} exists); pass overwrite=True "
                            "(--overwrite) to replace it")
@@ -315,10 +158,13 @@ def _already_complete(out: Path) -> ConversionError:
 
 def _first_images(ds, schema: Schema, n: int = 16) -> list[bytes]:
     """The stored bytes of a split's first images (what 'auto' decides from)."""
-    import datasets
-    head = ds.select(range(min(n, len(ds)))).cast_column(schema.image_column, datasets.Image(decode=False))
+    if isinstance(ds, ParquetSplit):
+        values = ds.first_images(schema.image_column, n)
+    else:
+        _, batch = next(DatasetRows(ds.select(range(min(n, len(ds)))), schema.image_column).batches(0, min(n, len(ds))))
+        values = batch[schema.image_column]
     out = []
-    for value in head[schema.image_column]:
+    for value in values:
         try:
             out.append(source_bytes(value))
         except CorruptImageError:
@@ -326,9 +172,16 @@ def _first_images(ds, schema: Schema, n: int = 16) -> list[bytes]:
     return out
 
 
+def _fingerprint(data: dict, schema: Schema, source_pages: SourcePages) -> str:
+    if all(isinstance(d, ParquetSplit) for d in data.values()):
+        import hashlib
+        return hashlib.sha256("".join(d.fingerprint() for d in data.values()).encode()).hexdigest()
+    return source_fingerprint(data, schema, released=source_pages.release)
+
+
 def _convert_locked(source, out, data, schema, codecs, *, format, workers, max_side, jpeg_quality, max_pixels,
                     skip_corrupt, shard_size, preset, progress, phases, publisher=None,
-                    shuffle_seed=None) -> Manifest:
+                    shuffle_seed=None, engine="local", address=None, rows_source=None) -> Manifest:
     publisher = publisher or InPlace()
     partial = out / PARTIAL
     partial.mkdir(exist_ok=True)
@@ -339,9 +192,9 @@ def _convert_locked(source, out, data, schema, codecs, *, format, workers, max_s
                 "skip_corrupt": bool(skip_corrupt), "label": schema.target,
                 "sizes": {s: len(d) for s, d in data.items()},
                 "stats_every": {s: stats_every(len(d), codecs[s]) for s, d in data.items()},
-                "fingerprint": source_fingerprint(data, schema, released=source_pages.release),
+                "fingerprint": _fingerprint(data, schema, source_pages),
                 "format_version": FORMAT_VERSION}  # staged records of another version are not reused
-    plan = _load_or_make_plan(partial, settings, data, shard_size, workers)
+    plan = _load_or_make_plan(partial, settings, data, shard_size)
 
     staging = out if format == "tfrecord" else partial
     tasks = []
@@ -352,19 +205,32 @@ def _convert_locked(source, out, data, schema, codecs, *, format, workers, max_s
             name = shard_name(split, s, num_shards)
             tasks.append(ShardTask(split, s, num_shards, int(bounds[s]), int(bounds[s + 1]),
                                    str(staging / name), str(partial / f"{split}-{s:05d}.json")))
-    todo = [t for t in tasks if not _shard_done(t, publisher)]
+    todo = [t for t in tasks if not shard_done(t, publisher)]
     done_count = len(tasks) - len(todo)
     if done_count:
         print(f"resuming: {done_count} of {len(tasks)} shards already done, {len(todo)} to go")
 
+    def finished(task: ShardTask, result) -> None:
+        record_shard(task, result)  # from here on a rerun keeps the shard
+        publisher.shard_finished(task)  # a conversion to a URL uploads it now (unless its task did)
+
+    if engine == "ray":
+        runner = RayEngine(rows_source, address, upload_url=publisher.url if publisher.staging else None)
+    else:
+        rows = {split: DatasetRows(ds, schema.image_column, shuffle_seed) for split, ds in data.items()}
+        runner = LocalEngine(workers, source_pages, rows)
     bars = PhaseBars(progress, phases)
     with children_die_with_parent():
-        _run_tasks(todo, source_pages, schema, settings, workers, bars, publisher.shard_finished)
+        if todo:
+            with bars.phase("convert", sum(t.stop - t.start for t in todo)) as advance:
+                runner.run(todo, schema, settings, advance, finished)
         results = _shard_results(tasks)
         with full_disk_reported(out):
             manifest = _assemble(out, format, schema, settings, tasks, results, preset or guess_preset(schema), bars)
     manifest = publisher.publish(manifest)
     shutil.rmtree(partial, ignore_errors=True)
+    for stale in out.glob(".*.tmp-*"):  # what killed attempts (kill -9, a lost Ray node) were writing
+        stale.unlink(missing_ok=True)
     return manifest
 
 
@@ -396,7 +262,7 @@ def _warn_if_preset_misfits(manifest: Manifest) -> None:
                       "or give FastLoader a spec", UserWarning, stacklevel=3)  # at the caller of convert()
 
 
-def _load_or_make_plan(partial: Path, settings: dict, data, shard_size, workers) -> dict:
+def _load_or_make_plan(partial: Path, settings: dict, data, shard_size) -> dict:
     path = partial / "plan.json"
     if path.exists():
         plan = json.loads(path.read_text())
@@ -412,7 +278,7 @@ def _load_or_make_plan(partial: Path, settings: dict, data, shard_size, workers)
             partial.mkdir()
             for stale in partial.parent.glob("*.tfrecord"):
                 stale.unlink()
-            return _load_or_make_plan(partial, settings, data, shard_size, workers)
+            return _load_or_make_plan(partial, settings, data, shard_size)
         if plan["settings"].get("skip_corrupt") is False and settings["skip_corrupt"]:
             plan["settings"]["skip_corrupt"] = True  # the advised retry: keep the shards already written
             atomic_write_bytes(path, json.dumps(plan, indent=2).encode())
@@ -426,55 +292,13 @@ def _load_or_make_plan(partial: Path, settings: dict, data, shard_size, workers)
     shards = {}
     for split, ds in data.items():
         n = len(ds)
-        size = shard_size or max(1, min(1024, math.ceil(n / (4 * workers))))
+        # of the split's size alone, not of the workers or the engine: the same source and options
+        # give the same files on any machine or cluster
+        size = shard_size or max(1, min(SHARD_MAX, math.ceil(n / SHARDS_MIN)))
         shards[split] = max(1, math.ceil(n / size))
     plan = {"settings": settings, "shards": shards}
     atomic_write_bytes(path, json.dumps(plan, indent=2).encode())
     return plan
-
-
-def _shard_done(task: ShardTask, publisher) -> bool:
-    if not (all(Path(p).exists() for p in (task.done_path, task.rows_path)) and publisher.shard_kept(task)):
-        return False
-    try:  # bookkeeping is not fsynced: after a power cut a done file may be empty; redo the shard
-        done = json.loads(Path(task.done_path).read_text())
-        return not Path(task.path).exists() or os.path.getsize(task.path) == done["file"]["size"]
-    except (ValueError, KeyError, TypeError):
-        return False
-
-
-def _run_tasks(todo: list[ShardTask], source_pages: SourcePages, schema, settings, workers,
-               bars: PhaseBars, finished_shard=lambda task: None) -> None:
-    if not todo:
-        return
-    ctx = mp.get_context("fork")
-    progress_queue = ctx.Queue()
-    total = sum(t.stop - t.start for t in todo)
-    with bars.phase("convert", total) as advance, \
-            ProcessPoolExecutor(max_workers=min(workers, len(todo)), mp_context=ctx, initializer=_init_worker,
-                                initargs=(source_pages, schema, settings, progress_queue)) as pool:
-        task_of = {pool.submit(_run_shard, t): t for t in todo}
-        pending = set(task_of)
-        try:
-            while pending:
-                finished, pending = wait(pending, timeout=0.2, return_when=FIRST_COMPLETED)
-                _drain(progress_queue, advance)
-                for fut in finished:
-                    fut.result()  # re-raises a worker's error here
-                    finished_shard(task_of[fut])  # a conversion to a URL uploads it now
-        except BaseException:
-            for fut in pending:
-                fut.cancel()
-            raise
-        _drain(progress_queue, advance)
-
-
-def _drain(q, advance) -> None:
-    while True:
-        try:
-            advance(q.get_nowait())
-        except queue.Empty:
-            return
 
 
 def _assemble(out: Path, format: str, schema: Schema, settings: dict, tasks, results, preset,

@@ -91,6 +91,10 @@ class Upload:
         """Upload a finished TFRecord shard and its index, then drop the local copies."""
         if Path(task.path).parent != self.staging or self._marker(task).exists():
             return  # a .beton's staged shard (in .partial): assembled locally first
+        done = json.loads(Path(task.done_path).read_text())
+        if done.get("uploaded"):  # by its Ray task, from that task's node: recorded only
+            atomic_write_bytes(self._marker(task), json.dumps(done["file"]).encode(), durable=False)
+            return
         self.pending.append(self.pool.submit(self._upload_shard, task))
         self._raise_finished()
 

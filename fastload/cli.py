@@ -44,7 +44,14 @@ def main():
               help="Dataset directory to write, or a URL (s3://bucket/prefix, gs://..., hf://...): staged "
                    "locally a few shards at a time, uploaded, the manifest last.")
 @click.option("--split", "splits", multiple=True, help="Split(s) to convert (default: all).")
-@click.option("--workers", default=1, show_default=True, type=click.IntRange(1), help="Worker processes.")
+@click.option("--workers", default=None, type=click.IntRange(1),
+              help="Worker processes of the local engine (default: every usable core).")
+@click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+              help="local: worker processes of this machine. ray: a task per shard on a Ray cluster "
+                   "(pip install 'fastload[ray]'); each task reads its rows where they lie and writes its shard "
+                   "to --out, which every node must reach (a shared directory, or s3://...).")
+@click.option("--address", default=None, metavar="HOST:PORT",
+              help="The Ray cluster to run on (default: $RAY_ADDRESS, else a cluster of this machine).")
 @click.option("--max-side", type=click.IntRange(16), default=None, help="Downscale images whose longer side exceeds N.")
 @click.option("--jpeg-quality", default=90, show_default=True, type=click.IntRange(1, 100),
               help="Quality for images that must be re-encoded (non-RGB, non-JPEG, oversized, rotated).")
@@ -63,8 +70,8 @@ def main():
 @click.option("--shuffle-seed", type=int, default=None,
               help="Write samples in a seeded random order (for sources sorted by class, such as image folders: "
                    "shard-aware loading then mixes classes as a global shuffle does).")
-def convert(source, fmt, out, splits, workers, max_side, jpeg_quality, skip_corrupt, label, shard_size,
-            preset, overwrite, max_pixels, image_codec, shuffle_seed):
+def convert(source, fmt, out, splits, workers, engine, address, max_side, jpeg_quality, skip_corrupt, label,
+            shard_size, preset, overwrite, max_pixels, image_codec, shuffle_seed):
     """Convert SOURCE (hub name, parquet folder, save_to_disk folder or image folder). Resumable."""
     from fastload.converters.convert import ConversionError, convert as run
     from fastload.converters.images import CorruptImageError
@@ -76,7 +83,7 @@ def convert(source, fmt, out, splits, workers, max_side, jpeg_quality, skip_corr
         m = run(source, out, format=fmt, splits=list(splits) or None, workers=workers, max_side=max_side,
                 jpeg_quality=jpeg_quality, skip_corrupt=skip_corrupt, label=label, shard_size=shard_size,
                 preset=preset, overwrite=overwrite, image_codec=image_codec, phases=phases, max_pixels=max_pixels,
-                shuffle_seed=shuffle_seed)
+                shuffle_seed=shuffle_seed, engine=engine, address=address)
     except (ConversionError, CorruptImageError, SchemaError, ValueError) as e:
         _fail(str(e))
     except OSError as e:  # the environment, not a bug: a read-only or vanished path

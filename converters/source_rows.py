@@ -1,0 +1,218 @@
+"""Reading a split's source rows for a shard: the contract between a source and the shard writer.
+
+A :class:`Rows` yields ``(indices, batch)`` pairs for a shard's rows ``start..stop`` of a split
+(``batch``: column -> list, images undecoded, as ``datasets`` formats them), in write order.
+
+- :class:`DatasetRows`: a ``datasets`` split, memory-mapped (what the local engine's workers
+  inherit, and what a Ray task opens itself for a ``save_to_disk`` folder on a shared disk);
+  with ``shuffle_seed``, its rows in a seeded random order.
+- :class:`ParquetRows`: parquet files read where they lie (a local or shared disk, ``hf://``,
+  ``s3://``, ``gs://``), only the row groups a shard needs: what a Ray task reads, so that no
+  image passes through the driver. Resolved on the driver by :func:`parquet_source` from the
+  files' footers alone.
+
+Both give a shard the same rows: ``datasets`` itself formats a parquet split's rows as
+``table.to_pydict()`` of the table cast to its features, which is what ``ParquetRows`` returns.
+"""
+from __future__ import annotations
+
+import hashlib
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Iterator, Protocol, Sequence
+
+import numpy as np
+
+BATCH = 256  # rows formatted at a time
+
+
+class Rows(Protocol):
+    def batches(self, start: int, stop: int) -> Iterator[tuple[Sequence[int], dict]]:
+        """Rows ``start..stop`` of the split in write order, as (source indices, columns)."""
+
+
+def write_order(n: int, seed: int | None) -> np.ndarray | None:
+    """The source rows in the order they are written: as they are, or (``shuffle_seed``) a seeded
+    permutation, so that shards of a class-sorted source (an image folder) each hold a mix of
+    classes and a shard-aware shuffle draws batches as varied as a global one (pipelines/orders.py).
+    ``source_index`` keeps each sample's row in the source."""
+    return None if seed is None else np.random.default_rng([int(seed), n]).permutation(n)
+
+
+class DatasetRows:
+    """A ``datasets`` split's rows, images undecoded (fastload decides passthrough or re-encode)."""
+
+    def __init__(self, ds, image_column: str, shuffle_seed: int | None = None):
+        import datasets
+        self.ds = ds.cast_column(image_column, datasets.Image(decode=False))
+        self.order = write_order(len(ds), shuffle_seed)
+
+    def batches(self, start, stop):
+        for offset in range(start, stop, BATCH):
+            end = min(stop, offset + BATCH)
+            if self.order is None:
+                yield range(offset, end), self.ds[offset:end]
+            else:  # a seeded random order: its rows, gathered
+                indices = self.order[offset:end].tolist()
+                yield indices, self.ds[indices]
+
+
+# --------------------------------------------------------------------------- parquet, where it lies
+@dataclass(frozen=True)
+class ParquetFile:
+    url: str                        # a local path or a URL fsspec opens
+    rows: int
+    row_groups: tuple[int, ...]     # rows per row group (from the footer)
+
+
+@dataclass
+class ParquetSplit:
+    name: str
+    files: list[ParquetFile]
+    features: object                # datasets.Features
+
+    def __len__(self) -> int:
+        return sum(f.rows for f in self.files)
+
+    def first_images(self, image_column: str, n: int = 16) -> list:
+        """The first ``n`` image values (what 'auto' decides the codec from)."""
+        _, batch = next(ParquetRows(self, image_column).batches(0, min(n, len(self))))
+        return batch[image_column]
+
+    def fingerprint(self) -> str:
+        """What a resumed job compares: every file's name, rows and row groups (from its footer)."""
+        h = hashlib.sha256(self.name.encode())
+        for f in self.files:
+            h.update(f"{f.url}:{f.rows}:{f.row_groups}".encode())
+        return h.hexdigest()
+
+
+def _open(url: str):
+    import fsspec
+    return fsspec.open(url, "rb").open()
+
+
+class ParquetRows:
+    """Rows of a :class:`ParquetSplit`, read row group by row group (memory: one batch)."""
+
+    def __init__(self, split: ParquetSplit, image_column: str):
+        import datasets
+        self.split = split
+        features = datasets.Features(split.features)
+        features[image_column] = datasets.Image(decode=False)
+        self.schema = features.arrow_schema
+
+    def batches(self, start, stop):
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+        from datasets.table import table_cast
+        first = 0  # the split's index of the current file's first row
+        for ref in self.split.files:
+            lo, hi = max(start, first) - first, min(stop, first + ref.rows) - first
+            if lo < hi:
+                groups, at, group_first = [], 0, None
+                for g, n in enumerate(ref.row_groups):
+                    if at + n > lo and at < hi:
+                        groups.append(g)
+                        group_first = at if group_first is None else group_first
+                    at += n
+                with _open(ref.url) as raw:
+                    at = group_first
+                    for batch in pq.ParquetFile(raw).iter_batches(batch_size=BATCH, row_groups=groups,
+                                                                  use_threads=False):
+                        s, e = max(lo, at), min(hi, at + batch.num_rows)
+                        if s < e:
+                            table = table_cast(pa.Table.from_batches([batch.slice(s - at, e - s)]), self.schema)
+                            yield range(first + s, first + e), table.to_pydict()
+                        at += batch.num_rows
+                        if at >= hi:
+                            break
+            first += ref.rows
+            if first >= stop:
+                return
+
+
+class ParquetSource:
+    """A source whose splits are parquet files: what each Ray task reads where it lies."""
+
+    def __init__(self, splits: dict[str, ParquetSplit]):
+        self.splits = splits
+
+    def rows(self, split: str, image_column: str, shuffle_seed=None) -> ParquetRows:
+        return ParquetRows(self.splits[split], image_column)
+
+    def release(self) -> None:
+        pass  # nothing mapped: a batch at a time is read
+
+
+class ArrowSource:
+    """A source ``datasets`` opened by memory map (a ``save_to_disk`` folder, a prepared cache):
+    each Ray task maps the same Arrow files, which must lie on a disk every node shares."""
+
+    def __init__(self, files: dict[str, list[str]], infos: dict):
+        self.files, self.infos = files, infos
+        self._open, self._pages = {}, None
+
+    @classmethod
+    def of(cls, data: dict) -> "ArrowSource":
+        from .jobs import ConversionError
+        files, infos = {}, {}
+        for split, ds in data.items():
+            if not ds.cache_files or ds._indices is not None:
+                raise ConversionError(f"split {split!r} is not a dataset on disk (in memory, or a selection of "
+                                      "one): save it with save_to_disk on a disk every Ray node shares, then "
+                                      "convert that folder")
+            files[split], infos[split] = [f["filename"] for f in ds.cache_files], ds.info
+        return cls(files, infos)
+
+    def __getstate__(self):
+        return {"files": self.files, "infos": self.infos, "_open": {}, "_pages": None}
+
+    def rows(self, split: str, image_column: str, shuffle_seed=None) -> DatasetRows:
+        if split not in self._open:
+            import datasets
+            from .jobs import SourcePages
+            parts = [datasets.Dataset.from_file(f, info=self.infos[split]) for f in self.files[split]]
+            ds = parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
+            self._open[split] = DatasetRows(ds, image_column, shuffle_seed)
+            self._pages = SourcePages({s: r.ds for s, r in self._open.items()})
+        return self._open[split]
+
+    def release(self) -> None:
+        """Drop this process's pages of the files read (``jobs.SourcePages``)."""
+        if self._pages is not None:
+            self._pages.release()
+
+
+def parquet_source(source: str, splits: list[str] | None = None) -> dict[str, ParquetSplit] | None:
+    """The parquet files of a hub name, a local parquet folder or a URL of one, per split, with
+    their features and row counts, read from the files' footers; None when the source is not
+    parquet (then ``datasets`` opens it)."""
+    import datasets
+    try:
+        builder = datasets.load_dataset_builder(str(source))
+    except Exception:  # not a dataset datasets can resolve: the caller's open reports it
+        return None
+    if builder.name != "parquet" or not builder.config.data_files:
+        return None
+    files = {s: [str(f) for f in fs] for s, fs in builder.config.data_files.items()}
+    if splits:
+        missing = [s for s in splits if s not in files]
+        if missing:
+            from .sources import SchemaError
+            raise SchemaError(f"split(s) {missing} not in source {source!r}: it has {sorted(files)}")
+        files = {s: files[s] for s in splits}
+
+    def footer(url: str):
+        import pyarrow.parquet as pq
+        with _open(url) as raw:
+            meta = pq.ParquetFile(raw)
+            groups = tuple(meta.metadata.row_group(g).num_rows for g in range(meta.metadata.num_row_groups))
+            return ParquetFile(url, meta.metadata.num_rows, groups), meta.schema_arrow
+    with ThreadPoolExecutor(16) as pool:  # one footer read per file: a hub split can hold hundreds
+        read = {s: list(pool.map(footer, urls)) for s, urls in files.items()}
+    out = {}
+    for s, items in read.items():
+        features = builder.info.features or datasets.Features.from_arrow_schema(items[0][1])
+        out[s] = ParquetSplit(s, [ref for ref, _ in items], features)
+    return out
