@@ -80,6 +80,8 @@ def convert(source, out, format: str = "tfrecord", splits: list[str] | None = No
     if engine == "ray" and format == "beton" and publisher.staging is not None:
         raise ConversionError("--engine ray writes a .beton (one file per split) on a directory every Ray node "
                               "shares: give --out such a directory, or use --format tfrecord for object storage")
+    # connected first: a cluster that is not there is said at once, and its workers warm up meanwhile
+    ray_engine = RayEngine(address, upload_url=publisher.url if publisher.staging else None) if engine == "ray" else None
     finished = publisher.finished_staging(str(source), format)
     if finished is not None:  # converted, killed before its upload ended: the upload is what is left
         return finished
@@ -113,8 +115,7 @@ def convert(source, out, format: str = "tfrecord", splits: list[str] | None = No
                                        max_side=max_side, jpeg_quality=jpeg_quality, max_pixels=max_pixels,
                                        skip_corrupt=skip_corrupt, shard_size=shard_size, preset=preset,
                                        progress=progress, phases=phases, publisher=publisher,
-                                       shuffle_seed=shuffle_seed, engine=engine, address=address,
-                                       rows_source=rows_source)
+                                       shuffle_seed=shuffle_seed, ray_engine=ray_engine, rows_source=rows_source)
         finally:
             publisher.close()
         if replacing:
@@ -181,7 +182,7 @@ def _fingerprint(data: dict, schema: Schema, source_pages: SourcePages) -> str:
 
 def _convert_locked(source, out, data, schema, codecs, *, format, workers, max_side, jpeg_quality, max_pixels,
                     skip_corrupt, shard_size, preset, progress, phases, publisher=None,
-                    shuffle_seed=None, engine="local", address=None, rows_source=None) -> Manifest:
+                    shuffle_seed=None, ray_engine=None, rows_source=None) -> Manifest:
     publisher = publisher or InPlace()
     partial = out / PARTIAL
     partial.mkdir(exist_ok=True)
@@ -214,8 +215,9 @@ def _convert_locked(source, out, data, schema, codecs, *, format, workers, max_s
         record_shard(task, result)  # from here on a rerun keeps the shard
         publisher.shard_finished(task)  # a conversion to a URL uploads it now (unless its task did)
 
-    if engine == "ray":
-        runner = RayEngine(rows_source, address, upload_url=publisher.url if publisher.staging else None)
+    if ray_engine is not None:
+        runner = ray_engine
+        runner.source = rows_source
     else:
         rows = {split: DatasetRows(ds, schema.image_column, shuffle_seed) for split, ds in data.items()}
         runner = LocalEngine(workers, source_pages, rows)

@@ -111,6 +111,12 @@ class _Progress:
         return sum(max(per.values()) for per in self.done.values())
 
 
+def _warm_up() -> None:
+    import importlib
+    for module in ("datasets", "pyarrow.parquet", "fastload.converters.shards", "fastload.converters.source_rows"):
+        importlib.import_module(module)
+
+
 class _Reporter:
     """A task's progress, sent to the :class:`_Progress` actor at most every ``EVERY_S`` (a remote
     call per few images would cost the task more than its images)."""
@@ -185,12 +191,13 @@ class RayEngine:
     a cluster of this machine, as ``ray.init()`` does). At most ``in_flight`` tasks are submitted
     ahead (default: twice the cluster's CPUs), so the driver holds a window, not every task."""
 
-    def __init__(self, source, address: str | None = None, upload_url: str | None = None,
-                 in_flight: int | None = None):
+    def __init__(self, address: str | None = None, upload_url: str | None = None, in_flight: int | None = None):
         self.ray = import_ray()
-        self.source, self.address, self.upload_url, self.in_flight = source, address, upload_url, in_flight
+        self.source, self.address, self.upload_url, self.in_flight = None, address, upload_url, in_flight
         self.tasks_submitted, self.seconds, self.nodes = 0, 0.0, {}
-        self._connect()  # a cluster that is not there is said before any progress bar
+        ray = self._connect()  # a cluster that is not there is said before any progress bar
+        # each worker's imports (datasets, pyarrow: about a second) while the driver opens the source
+        self._warming = [ray.remote(num_cpus=1)(_warm_up).remote() for _ in range(self.cpus())]
 
     def _connect(self):
         ray = self.ray

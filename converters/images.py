@@ -5,11 +5,15 @@ codec 'jpeg': an RGB baseline JPEG within ``max_side`` and without a rotating or
 tag is stored byte for byte; anything else becomes an RGB baseline JPEG at ``quality``.
 codec 'raw': the RGB pixels themselves, uint8 (height, width, 3), row-major: lossless.
 
-``choose_codec`` is the 'auto' rule: raw for small images from a lossless source (CIFAR's
-PNGs), JPEG otherwise. Small means a longer side of at most ``RAW_MAX_SIDE`` (64 px): there
-raw pixels cost at most 12 KB an image (a 32 px CIFAR image: 3 KB, about what its PNG
-takes), copying them beats decoding a JPEG several times over, and re-encoding would change
-the data; at ImageNet sizes raw would be 5-10x the JPEG bytes on disk and in page cache.
+``choose_codec`` is the 'auto' rule: raw for small images, whatever their source codec, JPEG
+otherwise. Small means a longer side of at most ``RAW_MAX_SIDE`` (64 px): there raw pixels
+cost at most 12 KB an image (a 32 px CIFAR image: 3 KB, about what its PNG takes, 2-3x its
+JPEG), and copying them beats decoding a JPEG several times over (loading 32 px images: 2.5-2.9x
+raw FFCV stored raw, 0.9x stored as JPEG). For a lossless source (CIFAR's PNGs) raw keeps the
+data, where re-encoding would change it; for a small JPEG source (an image-folder copy of
+CIFAR) raw stores the pixels every backend would decode from that JPEG (the same libjpeg
+decode, PIL's bit for bit), so nothing is lost either. At ImageNet sizes raw would be 5-10x
+the JPEG bytes on disk and in page cache, and decoding is a small part of a crop's cost.
 """
 from __future__ import annotations
 
@@ -70,7 +74,7 @@ def choose_codec(sample: list[bytes], requested: str) -> str:
     for raw in sample:
         try:
             with Image.open(io.BytesIO(raw)) as im:
-                if im.format in ("JPEG", "MPO") or max(im.size) > RAW_MAX_SIDE:
+                if max(im.size) > RAW_MAX_SIDE:
                     return "jpeg"
         except Exception:  # an undecodable image: conversion names it later
             continue
@@ -126,9 +130,13 @@ def prepare_image(raw: bytes, max_side: int | None, quality: int, codec: str = "
     except Exception as e:  # PIL raises many types for bad data
         raise CorruptImageError(f"image does not decode ({type(e).__name__}: {e})") from None
     too_big = max_side is not None and max(im.size) > max_side
-    if (codec == "jpeg" and fmt == "JPEG" and im.mode == "RGB" and not progressive
+    if (fmt == "JPEG" and im.mode == "RGB" and not progressive
             and orientation in (1, None) and not too_big and im.size[0] * im.size[1] <= max_pixels):
         try:
+            if codec == "raw":  # the backends' own decode, which is PIL's bit for bit, without PIL's overhead
+                pixels = decode_rgb(np.frombuffer(raw, np.uint8), im.height, im.width)
+                return PreparedImage(data=pixels.tobytes(), height=im.height, width=im.width, passthrough=False,
+                                     histogram=_histogram(Image.fromarray(pixels)) if histogram else None)
             hist = None
             if histogram:
                 hist = _histogram(Image.fromarray(decode_rgb(np.frombuffer(raw, np.uint8), im.height, im.width)))
@@ -136,7 +144,7 @@ def prepare_image(raw: bytes, max_side: int | None, quality: int, codec: str = "
                 raise JPEGDecodeError
             return PreparedImage(data=raw, height=im.height, width=im.width, passthrough=True, histogram=hist)
         except JPEGDecodeError:
-            pass  # libjpeg warns (PIL may decode it anyway): stored re-encoded below, as the backends refuse it
+            pass  # libjpeg warns (PIL may decode it anyway): PIL decodes it below, as datasets shows it
     _within_max_pixels(im, max_side, max_pixels)
     try:
         im.load()  # full decode: a truncated or garbled file fails here, not in training

@@ -154,16 +154,13 @@ class ArrowSource:
         self._open, self._pages = {}, None
 
     @classmethod
-    def of(cls, data: dict) -> "ArrowSource":
-        from .jobs import ConversionError
-        files, infos = {}, {}
-        for split, ds in data.items():
-            if not ds.cache_files or ds._indices is not None:
-                raise ConversionError(f"split {split!r} is not a dataset on disk (in memory, or a selection of "
-                                      "one): save it with save_to_disk on a disk every Ray node shares, then "
-                                      "convert that folder")
-            files[split], infos[split] = [f["filename"] for f in ds.cache_files], ds.info
-        return cls(files, infos)
+    def of(cls, data: dict) -> "ArrowSource | InMemorySource":
+        """The source Ray tasks read ``data`` (``{split: datasets.Dataset}``) from: its Arrow files,
+        or, for a dataset in memory (an image folder's paths, a Dataset passed in), the dataset itself."""
+        if not all(ds.cache_files and ds._indices is None for ds in data.values()):
+            return InMemorySource(data)
+        return cls({s: [f["filename"] for f in ds.cache_files] for s, ds in data.items()},
+                   {s: ds.info for s, ds in data.items()})
 
     def __getstate__(self):
         return {"files": self.files, "infos": self.infos, "_open": {}, "_pages": None}
@@ -182,6 +179,27 @@ class ArrowSource:
         """Drop this process's pages of the files read (``jobs.SourcePages``)."""
         if self._pages is not None:
             self._pages.release()
+
+
+class InMemorySource:
+    """Datasets held in memory (an image folder's paths, a ``datasets.Dataset`` passed to convert):
+    put in Ray's object store once, as they are; an image folder's files are read by each task
+    from the disk every node shares."""
+
+    def __init__(self, data: dict):
+        self.data = data
+        self._open = {}
+
+    def __getstate__(self):
+        return {"data": self.data, "_open": {}}
+
+    def rows(self, split: str, image_column: str, shuffle_seed=None) -> DatasetRows:
+        if split not in self._open:
+            self._open[split] = DatasetRows(self.data[split], image_column, shuffle_seed)
+        return self._open[split]
+
+    def release(self) -> None:
+        pass
 
 
 def parquet_source(source: str, splits: list[str] | None = None) -> dict[str, ParquetSplit] | None:

@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .image_folder import list_image_folder
+
 IMAGE_COLUMNS = ("image", "img")
 TARGET_PREFERENCE = ("label", "fine_label", "labels")
 MULTI_LABEL_OBJECTS = ("objects",)
@@ -68,8 +70,11 @@ def open_source(source, splits: list[str] | None = None):
         if path.exists() and not path.is_dir():
             raise SchemaError(f"source {str(source)!r} is a file; expected a dataset folder or a hub name")
         try:
+            listed = None
             if path.is_dir() and ((path / "dataset_dict.json").exists() or (path / "state.json").exists()):
                 loaded = datasets.load_from_disk(str(path))
+            elif path.is_dir() and (listed := list_image_folder(path)) is not None:
+                loaded = listed  # class subfolders, listed at once (image_folder.py)
             elif splits:  # hub names, parquet folders, image folders: prepare only the splits asked for
                 loaded = dict(zip(splits, datasets.load_dataset(str(source), split=list(splits))))
             else:
@@ -166,6 +171,8 @@ def source_fingerprint(data: dict, schema: Schema, released=None) -> str:
         if on_disk:
             h.update(str(ds._fingerprint).encode())
         table = ds.data.table if hasattr(ds.data, "table") else ds.data
+        if not on_disk:  # an image folder's description holds its files' names, sizes and times
+            h.update(str(ds.info.description or "").encode())
         for col in (label_columns if on_disk else table.column_names):
             for k, chunk in enumerate(table.column(col).chunks):
                 for buf in chunk.buffers():

@@ -65,8 +65,8 @@ def main():
               help="Refuse source images with more pixels (a decompression-bomb guard); with --max-side, larger "
                    "JPEGs are decoded at a reduced size instead.")
 @click.option("--image-codec", type=click.Choice(["auto", "jpeg", "raw"]), default="auto", show_default=True,
-              help="How images are stored: auto = raw RGB pixels for small images (longer side <= 64 px) from a "
-                   "lossless source such as CIFAR's PNGs, JPEG otherwise.")
+              help="How images are stored: auto = raw RGB pixels for small images (longer side <= 64 px), the "
+                   "pixels every backend would decode (lossless); JPEG otherwise.")
 @click.option("--shuffle-seed", type=int, default=None,
               help="Write samples in a seeded random order (for sources sorted by class, such as image folders: "
                    "shard-aware loading then mixes classes as a global shuffle does).")

@@ -35,7 +35,7 @@ fi
 "$VENV/bin/python" -m pip install -q -c constraints.txt --no-build-isolation --no-deps ffcv
 "$VENV/bin/python" -m pip install -q -c constraints.txt opencv-python terminaltables pytorch_pfn_extras
 # every extra but stock-ffcv (installed above), for the same reason
-"$VENV/bin/python" -m pip install -q -c constraints.txt --no-build-isolation -e ".[ffcv,dali,bench,test,lightning,remote]"
+"$VENV/bin/python" -m pip install -q -c constraints.txt --no-build-isolation -e ".[ffcv,dali,bench,test,lightning,remote,ray]"
 "$VENV/bin/python" -c "import fastload, ffcv, nvidia.dali, datasets, torch" 
 touch "$VENV/.fastload-setup-done"
 echo "setup: ok ($(du -sh "$VENV" | cut -f1) in $VENV)"

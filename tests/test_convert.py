@@ -240,7 +240,7 @@ def test_gray_cmyk_png_and_exif_become_upright_rgb_jpegs(tmp_path):
                rotated.getvalue(), progressive, png_bytes(Image.fromarray(rgb).convert("RGBA"))]
     ds = _image_dataset(sources)
     src = save_splits(tmp_path / "src", train=ds)
-    m = convert(str(src), tmp_path / "out", format="tfrecord", progress=False)
+    m = convert(str(src), tmp_path / "out", format="tfrecord", progress=False, image_codec="jpeg")  # (auto: raw)
     r = SplitReader(m, "train")
     assert r.stored(0).tobytes() == sources[0]  # RGB baseline JPEG: byte for byte
     assert m.split("train").stats and m.data["splits"]["train"]["passthrough_jpegs"] == 1
@@ -319,7 +319,8 @@ def test_stats_of_a_large_jpeg_split_come_from_an_even_sample(tmp_path):
     arrays = [(rng.integers(0, 256, (8, 8, 3)) // rng.integers(1, 4)).astype(np.uint8) for _ in range(1000)]
     sources = [jpeg_bytes(a) for a in arrays]
     src = save_splits(tmp_path / "src", train=_image_dataset(sources))
-    stats = convert(str(src), tmp_path / "out", format="tfrecord", progress=False).split("train").stats
+    stats = convert(str(src), tmp_path / "out", format="tfrecord", image_codec="jpeg",  # (auto: raw, 8 px)
+                    progress=False).split("train").stats
     assert (stats["every"], stats["images"]) == (2, 500)
 
     def exact(images):
@@ -501,13 +502,15 @@ def test_image_folder_with_class_subfolders(tmp_path):
     assert sorted(r.labels.tolist()) == [0, 0, 0, 1, 1, 1]
 
 
-def _resident_arrow_bytes() -> int:
+def _resident_arrow_bytes(files=None) -> int:
+    """Resident bytes of this process's maps of .arrow files (of ``files`` only, when given: other
+    tests' datasets may hold pages of their own)."""
     total, arrow = 0, False
     with open("/proc/self/smaps") as f:
         for line in f:
             head = line.split()
             if "-" in head[0] and len(head) >= 5:  # a mapping's header line
-                arrow = len(head) >= 6 and head[-1].endswith(".arrow")
+                arrow = len(head) >= 6 and head[-1].endswith(".arrow") and (files is None or head[-1] in files)
             elif arrow and head[0] == "Rss:":
                 total += int(head[1]) * 1024
     return total
@@ -523,8 +526,66 @@ def test_source_pages_read_by_the_converter_are_released(tmp_path):
     ds = data["test"]
     first = ds[0:2000]["img"]
     _ = ds[2000:10000]["label"], [v for v in ds.with_format("arrow")[:]["img"]]  # touch every page
-    assert _resident_arrow_bytes() > 5 * 2**20
+    files = {f["filename"] for f in ds.cache_files}
+    assert _resident_arrow_bytes(files) > 5 * 2**20
     SourcePages(data).release()
-    assert _resident_arrow_bytes() < 2**20
+    assert _resident_arrow_bytes(files) < 2**20
     again = ds[0:2000]["img"]
     assert [np.asarray(a).tobytes() for a in again] == [np.asarray(a).tobytes() for a in first]
+
+
+def _image_folder_rows(data) -> dict:
+    import datasets
+    return {s: ([v["path"] for v in ds.cast_column("image", datasets.Image(decode=False))["image"]], ds["label"],
+                ds.features["label"].names) for s, ds in data.items()}
+
+
+def test_image_folder_listing_is_datasets_own(tmp_path):
+    """fastload's listing of class folders (image_folder.py) gives the rows, order, labels and
+    splits of datasets' imagefolder, and leaves the layouts it does not recognise to datasets."""
+    import datasets
+    from fastload.converters.image_folder import list_image_folder
+    root = tmp_path / "folder"
+    img = jpeg_bytes(np.full((8, 8, 3), 100, np.uint8))
+    for split in ("train", "val"):
+        for cls in ("cat", "cat-x", "dog", "Zebra"):  # '-' sorts before '/': the order is by path
+            (root / split / cls).mkdir(parents=True)
+            for name in ("b.jpg", "a.JPG", "10.jpeg", "9.png"):
+                (root / split / cls / name).write_bytes(img)
+            (root / split / cls / "notes.txt").write_text("not an image")
+            (root / split / cls / ".hidden.jpg").write_bytes(img)
+    listed = list_image_folder(root)
+    assert listed is not None and set(listed) == {"train", "validation"}
+    assert _image_folder_rows(listed) == _image_folder_rows(datasets.load_dataset(str(root)))
+    # a split keyword in a file name makes datasets split by name: left to it
+    (root / "train" / "dog" / "test_1.jpg").write_bytes(img)
+    assert list_image_folder(root) is None
+    m = convert(str(root), tmp_path / "out", format="tfrecord", progress=False)
+    assert sorted(m.split_names) == sorted(datasets.load_dataset(str(root)))
+
+
+@needs_shared
+def test_auto_stores_small_jpegs_as_the_pixels_every_backend_decodes(tmp_path):
+    """An image-folder copy of CIFAR (32 px JPEG files): 'auto' stores the pixels raw, and they are
+    what the backends' own decoder (and PIL) make of each JPEG: nothing lost, nothing to decode."""
+    import datasets
+    from fastload.pipelines.jpeg import decode_rgb
+    ds = datasets.load_dataset(str(CIFAR10), split="test").select(range(0, 10000, 167))  # all classes (sorted)
+    raw = ds.cast_column("img", datasets.Image(decode=False))
+    root = tmp_path / "folder"
+    names = ds.features["label"].names
+    jpegs = {}
+    for i, row in enumerate(raw):
+        (root / names[row["label"]]).mkdir(parents=True, exist_ok=True)
+        path = root / names[row["label"]] / f"{i:03d}.jpg"
+        path.write_bytes(row["img"]["bytes"])
+        jpegs[str(path)] = row["img"]["bytes"]
+    m = convert(str(root), tmp_path / "out", format="tfrecord", progress=False)
+    assert m.split("train").image_codec == "raw"
+    r = SplitReader(m, "train")
+    src = datasets.load_dataset(str(root), split="train").cast_column("image", datasets.Image(decode=False))
+    for i in range(len(r)):
+        jpeg = jpegs[src[int(r.records["source_index"][i])]["image"]["path"]]
+        pixels = np.asarray(r.image(i))
+        assert np.array_equal(pixels, decode_rgb(np.frombuffer(jpeg, np.uint8), 32, 32))
+        assert np.array_equal(pixels, np.asarray(Image.open(io.BytesIO(jpeg)).convert("RGB")))

@@ -4,7 +4,6 @@ Ray engine's output must be the local engine's, file for file, through a node ki
 a driver killed and run again, and a task that meets a corrupt image."""
 from __future__ import annotations
 
-import io
 import os
 import signal
 import subprocess
@@ -35,12 +34,22 @@ FASTLOAD = [sys.executable, "-m", "fastload.cli"]
 
 
 @pytest.fixture(scope="module")
-def cluster():
+def store():
+    """moto's S3 server behind the counting proxy (tests/store_proxy.py)."""
+    from store_proxy import StoreServers
+    servers = StoreServers()
+    yield servers
+    servers.close()
+
+
+@pytest.fixture(scope="module")
+def cluster(store):
     from ray.cluster_utils import Cluster
     c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False, **LOOPBACK})
     c.add_node(num_cpus=1, **LOOPBACK)
     c.wait_for_nodes()
-    ray.init(address=c.address, logging_level="WARNING")
+    # the job's tasks reach the S3 server as a cluster's would its store: credentials in the job's env
+    ray.init(address=c.address, logging_level="WARNING", runtime_env={"env_vars": store.env()})
     yield c
     ray.shutdown()
     c.shutdown()
@@ -180,3 +189,22 @@ def test_ray_refuses_what_it_cannot_do_by_name(cluster, sources, tmp_path):
                         str(tmp_path / "c"), "--engine", "ray", "--address", "127.0.0.1:1"],
                        capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "Ray cluster" in r.stderr, r.stderr[-1500:]
+
+
+def test_ray_tasks_upload_their_shards_to_s3_the_manifest_last(cluster, store, sources, local, tmp_path, monkeypatch):
+    import uuid
+    import s3fs
+    for k, v in store.env().items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setenv("FASTLOAD_CACHE_DIR", str(tmp_path / "cache"))
+    bucket = f"b-{uuid.uuid4().hex[:12]}"
+    s3fs.S3FileSystem(skip_instance_cache=True).mkdir(bucket)
+    store.clear_log()
+    m = convert(str(sources["imagenet"]), f"s3://{bucket}/ray", format="tfrecord", engine="ray", shard_size=100,
+                progress=False)
+    assert _files(m) == _files(local["imagenet", "tfrecord"])
+    puts = [e[1].rsplit("/", 1)[-1] for e in store.log() if e[0] == "PUT" and e[3] == 200 and bucket in e[1]]
+    assert puts[-1] == "manifest.json" and sorted(puts[:-1]) == sorted(_files(m)), puts  # each file once
+    staging = tmp_path / "cache" / "convert"
+    assert not any(staging.rglob("*.tfrecord")), "a shard went through the driver's staging directory"
+    assert verify(f"s3://{bucket}/ray") == []
