@@ -117,18 +117,23 @@ def _warm_up() -> None:
         importlib.import_module(module)
 
 
-class _Reporter:
-    """A task's progress, sent to the :class:`_Progress` actor at most every ``EVERY_S`` (a remote
-    call per few images would cost the task more than its images)."""
-    EVERY_S = 0.5
+def report_every_s(cpus: int) -> float:
+    """How often a task reports its progress: every half second, and less often on a large cluster,
+    so that the one counting actor takes at most ~400 reports a second."""
+    return max(0.5, cpus / 400)
 
-    def __init__(self, actor, shard, attempt):
-        self.actor, self.shard, self.attempt = actor, shard, attempt
+
+class _Reporter:
+    """A task's progress, sent to the :class:`_Progress` actor at most every ``every_s`` (a remote
+    call per few images would cost the task more than its images)."""
+
+    def __init__(self, actor, shard, attempt, every_s: float):
+        self.actor, self.shard, self.attempt, self.every_s = actor, shard, attempt, every_s
         self.pending, self.sent = 0, time.monotonic()
 
     def __call__(self, n: int) -> None:
         self.pending += n
-        if time.monotonic() - self.sent >= self.EVERY_S:
+        if time.monotonic() - self.sent >= self.every_s:
             self.flush()
 
     def flush(self) -> None:
@@ -145,13 +150,13 @@ def _ray_node() -> str:
 _SOURCES: dict = {}  # in a Ray worker: the sources its tasks opened, by key (one conversion's)
 
 
-def _ray_shard(task, source_key, source, schema, settings, upload_url, progress) -> ShardResult:
+def _ray_shard(task, source_key, source, schema, settings, upload_url, progress, report_s) -> ShardResult:
     """One Ray task: ``task``'s rows from ``source``, written to its shared directory, or (with
     ``upload_url``) in a temporary directory of this node and uploaded to the store."""
     attempt = f"{os.uname().nodename}-{os.getpid()}-{time.monotonic_ns()}"
     source = _SOURCES.setdefault(source_key, source)  # a worker's tasks share what they opened
     rows = source.rows(task.split, schema.image_column, settings.get("shuffle_seed"))
-    report = _Reporter(progress, (task.split, task.shard), attempt)
+    report = _Reporter(progress, (task.split, task.shard), attempt, report_s)
     node = _ray_node()
     try:
         if upload_url is None:
@@ -223,7 +228,8 @@ class RayEngine:
         progress = ray.remote(num_cpus=0, scheduling_strategy=here)(_Progress).remote()
         source, schema_ref, settings_ref = ray.put(self.source), ray.put(schema), ray.put(settings)
         source_key = f"{os.getpid()}-{time.time_ns()}"  # this run's: a worker never mixes two conversions' sources
-        window = self.in_flight or 2 * self.cpus()
+        cpus = self.cpus()
+        window, report_s = self.in_flight or 2 * cpus, report_every_s(cpus)
         waiting, running, shown, stored = list(todo), {}, 0, 0
         t0 = time.perf_counter()
         try:
@@ -231,7 +237,7 @@ class RayEngine:
                 while waiting and len(running) < window:
                     task = waiting.pop(0)
                     running[remote.remote(task, source_key, source, schema_ref, settings_ref, self.upload_url,
-                                                  progress)] = task
+                                                  progress, report_s)] = task
                     self.tasks_submitted += 1
                 ready, _ = ray.wait(list(running), num_returns=len(running), timeout=0.2)
                 for ref in ready:

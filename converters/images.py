@@ -115,12 +115,52 @@ def _within_max_pixels(im: Image.Image, max_side: int | None, max_pixels: int) -
                              f"bomb guard): {how}, or raise --max-pixels if you trust the source")
 
 
+def _plain_baseline_rgb(raw: bytes) -> tuple[int, int] | None:
+    """(height, width) of a JPEG that PIL would open as a plain RGB baseline image (3 components,
+    no EXIF or Adobe segment before its frame header); None for anything else, or anything this
+    scan cannot be sure of, which then goes the whole way through PIL. Every length comes from
+    the file: each is checked against the bytes there are."""
+    n = len(raw)
+    if n < 4 or raw[0] != 0xFF or raw[1] != 0xD8:
+        return None
+    pos = 2
+    while pos + 4 <= n:
+        if raw[pos] != 0xFF:
+            return None
+        marker = raw[pos + 1]
+        if marker == 0xFF:  # fill byte
+            pos += 1
+            continue
+        length = raw[pos + 2] << 8 | raw[pos + 3]
+        if length < 2 or pos + 2 + length > n:
+            return None
+        if marker in (0xC0, 0xC1):  # baseline / extended sequential frame header
+            if length < 8:
+                return None
+            height, width = raw[pos + 5] << 8 | raw[pos + 6], raw[pos + 7] << 8 | raw[pos + 8]
+            return (height, width) if raw[pos + 9] == 3 and height and width else None
+        if marker in (0xE1, 0xEE) or 0xC2 <= marker <= 0xCF or marker in (0xDA, 0xD9):
+            return None  # EXIF (orientation), Adobe (colour transform), another frame kind, no frame
+        pos += 2 + length
+    return None
+
+
 def prepare_image(raw: bytes, max_side: int | None, quality: int, codec: str = "jpeg",
                   histogram: bool = True, max_pixels: int = DEFAULT_MAX_PIXELS) -> PreparedImage:
     """What to store for one source image. A storable JPEG is judged by the backends' own
     decoder (``pipelines/jpeg.py``), in one libjpeg pass: for an image in the stats sample (see
     ``stats_every``) a full decode, whose pixels are PIL's bit for bit; for any other, a read of
     all its coded data without the pixels (``jpeg_problem``), about 60% of a decode's cost."""
+    if codec == "raw" and (size := _plain_baseline_rgb(raw)) is not None and size[0] * size[1] <= max_pixels and (
+            max_side is None or max(size) <= max_side):
+        # a plain RGB baseline JPEG, stored as its pixels: the backends' decoder (PIL's bit for bit)
+        # without PIL's Python-side parse of every segment, the larger part of a 32 px image's cost
+        try:
+            pixels = decode_rgb(np.frombuffer(raw, np.uint8), *size)
+            return PreparedImage(data=pixels.tobytes(), height=size[0], width=size[1], passthrough=False,
+                                 histogram=_pixel_histogram(pixels) if histogram else None)
+        except JPEGDecodeError:
+            pass  # libjpeg warns: PIL decodes it below, as datasets shows it
     try:
         with _pil_guard_off():
             im = Image.open(io.BytesIO(raw))
@@ -136,7 +176,7 @@ def prepare_image(raw: bytes, max_side: int | None, quality: int, codec: str = "
             if codec == "raw":  # the backends' own decode, which is PIL's bit for bit, without PIL's overhead
                 pixels = decode_rgb(np.frombuffer(raw, np.uint8), im.height, im.width)
                 return PreparedImage(data=pixels.tobytes(), height=im.height, width=im.width, passthrough=False,
-                                     histogram=_histogram(Image.fromarray(pixels)) if histogram else None)
+                                     histogram=_pixel_histogram(pixels) if histogram else None)
             hist = None
             if histogram:
                 hist = _histogram(Image.fromarray(decode_rgb(np.frombuffer(raw, np.uint8), im.height, im.width)))
@@ -172,6 +212,14 @@ def prepare_image(raw: bytes, max_side: int | None, quality: int, codec: str = "
 def _histogram(im: Image.Image) -> np.ndarray:
     """(3, 256) pixel counts of an RGB image."""
     return np.asarray(im.histogram(), dtype=np.int64).reshape(3, 256)
+
+
+_CHANNEL_BINS = np.array([0, 256, 512], np.int32)
+
+
+def _pixel_histogram(pixels: np.ndarray) -> np.ndarray:
+    """:func:`_histogram` of (height, width, 3) uint8 pixels, without making a PIL image of them."""
+    return np.bincount((pixels.reshape(-1, 3) + _CHANNEL_BINS).ravel(), minlength=768).reshape(3, 256).astype(np.int64)
 
 
 def stats_every(num_images: int, codec: str) -> int:

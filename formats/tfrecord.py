@@ -83,29 +83,52 @@ class EncodedExample:
 
 def encode_example(bytes_features: Mapping[str, bytes], int_features: Mapping[str, Sequence[int]]) -> EncodedExample:
     """Serialize a ``tf.train.Example``; the first bytes feature's payload offset is returned
-    so readers can slice the image out of the file without parsing (records index)."""
+    so readers can slice the image out of the file without parsing (records index). Each
+    payload is copied once: the nested fields' headers are made from lengths alone (a CIFAR
+    image's Example is mostly header work, at tens of thousands a second)."""
     parts: list[bytes] = []
+    size = 0
     image_offset = -1
     for name, value in bytes_features.items():
         value = bytes(value)
-        bytes_list = _len_field(1, value)            # BytesList.value
-        feature = _len_field(1, bytes_list)          # Feature.bytes_list
-        entry_body = _feature_key(name) + _len_field(2, feature)  # map entry key, value
-        entry = _len_field(1, entry_body)            # Features.feature
+        prefix = _bytes_entry_prefix(name, len(value))
         if image_offset < 0:
-            # payload is the tail of `entry`
-            image_offset_in_entry = len(entry) - len(value)
-            image_offset = sum(map(len, parts)) + image_offset_in_entry
-        parts.append(entry)
+            image_offset = size + len(prefix)
+        parts += (prefix, value)
+        size += len(prefix) + len(value)
     for name, values in int_features.items():
-        packed = b"".join(_varint(int(v)) for v in values)
-        int_list = _len_field(1, packed)             # Int64List.value (packed)
-        feature = _len_field(3, int_list)            # Feature.int64_list
-        entry = _len_field(1, _feature_key(name) + _len_field(2, feature))
+        entry = _int_entry(name, int(values[0])) if len(values) == 1 else _int_entry_of(name, values)
         parts.append(entry)
-    features = b"".join(parts)
-    header = _varint(1 << 3 | 2) + _varint(len(features))  # Example.features
-    return EncodedExample(header + features, len(header) + image_offset if image_offset >= 0 else -1)
+        size += len(entry)
+    header = _varint(1 << 3 | 2) + _varint(size)  # Example.features
+    return EncodedExample(b"".join([header, *parts]), len(header) + image_offset if image_offset >= 0 else -1)
+
+
+_TAG1, _TAG2, _TAG3 = _varint(1 << 3 | 2), _varint(2 << 3 | 2), _varint(3 << 3 | 2)
+
+
+def _bytes_entry_prefix(name: str, n: int) -> bytes:
+    """Features.feature map entry {key: name, value: Feature{bytes_list: BytesList{value: [<n bytes>]}}},
+    all but the payload."""
+    bytes_list = len(_TAG1) + len(_varint(n)) + n                  # BytesList.value
+    feature = len(_TAG1) + len(_varint(bytes_list)) + bytes_list   # Feature.bytes_list
+    key = _feature_key(name)
+    body = len(key) + len(_TAG2) + len(_varint(feature)) + feature  # map entry: key, value
+    return b"".join((_TAG1, _varint(body), key, _TAG2, _varint(feature), _TAG1, _varint(bytes_list), _TAG1,
+                     _varint(n)))
+
+
+def _int_entry_of(name: str, values: Sequence[int]) -> bytes:
+    packed = b"".join(_varint(int(v)) for v in values)
+    int_list = _len_field(1, packed)             # Int64List.value (packed)
+    feature = _len_field(3, int_list)            # Feature.int64_list
+    return _len_field(1, _feature_key(name) + _len_field(2, feature))
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _int_entry(name: str, value: int) -> bytes:
+    """A one-value int64 feature's map entry (heights, widths and labels repeat: made once)."""
+    return _int_entry_of(name, (value,))
 
 
 def decode_example(data: bytes | memoryview) -> tuple[dict[str, bytes], dict[str, list[int]]]:

@@ -205,7 +205,8 @@ class RayCluster:
         subprocess.run([ray, "start", "--head", f"--num-cpus={cpus}", "--node-ip-address=127.0.0.1",
                         f"--port={self.port}", "--include-dashboard=false", "--disable-usage-stats"],
                        check=True, capture_output=True)
-        self.address = f"127.0.0.1:{self.port}"
+        # on this machine: found through the session ray start wrote (its auth token included)
+        self.address = "auto"
 
     def close(self):
         import subprocess

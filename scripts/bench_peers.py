@@ -241,14 +241,13 @@ def prepare(args):
         if not (source / "dataset_dict.json").exists():
             ds = datasets.load_dataset(src, split=split)
             datasets.DatasetDict({"train": datasets.concatenate_datasets([ds] * tile)}).save_to_disk(str(source))
-        # CIFAR as the hub stores it (PNG) converts to raw pixels; the shared sample holds JPEGs,
-        # so ask for raw: the same storage raw FFCV's CIFAR example uses
-        codec = "raw" if name == "cifar" else "auto"
+        # the default codec: CIFAR's 32 px images (the shared sample's JPEGs, or the hub's PNGs) are
+        # stored as raw pixels, the storage raw FFCV's CIFAR example uses; photos as JPEG
+        expected = "raw" if name == "cifar" else "jpeg"
         for fmt in ("beton", "tfrecord"):
-            if not (d / fmt / "manifest.json").exists() or (
-                    Manifest.read(d / fmt).split("train").image_codec != ("raw" if codec == "raw" else "jpeg")):
-                convert(str(source), d / fmt, format=fmt, workers=args.workers, progress=False, image_codec=codec,
-                        overwrite=True)
+            if not (d / fmt / "manifest.json").exists() or Manifest.read(d / fmt).split("train").image_codec != expected:
+                convert(str(source), d / fmt, format=fmt, workers=args.workers, progress=False, overwrite=True)
+                assert Manifest.read(d / fmt).split("train").image_codec == expected
         raw = d / "ffcv-writer.beton"
         if not raw.exists():  # ffcv's own writer, as its docs write it
             import_ffcv()

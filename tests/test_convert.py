@@ -589,3 +589,29 @@ def test_auto_stores_small_jpegs_as_the_pixels_every_backend_decodes(tmp_path):
         pixels = np.asarray(r.image(i))
         assert np.array_equal(pixels, decode_rgb(np.frombuffer(jpeg, np.uint8), 32, 32))
         assert np.array_equal(pixels, np.asarray(Image.open(io.BytesIO(jpeg)).convert("RGB")))
+
+
+def test_small_jpegs_stored_raw_are_what_datasets_shows(tmp_path):
+    """Stored raw, every small JPEG is the image datasets shows the user: a plain baseline RGB one
+    through the backends' decoder, a rotated (EXIF), CMYK, grayscale or progressive one through PIL
+    (EXIF applied); a truncated one is refused by name."""
+    from PIL import ImageOps
+    rng = np.random.default_rng(1)
+    rgb = rng.integers(0, 256, (24, 40, 3), dtype=np.uint8)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    rotated, cmyk = io.BytesIO(), io.BytesIO()
+    Image.fromarray(rgb).save(rotated, "JPEG", exif=exif.tobytes())
+    Image.fromarray(rgb).convert("CMYK").save(cmyk, "JPEG")
+    sources = [jpeg_bytes(rgb), rotated.getvalue(), cmyk.getvalue(), jpeg_bytes(rgb[..., 0]),
+               jpeg_bytes(rgb, progressive=True)]
+    src = save_splits(tmp_path / "src", train=_image_dataset(sources))
+    m = convert(str(src), tmp_path / "out", format="tfrecord", progress=False)
+    assert m.split("train").image_codec == "raw"
+    r = SplitReader(m, "train")
+    for i, b in enumerate(sources):
+        shown = np.asarray(ImageOps.exif_transpose(Image.open(io.BytesIO(b))).convert("RGB"))
+        assert np.array_equal(np.asarray(r.image(i)), shown), i
+    bad = save_splits(tmp_path / "bad", train=_image_dataset([sources[0], sources[0][:len(sources[0]) // 2]]))
+    with pytest.raises(CorruptImageError, match="index 1"):
+        convert(str(bad), tmp_path / "bad-out", format="tfrecord", progress=False)
