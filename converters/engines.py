@@ -150,11 +150,16 @@ def _ray_node() -> str:
 _SOURCES: dict = {}  # in a Ray worker: the sources its tasks opened, by key (one conversion's)
 
 
-def _ray_shard(task, source_key, source, schema, settings, upload_url, progress, report_s) -> ShardResult:
+def _ray_shard(task, source_key, source_ref, schema, settings, upload_url, progress, report_s) -> ShardResult:
     """One Ray task: ``task``'s rows from ``source``, written to its shared directory, or (with
     ``upload_url``) in a temporary directory of this node and uploaded to the store."""
     attempt = f"{os.uname().nodename}-{os.getpid()}-{time.monotonic_ns()}"
-    source = _SOURCES.setdefault(source_key, source)  # a worker's tasks share what they opened
+    # fetched once per worker (a reference in a list is not resolved for each task: an image folder's
+    # paths would be deserialized again by every task), and what it opened is shared by its tasks
+    source = _SOURCES.get(source_key)
+    if source is None:
+        import ray
+        source = _SOURCES.setdefault(source_key, ray.get(source_ref[0]))
     rows = source.rows(task.split, schema.image_column, settings.get("shuffle_seed"))
     report = _Reporter(progress, (task.split, task.shard), attempt, report_s)
     node = _ray_node()
@@ -236,7 +241,7 @@ class RayEngine:
             while waiting or running:
                 while waiting and len(running) < window:
                     task = waiting.pop(0)
-                    running[remote.remote(task, source_key, source, schema_ref, settings_ref, self.upload_url,
+                    running[remote.remote(task, source_key, [source], schema_ref, settings_ref, self.upload_url,
                                                   progress, report_s)] = task
                     self.tasks_submitted += 1
                 ready, _ = ray.wait(list(running), num_returns=len(running), timeout=0.2)
