@@ -491,14 +491,21 @@ def test_second_conversion_into_the_same_directory_refuses_at_once(tmp_path):
                               "--workers", "1", "--shard-size", "500"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         deadline = time.time() + 60
-        while time.time() < deadline and not (out / ".lock").exists():
-            time.sleep(0.05)
+        def locked() -> bool:  # the owner's pid is written once the lock is held
+            try:
+                return (out / ".lock").read_text().startswith("pid")
+            except OSError:
+                return False
+        while time.time() < deadline and not locked():
+            time.sleep(0.01)
+        os.kill(first.pid, signal.SIGSTOP)  # held mid-run, lock and all: a conversion takes ~1 s now
         t0 = time.time()
         r = subprocess.run([*FASTLOAD, "convert", str(CIFAR10), "--format", "tfrecord", "--out", str(out)],
                            capture_output=True, text=True, timeout=60)
         _one_line_error(r, "being written by another conversion", f"pid {first.pid}")
         assert time.time() - t0 < 30
     finally:
+        os.kill(first.pid, signal.SIGCONT)
         first.kill()
         first.wait()
 
