@@ -226,7 +226,8 @@ class RayEngine:
 
     def run(self, todo, schema, settings, advance, finished) -> None:
         ray = self._connect()
-        remote = ray.remote(num_cpus=1, max_retries=RAY_TASK_RETRIES)(_ray_shard)
+        # spread over the nodes: each brings its CPUs, disk and network (Ray's default packs a node first)
+        remote = ray.remote(num_cpus=1, max_retries=RAY_TASK_RETRIES, scheduling_strategy="SPREAD")(_ray_shard)
         # on the driver's node: a lost worker node takes tasks with it, never the count
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
         here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
