@@ -145,6 +145,14 @@ def _plain_baseline_rgb(raw: bytes) -> tuple[int, int] | None:
     return None
 
 
+def _raw_pixels_of(raw: bytes, height: int, width: int, histogram: bool) -> PreparedImage:
+    """An RGB baseline JPEG stored as its pixels, decoded by the backends' own decoder (PIL's bit
+    for bit); raises JPEGDecodeError where libjpeg refuses or warns."""
+    pixels = decode_rgb(np.frombuffer(raw, np.uint8), height, width)
+    return PreparedImage(data=pixels.tobytes(), height=height, width=width, passthrough=False,
+                         histogram=_pixel_histogram(pixels) if histogram else None)
+
+
 def prepare_image(raw: bytes, max_side: int | None, quality: int, codec: str = "jpeg",
                   histogram: bool = True, max_pixels: int = DEFAULT_MAX_PIXELS) -> PreparedImage:
     """What to store for one source image. A storable JPEG is judged by the backends' own
@@ -156,9 +164,7 @@ def prepare_image(raw: bytes, max_side: int | None, quality: int, codec: str = "
         # a plain RGB baseline JPEG, stored as its pixels: the backends' decoder (PIL's bit for bit)
         # without PIL's Python-side parse of every segment, the larger part of a 32 px image's cost
         try:
-            pixels = decode_rgb(np.frombuffer(raw, np.uint8), *size)
-            return PreparedImage(data=pixels.tobytes(), height=size[0], width=size[1], passthrough=False,
-                                 histogram=_pixel_histogram(pixels) if histogram else None)
+            return _raw_pixels_of(raw, *size, histogram)
         except JPEGDecodeError:
             pass  # libjpeg warns: PIL decodes it below, as datasets shows it
     try:
@@ -174,9 +180,7 @@ def prepare_image(raw: bytes, max_side: int | None, quality: int, codec: str = "
             and orientation in (1, None) and not too_big and im.size[0] * im.size[1] <= max_pixels):
         try:
             if codec == "raw":  # the backends' own decode, which is PIL's bit for bit, without PIL's overhead
-                pixels = decode_rgb(np.frombuffer(raw, np.uint8), im.height, im.width)
-                return PreparedImage(data=pixels.tobytes(), height=im.height, width=im.width, passthrough=False,
-                                     histogram=_pixel_histogram(pixels) if histogram else None)
+                return _raw_pixels_of(raw, im.height, im.width, histogram)
             hist = None
             if histogram:
                 hist = _histogram(Image.fromarray(decode_rgb(np.frombuffer(raw, np.uint8), im.height, im.width)))
