@@ -347,7 +347,9 @@ class FastLoader:
         local = 1
         if remote is not None:  # a remote dataset's units fetched ahead, in the order this node uses them
             node_order, local = self._node_order(epoch, order, skip)
-            remote.plan(node_order, lag=2 * self.batch_size * local)  # ranks drift a batch or two apart
+            # a node's ranks drift a batch or two apart: a unit one of them used lately may still be in
+            # use by another (a lone rank's decoders are ahead of its position, never behind)
+            remote.plan(node_order, lag=2 * self.batch_size * local if local > 1 else 0)
         batches = self._backend_for(self.spec_for_epoch(epoch)).run_epoch(order[skip:], params[skip:])
         # (a remote prefetch runs on past the epoch's end: what it fetches serves the next epochs)
         yield from self._batches(batches, epoch, start, batch_threads, threads, remote, local)

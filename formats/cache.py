@@ -305,7 +305,8 @@ class RemoteFiles:
             try:
                 _lock_file(fd, wait=True)
                 while (held := self.used_bytes() + self._reserved_bytes()) + need > self._room_limit(held):
-                    if not (self._drop_samples_read_ahead()
+                    # samples read by range for the batches being read stay: dropping them fails those batches
+                    if not (self._drop_samples_read_ahead(self.in_flight())
                             or self._evict_one(exclude=unit.index, before=self._use_of(unit.index))):
                         limit = (f"cache_limit={self.limit} bytes" if self.limit is not None else
                                  f"the free space of {self.root}")
@@ -570,6 +571,7 @@ class RemoteSplit:
                 self.files.fetch(u)
             self.ready[i] = True
             return True
+        self._recent.append({int(self.unit_first[i]), int(self.unit_last[i])})  # kept until it is read
         ok = self._fetch_sample(i)
         self.ready[i] = ok
         return ok

@@ -199,14 +199,32 @@ def _wait_listening(port: int, proc: subprocess.Popen, what: str) -> None:
     raise RuntimeError(f"{what} did not listen on {port}")
 
 
+S3RVER = Path(__file__).resolve().parents[1] / ".cache" / "s3rver" / "node_modules" / ".bin" / "s3rver"
+
+
 class StoreServers:
     """moto's S3 server and this proxy in front of it, as processes; ``endpoint`` is the proxy's."""
 
-    def __init__(self, latency_ms: float = 0, directory: str | None = None, moto_port: int | None = None):
+    def __init__(self, latency_ms: float = 0, directory: str | None = None, moto_port: int | None = None,
+                 server: str = "moto"):
         """``moto_port``: another proxy in front of a running moto server (a second node's view,
-        with its own log)."""
+        with its own log). ``server="s3rver"``: the npm s3rver server instead of moto, for
+        benchmarks (it answers a range request from the file's range; moto copies the whole object
+        per request); ``scripts/setup_streaming_peers.sh`` installs it."""
         self.procs = []
-        if moto_port is not None:
+        self.credentials = ("testing", "testing")
+        if server == "s3rver":
+            import tempfile
+            if not S3RVER.exists():
+                raise RuntimeError(f"{S3RVER} is missing: run scripts/setup_streaming_peers.sh")
+            self.moto_port = free_port()
+            self._s3rver_dir = tempfile.TemporaryDirectory(prefix="s3rver-")
+            proc = subprocess.Popen([str(S3RVER), "-d", self._s3rver_dir.name, "-a", "127.0.0.1", "-p",
+                                     str(self.moto_port), "--silent"], stdout=subprocess.DEVNULL)
+            self.procs.append(proc)
+            _wait_listening(self.moto_port, proc, "s3rver")
+            self.credentials = ("S3RVER", "S3RVER")
+        elif moto_port is not None:
             self.moto_port = moto_port
         elif directory is None:
             self.moto_port = free_port()
@@ -224,8 +242,8 @@ class StoreServers:
 
     def env(self) -> dict:
         """What a client needs to reach the S3 server (the standard variables)."""
-        return {"AWS_ENDPOINT_URL": self.endpoint, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-                "AWS_DEFAULT_REGION": "us-east-1"}
+        return {"AWS_ENDPOINT_URL": self.endpoint, "AWS_ACCESS_KEY_ID": self.credentials[0],
+                "AWS_SECRET_ACCESS_KEY": self.credentials[1], "AWS_DEFAULT_REGION": "us-east-1"}
 
     def _call(self, method: str, what: str, body=None):
         data = json.dumps(body).encode() if body is not None else None
@@ -255,6 +273,18 @@ class StoreServers:
         for p in reversed(self.procs):
             p.kill()
             p.wait()
+        if getattr(self, "_s3rver_dir", None) is not None:
+            self._s3rver_dir.cleanup()
+
+
+def store_bytes(endpoint: str, clear: bool = False) -> int:
+    """Body bytes of the GETs the proxy at ``endpoint`` relayed since its log was last cleared
+    (then cleared, with ``clear``): for a process that holds no StoreServers (a benchmark's child)."""
+    with urllib.request.urlopen(f"{endpoint}/__control__/log", timeout=30) as r:
+        n = sum(e[4] for e in json.loads(r.read()) if e[0] == "GET")
+    if clear:
+        urllib.request.urlopen(urllib.request.Request(f"{endpoint}/__control__/log", method="DELETE"), timeout=30)
+    return n
 
 
 if __name__ == "__main__":

@@ -1,0 +1,138 @@
+#!/usr/bin/env python
+"""litdata and Mosaic streaming, each written as its own docs write it: run by
+scripts/bench_streaming.py in the peers' venv (scripts/setup_streaming_peers.sh), one process per
+measurement. Not importable beside fastload: it needs torchvision.
+
+    .cache/streaming-peers/bin/python scripts/streaming_peers.py '<json config>'
+
+Config: ``{"system": "litdata" | "mosaic", "phase": "write" | "read", ...}``.
+- write: ``folder`` (an image folder, root/train/<class>/<file>) to ``out``, a local directory,
+  with the system's own writer and its documented defaults (litdata's ``optimize`` with
+  ``chunk_bytes="64MB"``, as its README; Mosaic's ``MDSWriter`` with ``jpeg`` and ``int`` columns,
+  as its ImageNet conversion).
+- read: ``url`` (s3://) through the system's ``StreamingDataset`` with ``shuffle=True``, a cache
+  of ``cache_limit`` bytes at ``cache_dir``, torchvision's RandomResizedCrop(224) + flip +
+  normalize in ``__getitem__`` (their docs' pattern), their DataLoader with ``workers`` workers;
+  ``epochs`` epochs, each one's img/s, first batch, bytes from the store and labels per batch.
+The last line printed is the result, as JSON.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from store_proxy import store_bytes  # noqa: E402
+
+MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def image_files(folder: str) -> list[tuple[str, int]]:
+    """(path, label) of an image folder's train split, classes sorted (torchvision's ImageFolder)."""
+    root = Path(folder) / "train"
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir())
+    return [(str(root / c / f), k) for k, c in enumerate(classes) for f in sorted(os.listdir(root / c))]
+
+
+def train_transform():
+    """RandomResizedCrop(224) + flip + normalize: torchvision's ImageNet recipe (transforms v2,
+    which takes a PIL image or a decoded tensor alike)."""
+    import torch
+    from PIL import Image
+    from torchvision.transforms import v2
+
+    def rgb(x):  # a CMYK or grayscale JPEG decoded by PIL: RGB, as ImageFolder's loader does
+        return x.convert("RGB") if isinstance(x, Image.Image) and x.mode != "RGB" else x
+    return v2.Compose([rgb, v2.ToImage(), v2.RGB(), v2.RandomResizedCrop(224, antialias=True), v2.RandomHorizontalFlip(),
+                       v2.ToDtype(torch.float32, scale=True), v2.Normalize(MEAN, STD)])
+
+
+# --------------------------------------------------------------------------- litdata
+def litdata_prepare(item):
+    from PIL import Image
+    path, label = item
+    return {"image": Image.open(path), "class": label}
+
+
+def litdata_write(cfg: dict) -> None:
+    import litdata as ld
+    ld.optimize(fn=litdata_prepare, inputs=image_files(cfg["folder"]), output_dir=cfg["out"], chunk_bytes="64MB",
+                num_workers=cfg.get("workers", os.cpu_count()))
+
+
+def litdata_loader(cfg: dict):
+    import litdata as ld
+    transform = train_transform()
+
+    class ImageNetStreaming(ld.StreamingDataset):
+        def __getitem__(self, index):
+            data = super().__getitem__(index)
+            return transform(data["image"]), data["class"]
+    dataset = ImageNetStreaming(cfg["url"], shuffle=True, drop_last=False, max_cache_size=cfg["cache_limit"],
+                                cache_dir=cfg["cache_dir"])
+    return ld.StreamingDataLoader(dataset, batch_size=cfg["batch_size"], num_workers=cfg["workers"]), dataset
+
+
+# --------------------------------------------------------------------------- Mosaic streaming
+def mosaic_write(cfg: dict) -> None:
+    from PIL import Image
+    from streaming import MDSWriter
+    with MDSWriter(out=cfg["out"], columns={"x": "jpeg", "y": "int"}) as out:
+        for path, label in image_files(cfg["folder"]):
+            out.write({"x": Image.open(path), "y": label})
+
+
+def mosaic_loader(cfg: dict):
+    from streaming import StreamingDataset
+    from torch.utils.data import DataLoader
+    transform = train_transform()
+
+    class ImageNetStreaming(StreamingDataset):
+        def __getitem__(self, index):
+            obj = super().__getitem__(index)
+            return transform(obj["x"]), obj["y"]
+    dataset = ImageNetStreaming(remote=cfg["url"], local=cfg["cache_dir"], shuffle=True, batch_size=cfg["batch_size"],
+                                cache_limit=cfg["cache_limit"])
+    # their docs: a plain DataLoader (or their StreamingDataLoader) with persistent workers off by default
+    return DataLoader(dataset, batch_size=cfg["batch_size"], num_workers=cfg["workers"]), dataset
+
+
+# --------------------------------------------------------------------------- measuring
+def read(cfg: dict) -> dict:
+    import numpy as np
+    store_bytes(cfg["endpoint"], clear=True)
+    t0 = time.perf_counter()
+    loader, dataset = (litdata_loader if cfg["system"] == "litdata" else mosaic_loader)(cfg)
+    out = {"epochs": []}
+    for e in range(cfg["epochs"]):
+        if hasattr(dataset, "set_epoch"):
+            dataset.set_epoch(e)
+        n, first, labels = 0, None, []
+        t = time.perf_counter()
+        for images, y in loader:
+            if first is None:
+                first = time.perf_counter() - (t0 if e == 0 else t)
+            n += len(y)
+            labels.append(len(np.unique(np.asarray(y))))
+        dt = time.perf_counter() - t
+        full = labels[:-1] if len(labels) > 1 else labels  # the last batch may be short
+        out["epochs"].append({"img_s": n / dt, "seconds": dt, "first_batch_s": first, "images": n,
+                              "labels_per_batch": float(np.mean(full)), "bytes": store_bytes(cfg["endpoint"], clear=True)})
+    return out
+
+
+def main():
+    cfg = json.loads(sys.argv[1])
+    if cfg["phase"] == "write":
+        t = time.perf_counter()
+        (litdata_write if cfg["system"] == "litdata" else mosaic_write)(cfg)
+        print(json.dumps({"seconds": time.perf_counter() - t}))
+    else:
+        print(json.dumps(read(cfg)))
+
+
+if __name__ == "__main__":
+    main()
