@@ -24,7 +24,6 @@ import shutil
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -34,16 +33,12 @@ sys.path.insert(0, str(ROOT / "scripts"))
 
 def child(cfg: dict) -> dict:
     """Runs in its own process: epochs of one loader, timed, with the store's bytes per epoch."""
+    from store_proxy import store_bytes as read_log
+
     from fastload import FastLoader
 
     def store_bytes(clear=False):
-        if not cfg.get("endpoint"):
-            return 0
-        with urllib.request.urlopen(f"{cfg['endpoint']}/__control__/log", timeout=30) as r:
-            n = sum(e[4] for e in json.loads(r.read()) if e[0] == "GET")
-        if clear:
-            urllib.request.urlopen(urllib.request.Request(f"{cfg['endpoint']}/__control__/log", method="DELETE"))
-        return n
+        return read_log(cfg["endpoint"], clear) if cfg.get("endpoint") else 0
     store_bytes(clear=True)
     t0 = time.perf_counter()
     loader = FastLoader(cfg["location"], "train", batch_size=cfg["batch_size"], spec=cfg["spec"],

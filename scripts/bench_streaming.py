@@ -109,7 +109,7 @@ def fastload_child(cfg: dict) -> dict:
     """Runs in its own process: epochs of one FastLoader, as bench_remote's, with labels per batch."""
     import warnings
 
-    import numpy as np
+    from epoch_meter import measure_epoch
     from store_proxy import store_bytes
 
     from fastload import FastLoader
@@ -131,18 +131,7 @@ def fastload_child(cfg: dict) -> dict:
     out = {"epochs": [], "order": loader.order, "warnings": [str(w.message) for w in caught]}
     for e in range(cfg["epochs"]):
         loader.set_epoch(e)
-        n, first, labels = 0, None, []
-        t = time.perf_counter()
-        for images, y in loader:
-            if first is None:
-                first = time.perf_counter() - (t0 if e == 0 else t)
-            n += len(y)
-            labels.append(len(np.unique(y.numpy())))
-        dt = time.perf_counter() - t
-        full = labels[:-1] if len(labels) > 1 else labels
-        out["epochs"].append({"img_s": n / dt, "seconds": dt, "first_batch_s": first, "images": n,
-                              "labels_per_batch": float(np.mean(full)),
-                              "bytes": store_bytes(endpoint, clear=True) if endpoint else 0})
+        out["epochs"].append(measure_epoch(loader, t0 if e == 0 else time.perf_counter(), endpoint))
     return out
 
 

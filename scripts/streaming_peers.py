@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from epoch_meter import measure_epoch  # noqa: E402  (beside this file)
 from store_proxy import store_bytes  # noqa: E402
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -102,7 +103,6 @@ def mosaic_loader(cfg: dict):
 
 # --------------------------------------------------------------------------- measuring
 def read(cfg: dict) -> dict:
-    import numpy as np
     store_bytes(cfg["endpoint"], clear=True)
     t0 = time.perf_counter()
     loader, dataset = (litdata_loader if cfg["system"] == "litdata" else mosaic_loader)(cfg)
@@ -110,17 +110,7 @@ def read(cfg: dict) -> dict:
     for e in range(cfg["epochs"]):
         if hasattr(dataset, "set_epoch"):
             dataset.set_epoch(e)
-        n, first, labels = 0, None, []
-        t = time.perf_counter()
-        for images, y in loader:
-            if first is None:
-                first = time.perf_counter() - (t0 if e == 0 else t)
-            n += len(y)
-            labels.append(len(np.unique(np.asarray(y))))
-        dt = time.perf_counter() - t
-        full = labels[:-1] if len(labels) > 1 else labels  # the last batch may be short
-        out["epochs"].append({"img_s": n / dt, "seconds": dt, "first_batch_s": first, "images": n,
-                              "labels_per_batch": float(np.mean(full)), "bytes": store_bytes(cfg["endpoint"], clear=True)})
+        out["epochs"].append(measure_epoch(loader, t0 if e == 0 else time.perf_counter(), cfg["endpoint"]))
     return out
 
 
