@@ -255,7 +255,7 @@ class RemoteFiles:
                     if e.errno != errno.ENOSPC:
                         raise self._disk_error(e) from None
                     waited = 0
-                    while not (self._evict_one(exclude=None) or self._drop_samples_read_ahead(self.in_flight())):
+                    while not (self._evict_one(exclude=None) or self._drop_samples_read_ahead()):
                         # units being fetched may become evictable
                         if waited >= 20 or not self._reserved_bytes():
                             raise self._disk_error(e) from None
@@ -305,8 +305,7 @@ class RemoteFiles:
             try:
                 _lock_file(fd, wait=True)
                 while (held := self.used_bytes() + self._reserved_bytes()) + need > self._room_limit(held):
-                    # samples read by range for the batches being read stay: dropping them fails those batches
-                    if not (self._drop_samples_read_ahead(self.in_flight())
+                    if not (self._drop_samples_read_ahead()
                             or self._evict_one(exclude=unit.index, before=self._use_of(unit.index))):
                         limit = (f"cache_limit={self.limit} bytes" if self.limit is not None else
                                  f"the free space of {self.root}")
@@ -393,20 +392,21 @@ class RemoteFiles:
         finally:
             os.close(data_fd)
 
-    def trim(self, keep: set[int]) -> None:
-        """Past the cache's room, samples this process fetched by range into other units than
-        ``keep`` (the batches in flight's) are dropped: their units come whole or not at all."""
+    def trim(self) -> None:
+        """Past the cache's room, samples this process fetched by range are dropped (but for the
+        batches in flight's): their units come whole or not at all."""
         if self.limit is None:
             return
         if self.used_bytes() > self.limit:
-            self._drop_samples_read_ahead(keep)
+            self._drop_samples_read_ahead()
 
-    def _drop_samples_read_ahead(self, keep: set[int] = frozenset()) -> bool:
+    def _drop_samples_read_ahead(self) -> bool:
         """On a full disk with no unit to evict: the samples fetched by range into units not yet
         present take room no marker accounts for; their ranges are punched out (a reader of one
-        sees its check fail and fetches it again). True when there was any."""
+        sees its check fail and fetches it again). The batches in flight's stay: dropping them
+        would fail those batches (their heal's copy too). True when there was any."""
         dropped = False
-        for u in sorted(self.loose - keep):  # this process's: another's are its own to drop
+        for u in sorted(self.loose - self.in_flight()):  # this process's: another's are its own to drop
             unit = self.units[u]
             self.loose.discard(u)
             if self.present(u):
@@ -507,7 +507,7 @@ class RemoteSplit:
             if self.crcs is not None:
                 self._fetch_samples(np.unique(todo[missing]))
                 self._recent.append({int(u) for u in units})
-                files.trim(keep=self.in_flight())
+                files.trim()
             else:
                 list(self._pool("units").map(files.fetch, sorted(absent)))
         self.ready[todo] = True

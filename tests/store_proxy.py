@@ -213,6 +213,7 @@ class StoreServers:
         per request); ``scripts/setup_streaming_peers.sh`` installs it."""
         self.procs = []
         self.credentials = ("testing", "testing")
+        self._s3rver_dir = None
         if server == "s3rver":
             import tempfile
             if not S3RVER.exists():
@@ -273,7 +274,7 @@ class StoreServers:
         for p in reversed(self.procs):
             p.kill()
             p.wait()
-        if getattr(self, "_s3rver_dir", None) is not None:
+        if self._s3rver_dir is not None:
             self._s3rver_dir.cleanup()
 
 
