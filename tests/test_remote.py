@@ -122,6 +122,30 @@ def test_cache_limit_evicts_furthest_and_keeps_the_data(s3, store, imagenet_dirs
         assert loader.manifest.remote.used_bytes() <= limit + batch
 
 
+def test_a_full_cache_keeps_the_samples_of_batches_in_flight(s3, store, tmp_path, monkeypatch):
+    """A cache too small for the units the batches need (a .beton of 8 MB units, a cache of 5 MB):
+    each batch's samples come by range while the decoders read the batches ahead; making room for
+    the next batch must not punch out theirs (it did: 'does not match their checksum', twice, on
+    a correct dataset)."""
+    from conftest import IMAGENET
+    from fastload import convert
+    from fastload.formats import beton
+    monkeypatch.setattr(beton, "CHUNK_BYTES", 1)  # one page a unit: several units in 22 MB
+    local = tmp_path / "beton"
+    convert(str(IMAGENET), local, format="beton", workers=2, progress=False)
+    f = Manifest.read(local).split("validation").files[0]
+    assert f["size"] // f["chunk_size"] >= 2
+    url = upload(local, f"{s3}/b")
+    store.latency(5)
+    limit = 5 * 2**20
+    loader = FastLoader(url, backend="ffcv", cache_dir=tmp_path / "cache", cache_limit=limit, order="shards",
+                        columns=("index",), drop_last=False, **{**KW, "batch_size": 16})
+    for epoch in range(2):
+        loader.set_epoch(epoch)
+        assert sorted(i for _, _, index in loader for i in index.tolist()) == list(range(200))
+    assert loader.manifest.remote.used_bytes() <= limit + 4 * 16 * int(loader.reader.records["size"].max())
+
+
 def test_two_ranks_share_one_cache_and_download_each_unit_once(s3, store, imagenet_dirs, tmp_path):
     url = upload(imagenet_dirs["tfrecord"], f"{s3}/t")
     store.clear_log()
