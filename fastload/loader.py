@@ -205,7 +205,7 @@ class FastLoader:
         would have come next (bit-identical: order, crops and augmentations are functions of the
         seed, the epoch and the batch's position, so no skipped batch is decoded)."""
         elastic = self._elastic if self._elastic is not None and self._elastic[0] == self.epoch else None
-        consumed = (elastic[1] if elastic else 0) + self._batches_done * self.batch_size * self.world_size
+        consumed = self._batches_done * self.batch_size * self.world_size  # the global batch is the same
         return {"format": self.STATE_FORMAT, "epoch": self.epoch, "batches_done": self._batches_done,
                 "seed": self.seed, "rank": self.rank, "world_size": self.world_size,
                 # where the epoch's global sequence stands (elastic resume): samples consumed across
@@ -240,9 +240,14 @@ class FastLoader:
                              "resuming repeated_augmentation on another number of ranks is not supported")
         self._elastic = None
         if elastic:  # the epoch's global sequence, from where all ranks stood, dealt to this world
-            done = int(state.get("samples_done", int(state["batches_done"]) * state["global_batch_size"]))
+            done = state.get("samples_done", int(state["batches_done"]) * state["global_batch_size"])
+            if not (isinstance(done, int) and done >= 0 and done % mine["global_batch_size"] == 0):
+                raise ValueError(f"samples_done={done!r} is invalid: a state_dict() at a step boundary holds a "
+                                 f"multiple of the global batch size {mine['global_batch_size']}")
             self._elastic = (int(state["epoch"]), done, int(state.get("order_world_size", old_world)))
-            self.epoch, self._resume_batch = int(state["epoch"]), 0
+            # as many batches done as the old ranks had (global_order keeps what they consumed first),
+            # so a trainer that counts steps (Lightning) counts the epoch's length as before
+            self.epoch, self._resume_batch = int(state["epoch"]), done // mine["global_batch_size"]
         else:
             self.epoch, self._resume_batch = int(state["epoch"]), int(state["batches_done"])
         if not 0 <= self._resume_batch <= len(self):
@@ -254,7 +259,7 @@ class FastLoader:
     @property
     def num_samples(self) -> int:
         """Samples this rank sees per epoch (before drop_last on the final batch); in an epoch
-        resumed on another number of ranks, what is left of it."""
+        resumed on another number of ranks, its share of that epoch's sequence (global_order)."""
         from fastload.pipelines.sampling import rank_share, repeated_share
         if self._elastic is not None and self._elastic[0] == self.epoch:
             return len(self.global_order(self.epoch)) // self.world_size
@@ -301,7 +306,9 @@ class FastLoader:
 
     def global_order(self, epoch: int) -> np.ndarray:
         """The epoch's global sequence over the selected samples (pipelines/orders.py): rank r
-        reads ``[r::world_size]``; an elastic resume's epoch, what was left of it."""
+        reads ``[r::world_size]``. An epoch resumed on another number of ranks: what the old ranks
+        consumed, then what was left of it dealt to this world (each rank skips its part of the
+        first, as in any resume)."""
         from fastload.pipelines.orders import global_order, remainder
         elastic = self._elastic if self._elastic is not None and self._elastic[0] == epoch else None
         world = elastic[2] if elastic else self.world_size
@@ -310,7 +317,7 @@ class FastLoader:
                          shuffle=self.shuffle, seed=self.seed, epoch=epoch, world_size=world,
                          drop_last=self.drop_last, units=units, window_units=self._window_units())
         if elastic:
-            g = remainder(g, elastic[1], self.world_size, self.drop_last)
+            g = np.concatenate([g[:elastic[1]], remainder(g, elastic[1], self.world_size, self.drop_last)])
         return g
 
     def epoch_plan(self, epoch: int | None = None) -> tuple[np.ndarray, np.ndarray]:

@@ -2,10 +2,14 @@
 from a mid-epoch checkpoint that sees exactly the batches the uninterrupted run saw."""
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+
 import pytest
 import torch
 
-from conftest import needs_shared
+from conftest import ROOT, needs_shared, torchrun
 
 pl = pytest.importorskip("lightning.pytorch")
 from fastload.lightning import FastDataModule  # noqa: E402
@@ -76,3 +80,29 @@ def test_datamodule_errors(labelled_colors, tmp_path):
     dm = FastDataModule(labelled_colors["beton"], batch_size=16)
     assert dm.val_split is None and dm.val_dataloader() == []
     assert len(dm.train_dataloader()) == 7  # drop_last: 120 images
+
+
+def _lightning_job(*args, nproc: int = 1) -> subprocess.CompletedProcess:
+    worker = [str(ROOT / "tests" / "lightning_worker.py"), *map(str, args)]
+    cmd = [sys.executable, *worker] if nproc == 1 else [*torchrun(nproc), *worker]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+
+
+@needs_shared
+def test_a_checkpoint_of_two_ddp_ranks_resumes_on_one_device(cifar_dirs, tmp_path):
+    """Elastic resume under Lightning (#22): a mid-epoch checkpoint of a 2-rank DDP fit (torchrun,
+    16 a rank) resumes on 1 device with the same global batch (32): the rest of the epoch, each
+    sample once; a changed global batch is refused by name."""
+    two, one = tmp_path / "two", tmp_path / "one"
+    r = _lightning_job(cifar_dirs["beton"], two, 16, nproc=2)
+    assert r.returncode == 0, r.stderr[-3000:]
+    ranks = [json.loads((two / f"rank{k}.json").read_text()) for k in range(2)]
+    assert [len(s) for s in ranks] == [50, 50]  # 1,600 training images, 32 a step
+    consumed = [i for s in ranks for step in s[:3] for i in step]  # the checkpoint at step 3
+    r = _lightning_job(cifar_dirs["beton"], one, 32, two / "ckpt" / "step=3.ckpt")
+    assert r.returncode == 0, r.stderr[-3000:]
+    rest = json.loads((one / "rank0.json").read_text())
+    assert all(len(step) == 32 for step in rest) and len(rest) == 47
+    assert sorted(consumed + [i for step in rest for i in step]) == list(range(1600))
+    r = _lightning_job(cifar_dirs["beton"], tmp_path / "bad", 16, two / "ckpt" / "step=3.ckpt")
+    assert r.returncode != 0 and "global batch size is 16 x 2 ranks, this loader's 16 x 1" in r.stderr

@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import BACKEND_FORMAT, MEAN255, ROOT, STD255, coco_dataset, color_label, needs_shared, save_splits
+from conftest import (BACKEND_FORMAT, MEAN255, ROOT, STD255, coco_dataset, color_label, needs_shared, save_splits,
+                      torchrun)
 from fastload import FastLoader, PreprocessSpec, convert
 from fastload.spec import RandomCrop
 from fastload.formats.manifest import DatasetError
@@ -297,13 +298,8 @@ def test_remainder_rule_is_distributed_samplers():
 
 @pytest.mark.slow
 def test_torchrun_two_processes_gloo(labelled_colors, tmp_path):
-    import socket
-    with socket.socket() as s:  # a free port for the rendezvous
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     out = tmp_path / "rank"
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
-                        "127.0.0.1", "--master_port", str(port), str(ROOT / "tests" / "dist_worker.py"), str(labelled_colors["tfrecord"]), "dali",
+    r = subprocess.run([*torchrun(2), str(ROOT / "tests" / "dist_worker.py"), str(labelled_colors["tfrecord"]), "dali",
                         str(out)], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     ranks = [json.loads(Path(f"{out}.{i}.json").read_text()) for i in range(2)]

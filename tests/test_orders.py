@@ -76,7 +76,10 @@ def test_elastic_resume_on_another_number_of_ranks_sees_each_sample_once(imagene
     two = _loaders(path, 2, 16, monkeypatch, order=order)  # the same global batch on 2 ranks
     for loader in two:
         loader.load_state_dict(states[0])  # any one rank's state serves every new rank
+        # the epoch keeps its length and the 3 steps done, as a trainer counting steps expects
+        assert (len(loader), loader.state_dict()["batches_done"]) == (7, 3)  # 200 / 32, rounded up
     rest = [_indices(loader) for loader in two]
+    assert len(rest[0]) == len(rest[1]) == 52  # (200 - 96) / 2: 4 batches, the last short
     assert not set(rest[0]) & set(rest[1])
     assert sorted(consumed + rest[0] + rest[1]) == list(range(200))
     # a sample's crop is the uninterrupted run's: crops are functions of (seed, epoch, sample)

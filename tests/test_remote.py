@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import IMAGENET, ROOT
+from conftest import IMAGENET, ROOT, torchrun
 from store_proxy import StoreServers
 
 from fastload import FastLoader
@@ -377,9 +377,7 @@ def test_two_nodes_of_two_ranks_under_torchrun(s3, store, tmp_path, fits):
             env = {**os.environ, **view.env(), "FASTLOAD_CACHE_DIR": str(tmp_path / f"cache{node}"),
                    "PYTHONPATH": f"{ROOT / 'tests'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
             procs.append(subprocess.Popen(
-                [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank", str(node),
-                 "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(port),
-                 str(ROOT / "tests" / "multinode_worker.py"), url, str(tmp_path), str(limit)],
+                [*torchrun(2, nnodes=2, node_rank=node, port=port), str(ROOT / "tests" / "multinode_worker.py"), url, str(tmp_path), str(limit)],
                 env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
         outs = [p.communicate(timeout=200)[0] for p in procs]
         assert all(p.returncode == 0 for p in procs), outs[0][-3000:] + outs[1][-3000:]

@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -13,18 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import BACKEND_FORMAT, ROOT
+from conftest import BACKEND_FORMAT, ROOT, torchrun
 from fastload import FastLoader
 
 WORKER = str(ROOT / "tests" / "resume_worker.py")
-
-
-def _torchrun(nproc: int) -> list[str]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr",
-            "127.0.0.1", "--master_port", str(port)]
 
 
 def _kill_midway(cmd: list[str], checkpoints: list[Path], after: int) -> None:
@@ -78,8 +69,8 @@ def test_kill9_under_torchrun_then_resume_is_exact(labelled_colors, tmp_path):
     data = str(labelled_colors["tfrecord"])
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
-    _run([*_torchrun(2), WORKER, data, "dali", str(tmp_path / "a"), "1"])
-    cmd = [*_torchrun(2), WORKER, data, "dali", str(tmp_path / "b"), "1"]
+    _run([*torchrun(2), WORKER, data, "dali", str(tmp_path / "a"), "1"])
+    cmd = [*torchrun(2), WORKER, data, "dali", str(tmp_path / "b"), "1"]
     _kill_midway(cmd, [tmp_path / "b" / f"rank{r}.json" for r in range(2)], after=1)
     _run(cmd)
     want, got = _records(tmp_path / "a", 2), _records(tmp_path / "b", 2)
