@@ -70,7 +70,9 @@ class FastLoader:
     ``distributed``: 'auto' shards by rank when a process group or torchrun environment exists.
     ``order``: 'auto' (default) is 'random', a global permutation, except where this node's share of
     a remote dataset outgrows its cache: then 'shards', a shard-aware order (each rank reads its own
-    units, a window at a time, pipelines/orders.py), with a warning. ``loader.order`` says which.
+    units, a window at a time, pipelines/orders.py), with a warning. ``loader.order`` says which;
+    under 'shards', ``loader.order_quality`` gives its distinct labels per batch against a global
+    order's, and a warning says when rows sorted by class make it mix poorly.
     A checkpoint resumes on another number of ranks with the same global batch size.
     The remainder rule is ``DistributedSampler``'s (see :func:`fastload.pipelines.sampling.epoch_indices`).
 
@@ -138,6 +140,7 @@ class FastLoader:
         self.indices = select_samples(self.reader, indices, classes)
         self.order = self._choose_order(order)
         self._elastic = None  # (epoch, samples consumed, world size that ordered it): an elastic resume
+        self.order_quality = self._shard_order_quality() if self.order == "shards" and self.shuffle else None
         self.columns = ExtraColumns(self.reader, columns)
         self.batch_transform = batch_transform
         self.epoch = 0
@@ -288,6 +291,24 @@ class FastLoader:
                       f"its cache ({budget / 2**30:.1f} GiB): order='shards' (shard-aware: each rank reads its own "
                       "units, a window at a time); pass order='random' for a global order", RuntimeWarning)
         return "shards"
+
+    def _shard_order_quality(self) -> dict:
+        """Distinct labels per batch of this rank's shard-aware order (epoch 0) and of a global
+        permutation's. Rows sorted by class (an image folder converted without --shuffle-seed)
+        put a class or two in each unit and so in each batch: said, with the remedy."""
+        from fastload.pipelines.orders import order_quality
+        labels, units = self.reader.labels[self.indices], self.reader.units[self.indices]
+        mine = self.global_order(0)[self.rank::self.world_size]
+        permuted = np.random.default_rng(self.seed).permutation(len(self.indices))[:len(mine)]
+        q = {"labels_per_batch": order_quality(mine, labels, units, self.batch_size)["labels_per_batch"],
+             "global_labels_per_batch": order_quality(permuted, labels, units, self.batch_size)["labels_per_batch"]}
+        if q["labels_per_batch"] < 0.9 * q["global_labels_per_batch"]:
+            import warnings
+            warnings.warn(f"{self.manifest.name}: order='shards' gives {q['labels_per_batch']:.1f} distinct labels a "
+                          f"batch, a global order {q['global_labels_per_batch']:.1f}: its rows are sorted by class. "
+                          "Convert it again with --shuffle-seed 0 (rows written in a seeded random order), or pass "
+                          "order='random'", RuntimeWarning)
+        return q
 
     def _window_units(self) -> int:
         """Units per shuffle window: a node's ranks hold a window each while the next arrives, in

@@ -416,6 +416,9 @@ class RemoteFiles:
                     path = contained_path(self.root, unit.path, "file")
                     before = os.stat(path).st_blocks
                     self._punch(unit)
+                    # its samples are no longer ready: read, the hole would fail their check (and
+                    # on a full tmpfs, a mapped read of a hole is SIGBUS, not zeros)
+                    self.on_evict(u)
                     dropped |= os.stat(path).st_blocks < before
         return dropped
 

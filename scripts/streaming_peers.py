@@ -5,11 +5,12 @@ measurement. Not importable beside fastload: it needs torchvision.
 
     .cache/streaming-peers/bin/python scripts/streaming_peers.py '<json config>'
 
-Config: ``{"system": "litdata" | "mosaic", "phase": "write" | "read", ...}``.
+Config: ``{"system": "litdata" | "mosaic" [+ "-16mb"], "phase": "write" | "read", ...}``.
 - write: ``folder`` (an image folder, root/train/<class>/<file>) to ``out``, a local directory,
   with the system's own writer and its documented defaults (litdata's ``optimize`` with
   ``chunk_bytes="64MB"``, as its README; Mosaic's ``MDSWriter`` with ``jpeg`` and ``int`` columns,
-  as its ImageNet conversion).
+  as its ImageNet conversion, and its default 64 MB ``size_limit``). ``-16mb``: 16 MB chunks or
+  shards, the knob their docs give for a small cache (Mosaic refuses a cache under 4 shards).
 - read: ``url`` (s3://) through the system's ``StreamingDataset`` with ``shuffle=True``, a cache
   of ``cache_limit`` bytes at ``cache_dir``, torchvision's RandomResizedCrop(224) + flip +
   normalize in ``__getitem__`` (their docs' pattern), their DataLoader with ``workers`` workers;
@@ -58,9 +59,18 @@ def litdata_prepare(item):
     return {"image": Image.open(path), "class": label}
 
 
+def library(system: str) -> str:
+    return system.split("-")[0]
+
+
+def chunk_mb(system: str) -> int:
+    return 16 if system.endswith("-16mb") else 64
+
+
 def litdata_write(cfg: dict) -> None:
     import litdata as ld
-    ld.optimize(fn=litdata_prepare, inputs=image_files(cfg["folder"]), output_dir=cfg["out"], chunk_bytes="64MB",
+    ld.optimize(fn=litdata_prepare, inputs=image_files(cfg["folder"]), output_dir=cfg["out"],
+                chunk_bytes=f"{chunk_mb(cfg['system'])}MB",
                 num_workers=cfg.get("workers", os.cpu_count()))
 
 
@@ -81,15 +91,17 @@ def litdata_loader(cfg: dict):
 def mosaic_write(cfg: dict) -> None:
     from PIL import Image
     from streaming import MDSWriter
-    with MDSWriter(out=cfg["out"], columns={"x": "jpeg", "y": "int"}) as out:
+    with MDSWriter(out=cfg["out"], columns={"x": "jpeg", "y": "int"}, size_limit=chunk_mb(cfg["system"]) << 20) as out:
         for path, label in image_files(cfg["folder"]):
             out.write({"x": Image.open(path), "y": label})
 
 
 def mosaic_loader(cfg: dict):
     from streaming import StreamingDataset
+    from streaming.base.util import clean_stale_shared_memory
     from torch.utils.data import DataLoader
     transform = train_transform()
+    clean_stale_shared_memory()  # their FAQ's remedy for shared memory a previous run left behind
 
     class ImageNetStreaming(StreamingDataset):
         def __getitem__(self, index):
@@ -105,7 +117,7 @@ def mosaic_loader(cfg: dict):
 def read(cfg: dict) -> dict:
     store_bytes(cfg["endpoint"], clear=True)
     t0 = time.perf_counter()
-    loader, dataset = (litdata_loader if cfg["system"] == "litdata" else mosaic_loader)(cfg)
+    loader, dataset = (litdata_loader if library(cfg["system"]) == "litdata" else mosaic_loader)(cfg)
     out = {"epochs": []}
     for e in range(cfg["epochs"]):
         if hasattr(dataset, "set_epoch"):
@@ -118,7 +130,7 @@ def main():
     cfg = json.loads(sys.argv[1])
     if cfg["phase"] == "write":
         t = time.perf_counter()
-        (litdata_write if cfg["system"] == "litdata" else mosaic_write)(cfg)
+        (litdata_write if library(cfg["system"]) == "litdata" else mosaic_write)(cfg)
         print(json.dumps({"seconds": time.perf_counter() - t}))
     else:
         print(json.dumps(read(cfg)))

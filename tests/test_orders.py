@@ -138,3 +138,13 @@ def test_class_sorted_source_shuffled_at_conversion_mixes_classes_in_shard_aware
         assert m.split("train").num_examples == 1000
     assert quality["as is", "shards"] < 0.5 * quality["as is", "random"]
     assert quality["shuffled", "shards"] >= 0.9 * quality["shuffled", "random"]
+    # a loader that reads the sorted rows shard-aware says so, with the remedy; the shuffled, not
+    with pytest.warns(RuntimeWarning, match=r"order='shards' gives \S+ distinct labels a batch, a global order "
+                                            r"\S+: its rows are sorted by class\. Convert it again with --shuffle-seed"):
+        sorted_ = FastLoader(tmp_path / "as is", "train", batch_size=50, backend="reference", order="shards")
+    assert sorted_.order_quality["labels_per_batch"] < 0.9 * sorted_.order_quality["global_labels_per_batch"]
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        mixed = FastLoader(tmp_path / "shuffled", "train", batch_size=50, backend="reference", order="shards")
+    assert mixed.order_quality["labels_per_batch"] >= 0.9 * mixed.order_quality["global_labels_per_batch"]

@@ -146,6 +146,28 @@ def test_a_full_cache_keeps_the_samples_of_batches_in_flight(s3, store, tmp_path
     assert loader.manifest.remote.used_bytes() <= limit + 4 * 16 * int(loader.reader.records["size"].max())
 
 
+def test_samples_dropped_to_make_room_are_no_longer_ready(s3, store, imagenet_dirs, tmp_path, monkeypatch):
+    """Range-read samples punched out to make room are fetched again when next needed, not read
+    from the hole (zeros that fail their check; on a full tmpfs, a mapped read of a hole is SIGBUS)."""
+    import numpy as np
+    from fastload.formats import cache
+    monkeypatch.setattr(cache, "WAIT_FOR_UNITS", 0)  # samples by range, their units not awaited
+    monkeypatch.setattr(cache.RemoteSplit, "_prefetch_units", lambda *a: None)
+    url = upload(imagenet_dirs["beton"], f"{s3}/b")
+    loader = FastLoader(url, backend="ffcv", cache_dir=tmp_path / "cache", **KW)
+    remote, files = loader.reader.remote, loader.reader.remote.files
+    index = np.arange(0, 200, 25)
+    remote.ensure(index)
+    assert remote.ready[index].all() and files.loose
+    held = files.used_bytes()
+    remote._recent.clear()  # no batch in flight
+    assert files._drop_samples_read_ahead() and files.used_bytes() < held
+    assert not remote.ready[index].any()
+    local = FastLoader(imagenet_dirs["beton"], backend="ffcv", **KW).reader
+    for i in index:  # read again: fetched again, the stored bytes
+        assert np.array_equal(loader.reader.stored(int(i)), local.stored(int(i)))
+
+
 def test_two_ranks_share_one_cache_and_download_each_unit_once(s3, store, imagenet_dirs, tmp_path):
     url = upload(imagenet_dirs["tfrecord"], f"{s3}/t")
     store.clear_log()
