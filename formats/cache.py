@@ -255,7 +255,9 @@ class RemoteFiles:
                     if e.errno != errno.ENOSPC:
                         raise self._disk_error(e) from None
                     waited = 0
-                    while not (self._evict_one(exclude=None) or self._drop_samples_read_ahead()):
+                    # a full disk: never the units of batches being read (on a full tmpfs, a mapped
+                    # read of a punched page is SIGBUS, not zeros that fail their check)
+                    while not (self._evict_one(exclude=None, busy=self.in_flight()) or self._drop_samples_read_ahead()):
                         # units being fetched may become evictable
                         if waited >= 20 or not self._reserved_bytes():
                             raise self._disk_error(e) from None
@@ -353,13 +355,13 @@ class RemoteFiles:
     def _use_of(self, u: int) -> float:
         return self.next_use(u) if self.next_use is not None else float("inf")
 
-    def _evict_one(self, exclude: int | None, before: float = float("-inf")) -> bool:
-        """Evict the present unit used furthest in the future (later than ``before``); False when
-        none can go."""
+    def _evict_one(self, exclude: int | None, before: float = float("-inf"), busy: frozenset = frozenset()) -> bool:
+        """Evict the present unit used furthest in the future (later than ``before``), but for
+        ``busy``; False when none can go."""
         with self._evict_lock:
             present = [u for e in os.scandir(self.root / ".units")
                        if (u := _unit_of_marker(e.name, len(self.units))) is not None
-                       and u != exclude and self.units[u].evictable]
+                       and u != exclude and u not in busy and self.units[u].evictable]
             present.sort(key=self._use_of, reverse=True)
             for u in present:
                 if self._use_of(u) <= before and before != float("-inf"):
@@ -489,6 +491,10 @@ class RemoteSplit:
         if self._all_ready:  # a warm cache: nothing to look up per batch
             return
         index = np.asarray(index, np.int64)
+        # the batch's units are in flight while it is read (its range-read samples are kept; on a
+        # full disk, its units too)
+        self._recent.append({int(u) for u in np.unique(np.concatenate([self.unit_first[index],
+                                                                         self.unit_last[index]]))})
         todo = index[~self.ready[index]]
         if not len(todo):
             return
@@ -509,7 +515,6 @@ class RemoteSplit:
             missing = np.isin(self.unit_first[todo], list(absent)) | np.isin(self.unit_last[todo], list(absent))
             if self.crcs is not None:
                 self._fetch_samples(np.unique(todo[missing]))
-                self._recent.append({int(u) for u in units})
                 files.trim()
             else:
                 list(self._pool("units").map(files.fetch, sorted(absent)))

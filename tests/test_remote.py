@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -276,6 +277,26 @@ def test_full_cache_disk_evicts_then_is_one_error(s3, imagenet_dirs, local_batch
         loader = FastLoader(url, backend="ffcv", cache_dir=disk, **KW)
         with pytest.raises(DatasetError, match=r"is on a full disk .* free space there"):
             batches(loader)
+
+
+def test_a_full_tmpfs_cache_never_reads_a_punched_page(s3, tmp_path, monkeypatch):
+    """Units of 8 MB on a 4 MB tmpfs: evicting to make room on the full disk must spare the units
+    of batches being decoded: a mapped read of a page punched out of a full tmpfs is SIGBUS (it
+    was, 1 run in 3), not zeros that fail their check."""
+    from conftest import IMAGENET
+    from fastload import convert
+    from fastload.formats import beton
+    from test_faults import small_disk
+    monkeypatch.setattr(beton, "CHUNK_BYTES", 1)  # one 8 MB page a unit
+    local = tmp_path / "beton"
+    convert(str(IMAGENET), local, format="beton", workers=2, progress=False)
+    url = upload(local, f"{s3}/b")
+    for attempt in range(3):
+        with small_disk(tmp_path / f"tiny{attempt}", "4m") as disk:
+            r = subprocess.run([sys.executable, str(ROOT / "tests" / "full_disk_reader.py"), url, str(disk)],
+                               capture_output=True, text=True, timeout=200)
+        assert r.returncode == 0, f"rc={r.returncode}: {r.stdout[-1500:]} {r.stderr[-1500:]}"
+        assert re.fullmatch(r"DatasetError: the cache directory .* is on a full disk .*\n", r.stdout), r.stdout
 
 
 def test_kill_9_of_a_rank_mid_download_leaves_nothing_stale(s3, store, imagenet_dirs, local_batches, tmp_path):
