@@ -103,7 +103,8 @@ def convert(source, out, format: str = "tfrecord", splits: list[str] | None = No
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise ConversionError(f"cannot create {out} ({e.strerror}): choose a writable --out") from None
-    with OutputLock(out):
+    # a full disk anywhere below (a shard's bookkeeping, the lock file, the assembly) is the same one line
+    with full_disk_reported(out), OutputLock(out):
         replacing = (out / MANIFEST).exists()
         if replacing and not overwrite:  # another conversion finished it meanwhile
             raise _already_complete(out)
@@ -227,8 +228,7 @@ def _convert_locked(source, out, data, schema, codecs, *, format, workers, max_s
             with bars.phase("convert", sum(t.stop - t.start for t in todo)) as advance:
                 runner.run(todo, schema, settings, advance, finished)
         results = _shard_results(tasks)
-        with full_disk_reported(out):
-            manifest = _assemble(out, format, schema, settings, tasks, results, preset or guess_preset(schema), bars)
+        manifest = _assemble(out, format, schema, settings, tasks, results, preset or guess_preset(schema), bars)
     manifest = publisher.publish(manifest)
     shutil.rmtree(partial, ignore_errors=True)
     for stale in out.glob(".*.tmp-*"):  # what killed attempts (kill -9, a lost Ray node) were writing

@@ -140,6 +140,9 @@ class FastLoader:
         self.indices = select_samples(self.reader, indices, classes)
         self.order = self._choose_order(order)
         self._elastic = None  # (epoch, samples consumed, world size that ordered it): an elastic resume
+        self._global_order = None  # (key, order) of the last epoch ordered
+        # the shuffle window is part of the order: sized once, from the cache, and kept in the state
+        self.window_units = self._window_units() if self.order == "shards" else None
         self.order_quality = self._shard_order_quality() if self.order == "shards" and self.shuffle else None
         self.columns = ExtraColumns(self.reader, columns)
         self.batch_transform = batch_transform
@@ -215,6 +218,7 @@ class FastLoader:
                 # all ranks, and the world size that ordered the epoch
                 "samples_done": consumed, "order_world_size": elastic[2] if elastic else self.world_size,
                 "global_batch_size": self.batch_size * self.world_size, "order": self.order,
+                "window_units": self.window_units,
                 "batch_size": self.batch_size, "num_samples": self.num_samples, "dataset_size": len(self.reader),
                 "drop_last": self.drop_last, "shuffle": self.shuffle, "spec": self.spec.to_dict(),
                 "subset": subset_digest(self.indices, len(self.reader)), "repeated_augmentation": self.repeats,
@@ -242,6 +246,11 @@ class FastLoader:
             raise ValueError(f"the checkpoint was taken on {old_world} ranks, this loader runs on {self.world_size}: "
                              "resuming repeated_augmentation on another number of ranks is not supported")
         self._elastic = None
+        window = state.get("window_units")
+        if window is not None and self.order == "shards":
+            if not (isinstance(window, int) and window >= 1):
+                raise ValueError(f"window_units={window!r} is invalid: a state_dict() holds a positive integer")
+            self.window_units = window  # the order the checkpoint's ranks read, whatever room this cache has now
         if elastic:  # the epoch's global sequence, from where all ranks stood, dealt to this world
             done = state.get("samples_done", int(state["batches_done"]) * state["global_batch_size"])
             if not (isinstance(done, int) and done >= 0 and done % mine["global_batch_size"] == 0):
@@ -313,13 +322,15 @@ class FastLoader:
     def _window_units(self) -> int:
         """Units per shuffle window: a node's ranks hold a window each while the next arrives, in
         a third of the cache each (at least one unit: a conversion with --shuffle-seed mixes
-        classes inside each unit)."""
+        classes inside each unit). Rounded down to a power of two, so that nodes whose disks have
+        about the same room agree without a cache_limit (give every node the same one to be sure)."""
         remote = self.reader.remote
         if remote is None:
             return 8
         files = remote.files
         unit = max(1, sum(files.sizes.values()) // max(1, len(files.units)))
-        return max(1, int(files.cache_budget() // 3 // (unit * self._local_ranks())))
+        fits = max(1, int(files.cache_budget() // 3 // (unit * self._local_ranks())))
+        return 1 << (fits.bit_length() - 1)
 
     def _local_ranks(self) -> int:
         """Ranks on this node, which share its cache (torchrun's LOCAL_WORLD_SIZE)."""
@@ -334,11 +345,16 @@ class FastLoader:
         elastic = self._elastic if self._elastic is not None and self._elastic[0] == epoch else None
         world = elastic[2] if elastic else self.world_size
         units = self.reader.units[self.indices] if self.order == "shards" else None
+        key = (epoch, elastic, self.seed, self.window_units)
+        if self._global_order is not None and self._global_order[0] == key:  # the start-up's quality check
+            return self._global_order[1]
         g = global_order(len(self.indices), kind="shards" if self.order == "shards" else "random",
                          shuffle=self.shuffle, seed=self.seed, epoch=epoch, world_size=world,
-                         drop_last=self.drop_last, units=units, window_units=self._window_units())
+                         drop_last=self.drop_last, units=units, window_units=self.window_units or 8)
         if elastic:
             g = np.concatenate([g[:elastic[1]], remainder(g, elastic[1], self.world_size, self.drop_last)])
+        g.flags.writeable = False  # one copy, shared by every caller of this epoch
+        self._global_order = (key, g)
         return g
 
     def epoch_plan(self, epoch: int | None = None) -> tuple[np.ndarray, np.ndarray]:

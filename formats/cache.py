@@ -35,6 +35,7 @@ import logging
 import os
 import re
 import threading
+import time
 import weakref
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -138,6 +139,7 @@ class RemoteFiles:
         """This process's locks (again in a forked child: a lock held by a parent's thread at the
         fork would stay held there forever)."""
         self._thread_locks = [threading.Lock() for _ in self.units]
+        self._failed: dict[int, tuple[float, str]] = {}  # unit -> (when, why) its last fetch failed
         self._evict_lock, self._room_lock, self._count_lock = threading.Lock(), threading.Lock(), threading.Lock()
 
     def _add_units(self, f: dict) -> None:
@@ -190,19 +192,29 @@ class RemoteFiles:
         if self.present(u):
             return True
         unit = self.units[u]
+        asked = time.monotonic()
         with self._unit_lock(u, wait) as mine:
             if not mine:
                 return False
             if self.present(u):  # fetched by the lock's previous holder
                 return True
+            failed = self._failed.get(u)
+            if failed is not None and failed[0] >= asked:
+                # the fetch this call waited for failed after all its retries: the same error, not
+                # as many tries again per waiting batch (a store that is down is said once, soon)
+                raise StoreError(failed[1])
             self._make_room(unit)
             log.debug("fetch unit %d (next use %s)", u, self._use_of(u))
             try:
                 data = self._download(unit)
                 self._write(unit.path, unit.start, data)
                 atomic_write_bytes(self._marker(unit), b"", durable=False)
+            except StoreError as e:
+                self._failed[u] = (time.monotonic(), str(e))
+                raise
             finally:
                 self._unreserve(unit)
+            self._failed.pop(u, None)
             self._present[u] = 1
             return True
 
@@ -493,14 +505,12 @@ class RemoteSplit:
         index = np.asarray(index, np.int64)
         # the batch's units are in flight while it is read (its range-read samples are kept; on a
         # full disk, its units too)
-        self._recent.append({int(u) for u in np.unique(np.concatenate([self.unit_first[index],
-                                                                         self.unit_last[index]]))})
+        self._recent.append(frozenset(self._units_of(index).tolist()))
         todo = index[~self.ready[index]]
         if not len(todo):
             return
         files = self.files
-        units = np.unique(np.concatenate([self.unit_first[todo], self.unit_last[todo]]))
-        absent = {int(u) for u in units if not files.present(int(u))}
+        absent = {u for u in self._units_of(todo).tolist() if not files.present(u)}
         # a batch whose absent units are not much larger than its samples in them (a shard-aware
         # order, a small dataset) waits for them whole; one that would wait for far more (a global
         # order over a large dataset, from a cold cache) reads its samples by range meanwhile
@@ -520,6 +530,10 @@ class RemoteSplit:
                 list(self._pool("units").map(files.fetch, sorted(absent)))
         self.ready[todo] = True
         self._all_ready = bool(self.ready.all())
+
+    def _units_of(self, samples: np.ndarray) -> np.ndarray:
+        """The units holding ``samples`` (a sample may straddle two)."""
+        return np.unique(np.concatenate([self.unit_first[samples], self.unit_last[samples]]))
 
     def _wait_for(self, u: int) -> None:
         """Unit ``u``, which another fetches: present once its lock is free (or fetched here if
@@ -568,18 +582,19 @@ class RemoteSplit:
         True when the store's copy passes (the caller checks again); False when it fails too."""
         i = int(i)
         self._all_ready = False
-        for u in {int(self.unit_first[i]), int(self.unit_last[i])}:
+        units = frozenset(self._units_of(np.array([i])).tolist())
+        for u in units:
             self.files.forget(u)
             marker = self.files._marker(self.files.units[u])
             if marker.exists():  # a unit marked present with damaged bytes: fetched whole again later
                 self._drop_marker(u)
         self.ready[i] = False
         if self.crcs is None:
-            for u in {int(self.unit_first[i]), int(self.unit_last[i])}:
+            for u in units:
                 self.files.fetch(u)
             self.ready[i] = True
             return True
-        self._recent.append({int(self.unit_first[i]), int(self.unit_last[i])})  # kept until it is read
+        self._recent.append(units)  # kept until it is read
         ok = self._fetch_sample(i)
         self.ready[i] = ok
         return ok

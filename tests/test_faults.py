@@ -280,6 +280,37 @@ def test_full_disk_tfrecord_is_one_line_and_leaves_no_temp_files(tmp_path):
 
 
 @needs_shared
+def test_disk_that_fills_while_a_finished_shard_is_recorded(tmp_path, monkeypatch):
+    """The disk fills between a worker's shard and the driver's record of it (CI saw this race
+    as a bare 'cannot write'): the same full-disk error, and the rerun keeps what was recorded."""
+    import fastload.converters.convert as conversion
+    src = _small_imagenet(tmp_path, 24)
+    recorded = []
+    record = conversion.record_shard
+
+    def record_on_a_disk_filled_meanwhile(task, result):
+        if len(recorded) == 1:  # someone else fills the disk after the first shard
+            with open(disk / "filler", "wb") as f:
+                try:
+                    while True:
+                        f.write(b"\0" * 2**16)
+                        f.flush()
+                except OSError:
+                    pass
+        record(task, result)
+        recorded.append(task)
+
+    with small_disk(tmp_path / "disk", "4m") as disk:
+        monkeypatch.setattr(conversion, "record_shard", record_on_a_disk_filled_meanwhile)
+        with pytest.raises(conversion.ConversionError, match="is full.*rerun the same command"):
+            convert(str(src), disk / "out", format="tfrecord", shard_size=8, workers=1, progress=False)
+        (disk / "filler").unlink()
+        monkeypatch.setattr(conversion, "record_shard", record)
+        m = convert(str(src), disk / "out", format="tfrecord", shard_size=8, workers=1, progress=False)
+        assert verify(disk / "out") == [] and m.split("train").num_examples == 24
+
+
+@needs_shared
 def test_full_disk_beton_convert_is_one_line(tmp_path):
     """Too little room for the staged shards: one line from the CLI, no .beton, no manifest."""
     src = _small_imagenet(tmp_path, 60)

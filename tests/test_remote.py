@@ -123,6 +123,28 @@ def test_cache_limit_evicts_furthest_and_keeps_the_data(s3, store, imagenet_dirs
         assert loader.manifest.remote.used_bytes() <= limit + batch
 
 
+def test_a_resume_under_another_cache_reads_the_checkpoints_shard_order(s3, store, imagenet_dirs, tmp_path):
+    """The shard-aware window is sized from the cache, so it is part of the order: a resume on a
+    node whose cache has another room (another machine, a disk filled by checkpoints meanwhile)
+    reads the checkpoint's order, every sample of the epoch once."""
+    url = upload(imagenet_dirs["tfrecord"], f"{s3}/t")
+
+    def loader(limit_mb):
+        return FastLoader(url, backend="reference", cache_dir=tmp_path / f"c{limit_mb}", cache_limit=limit_mb * 2**20,
+                          order="shards", columns=("index",), drop_last=False, **{**KW, "num_workers": 1})
+    roomy, tight = loader(20), loader(9)
+    assert tight.window_units < roomy.window_units < len(roomy.reader.remote.files.units)
+    it = iter(roomy)
+    consumed = [i for _ in range(3) for i in next(it)[2].tolist()]
+    state = roomy.state_dict()
+    assert state["window_units"] == roomy.window_units
+    tight.load_state_dict(state)
+    rest = [i for _, _, index in tight for i in index.tolist()]
+    assert sorted(consumed + rest) == list(range(200))
+    with pytest.raises(ValueError, match=r"window_units=0 is invalid"):
+        tight.load_state_dict({**state, "window_units": 0})
+
+
 def test_a_full_cache_keeps_the_samples_of_batches_in_flight(s3, store, tmp_path, monkeypatch):
     """A cache too small for the units the batches need (a .beton of 8 MB units, a cache of 5 MB):
     each batch's samples come by range while the decoders read the batches ahead; making room for
