@@ -252,8 +252,12 @@ def test_a_store_that_keeps_failing_is_one_error_naming_the_url(s3, store, image
         FastLoader(url, backend="ffcv", cache_dir=tmp_path / "cache", **KW)
     store.faults([{"match": ".beton", "method": "GET", "kind": "500", "count": 10000}])
     loader = FastLoader(url, backend="ffcv", cache_dir=tmp_path / "cache", **KW)
+    store.clear_log()
     with pytest.raises(DatasetError, match=rf"{url}/validation.beton: reading bytes .* failed 6 times"):
         batches(loader)
+    # 6 tries by the prefetch, then by the first batch, in each process that reads (the loader and
+    # its workers); batches waiting on a fetch that failed share its error instead of 6 more tries
+    assert len([e for e in store.log() if e[1].endswith(".beton")]) <= 24
 
 
 def test_no_manifest_and_missing_extra_are_one_line(s3, tmp_path, monkeypatch):
