@@ -7,6 +7,7 @@ and geometry rows (shared, seeded) -> the backend's decode + geometry -> shared 
 from __future__ import annotations
 
 import os
+import weakref
 from typing import Iterator
 
 import numpy as np
@@ -125,6 +126,8 @@ class FastLoader:
         self.manifest = Manifest.open(path, cache_dir=cache_dir, cache_limit=cache_limit)
         self.split = split
         self.reader = SplitReader(self.manifest, split, max_pixels=max_pixels)
+        if self.reader.remote is not None:  # a loader dropped mid-plan stops its downloads
+            weakref.finalize(self, self.reader.remote.stop_prefetch)
         if spec is None and self.manifest.preset not in PRESETS:
             raise DatasetError(f"{self.manifest.name}: its manifest names preset {self.manifest.preset!r}, which this "
                                f"fastload does not have ({sorted(PRESETS)}): pass spec=...")

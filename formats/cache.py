@@ -638,6 +638,12 @@ class RemoteSplit:
         self.files.next_use = next_use
         self._prefetch_units(sorted(first_use, key=first_use.get), generation)
 
+    def stop_prefetch(self) -> None:
+        """The prefetch threads stop after the unit at hand (their loader is gone: the rest of
+        its plan would be downloaded for no one)."""
+        with self._plan_lock:
+            self._generation += 1
+
     def advance(self, position: int) -> None:
         """The consumer has reached ``position`` of the planned order."""
         self._position = position

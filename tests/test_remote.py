@@ -145,6 +145,29 @@ def test_a_resume_under_another_cache_reads_the_checkpoints_shard_order(s3, stor
         tight.load_state_dict({**state, "window_units": 0})
 
 
+def test_a_loader_dropped_mid_epoch_stops_downloading(s3, store, imagenet_dirs, tmp_path, monkeypatch):
+    """Its prefetch would otherwise fetch the rest of the epoch's units for no one (a job that
+    moves on to another loader, a notebook that drops one)."""
+    import gc
+    from fastload.formats import cache
+    from fastload import convert
+    monkeypatch.setattr(cache, "FETCHERS", 1)  # one unit at a time: the plan takes seconds
+    local = tmp_path / "small-shards"
+    convert(str(IMAGENET), local, format="tfrecord", shard_size=5, workers=2, progress=False)  # 40 shards
+    url = upload(local, f"{s3}/t")
+    store.latency(100)
+    loader = FastLoader(url, backend="reference", cache_dir=tmp_path / "cache", **{**KW, "num_workers": 1})
+    it = iter(loader)
+    next(it)
+    del it, loader
+    gc.collect()
+    time.sleep(0.5)  # the unit at hand is finished
+
+    fetched = store.bytes_read(".tfrecord")
+    time.sleep(1.5)
+    assert store.bytes_read(".tfrecord") == fetched < sum(f.stat().st_size for f in local.glob("*.tfrecord"))
+
+
 def test_a_full_cache_keeps_the_samples_of_batches_in_flight(s3, store, tmp_path, monkeypatch):
     """A cache too small for the units the batches need (a .beton of 8 MB units, a cache of 5 MB):
     each batch's samples come by range while the decoders read the batches ahead; making room for
