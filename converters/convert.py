@@ -404,5 +404,5 @@ def _write_split_beton(out, split, schema, staged: _StagedSplit, bars: PhaseBars
     os.replace(tmp, path)
     records = _write_records(out, split, staged, layout)
     return [{"path": path.name, "size": size, "sha256": sha256, "records": staged.num_samples, "role": "data",
-             "chunk_size": chunk_size(layout.page_size), "chunk_sha256": chunk_sha256}, records]
+             "chunk_size": chunk_size(layout), "chunk_sha256": chunk_sha256}, records]
 

@@ -168,12 +168,17 @@ def plan_beton(chunks: Callable[[], Iterator[BetonChunk]], label_fields: dict[st
     return layout
 
 
-CHUNK_BYTES = 32 * 2**20  # a remote reader's unit of transfer: a run of pages about this long
+CHUNK_BYTES = 32 * 2**20  # a remote reader's unit of transfer: a run of pages at most this long
+# ...and at least this many to a file, pages allowing: a shard-aware order deals units to ranks, and
+# a cache smaller than a node's share holds a few per rank, so a small dataset needs small units
+CHUNKS_PER_FILE = 64
 
 
-def chunk_size(page_size: int) -> int:
-    """Whole pages (no sample block crosses a page, so none crosses a chunk), about CHUNK_BYTES."""
-    return page_size * max(1, CHUNK_BYTES // page_size)
+def chunk_size(layout: "BetonLayout") -> int:
+    """Whole pages (no sample block crosses a page, so none crosses a chunk): at most CHUNK_BYTES,
+    and about 1/CHUNKS_PER_FILE of the file where that is more than a page."""
+    target = min(CHUNK_BYTES, layout.data_end // CHUNKS_PER_FILE)
+    return layout.page_size * max(1, target // layout.page_size)
 
 
 def write_beton(path: Path, layout: BetonLayout, chunks: Callable[[], Iterator[BetonChunk]],
@@ -181,8 +186,8 @@ def write_beton(path: Path, layout: BetonLayout, chunks: Callable[[], Iterator[B
     """Write the .beton ``layout`` plans (see :func:`plan_beton`) to ``path``: one sequential
     pass, hashed as it goes. ``chunks()`` is read once per section (metadata, data, allocation
     table), each time yielding the same chunks in order; ``progress(n)`` counts samples whose
-    bytes are written. Returns (size, sha256 hex, the sha256 hex of each ``chunk_size(page_size)``)."""
-    out = BulkFile(path, progress, chunk_size=chunk_size(layout.page_size))
+    bytes are written. Returns (size, sha256 hex, the sha256 hex of each ``chunk_size(layout)``)."""
+    out = BulkFile(path, progress, chunk_size=chunk_size(layout))
     try:
         _write_sections(out, layout, chunks)
         out.close()

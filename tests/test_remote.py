@@ -278,9 +278,11 @@ def test_a_store_that_keeps_failing_is_one_error_naming_the_url(s3, store, image
     store.clear_log()
     with pytest.raises(DatasetError, match=rf"{url}/validation.beton: reading bytes .* failed 6 times"):
         batches(loader)
-    # 6 tries by the prefetch, then by the first batch, in each process that reads (the loader and
-    # its workers); batches waiting on a fetch that failed share its error instead of 6 more tries
-    assert len([e for e in store.log() if e[1].endswith(".beton")]) <= 24
+    # a unit: 6 tries by the prefetch, then by the first batch, in each process that reads (the
+    # loader and its workers); batches waiting on a fetch that failed share its error, not 6 more tries
+    from collections import Counter
+    tries = Counter(e[2] for e in store.log() if e[1].endswith(".beton"))
+    assert tries and max(tries.values()) <= 24, tries
 
 
 def test_no_manifest_and_missing_extra_are_one_line(s3, tmp_path, monkeypatch):
@@ -488,7 +490,7 @@ def test_two_nodes_of_two_ranks_under_torchrun(s3, store, tmp_path, fits):
             got = sum(e[4] for e in log)
             if fits:
                 assert max(whole.values()) == 1, whole  # each unit downloaded at most once per node
-            else:  # its own half of the units, not all of them (#22's 1.1x target is not met yet: see the note)
+            else:  # its own half of the units, not all of them (the 1.1x target: scripts/bench_multinode.py)
                 print(f"node bytes {got / (dataset / 2):.2f}x its share")
                 assert got < 0.9 * dataset, (got, dataset, whole)
     finally:

@@ -107,10 +107,15 @@ def test_records_pointing_outside_their_file_are_refused_at_open(imagenet_dirs, 
     with open(data, "r+b") as f:
         f.truncate(data.stat().st_size // 2)
 
-    def shrink(m):
+    def shrink(m):  # consistently: the file's size, its hash and its chunks' hashes
+        import hashlib
         for f in m["splits"]["validation"]["files"]:
             if f["path"] == data.name:
                 f["size"], f["sha256"] = data.stat().st_size, sha256_file(data)
+                if "chunk_size" in f:
+                    raw = data.read_bytes()
+                    f["chunk_sha256"] = [hashlib.sha256(raw[i:i + f["chunk_size"]]).hexdigest()
+                                         for i in range(0, len(raw), f["chunk_size"])]
     _edit_manifest(d, shrink)
     with pytest.raises(DatasetError, match=r"lie outside their data file"):
         FastLoader(d, "validation", backend=backend)
