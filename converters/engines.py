@@ -255,9 +255,12 @@ class RayEngine:
                 shown = self._show(progress, shown, advance)
             if stored > shown:  # the last reports may reach the actor after the last look: the results say
                 advance(stored - shown)
-        except BaseException:
-            for ref in running:
-                ray.cancel(ref, force=True)
+        except Exception:
+            # no ray.cancel: in Ray 2.60 a cancel that races a task's reply aborts the driver
+            # ("Check failed: it != submissible_tasks_.end()", the race of ray#54798; seen here in
+            # the corrupt-image test). The tasks in flight, a shard each, finish instead, and those
+            # that succeed are recorded for the rerun. (On ^C the driver leaves; Ray ends its tasks.)
+            self._finish_in_flight(running, finished)
             raise
         finally:
             ray.kill(progress)
@@ -273,6 +276,13 @@ class RayEngine:
         if total > shown:
             advance(total - shown)
         return max(total, shown)
+
+    def _finish_in_flight(self, running: dict, finished) -> None:
+        for ref, task in running.items():
+            try:
+                finished(task, self._result(ref, task))
+            except Exception:  # noqa: BLE001 - the first failure is the one raised
+                pass
 
     def _result(self, ref, task) -> ShardResult:
         try:
