@@ -20,6 +20,9 @@ from .formats.records import DEFAULT_MAX_PIXELS, SplitReader
 from .spec import PRESETS, PreprocessSpec, resolve_spec
 from .subset import select_samples, subset_digest
 
+# a remote epoch's first batches fetched before it is iterated (the next epoch's during this one)
+HEAD_BATCHES = 2
+
 
 def resolve_device(device) -> torch.device:
     if device in (None, "auto"):
@@ -143,7 +146,7 @@ class FastLoader:
         self.indices = select_samples(self.reader, indices, classes)
         self.order = self._choose_order(order)
         self._elastic = None  # (epoch, samples consumed, world size that ordered it): an elastic resume
-        self._global_order = None  # (key, order) of the last epoch ordered
+        self._global_order = {}  # key -> order, of the last two epochs ordered
         # the shuffle window is part of the order: sized once, from the cache, and kept in the state
         self.window_units = self._window_units() if self.order == "shards" else None
         self.order_quality = self._shard_order_quality() if self.order == "shards" and self.shuffle else None
@@ -153,6 +156,8 @@ class FastLoader:
         self._batches_done = 0   # batches of `epoch` handed out (state_dict)
         self._resume_batch = 0   # where the next iteration starts (load_state_dict)
         self._resolution = None  # set_resolution's override of the spec's schedule
+        self._head_planned = None  # (epoch, batch) whose first batches a remote prefetch fetches
+        self._prefetch_start()  # a remote dataset's first batches arrive while the backend is set up
         entry = registry.resolve_backend(backend, self.manifest.storage, self.manifest.root)
         self.backend = entry.name
         from fastload.pipelines.base import BackendOptions
@@ -179,6 +184,7 @@ class FastLoader:
         if int(epoch) != self.epoch:
             self._resume_batch = 0
         self.epoch = int(epoch)
+        self._prefetch_start()
 
     # ------------------------------------------------------------------ resolution
     def set_resolution(self, size) -> None:
@@ -270,6 +276,7 @@ class FastLoader:
         self._batches_done = self._resume_batch
         if state.get("resolution") is not None:
             self._resolution = tuple(state["resolution"])
+        self._prefetch_start()
 
     @property
     def num_samples(self) -> int:
@@ -349,34 +356,41 @@ class FastLoader:
         world = elastic[2] if elastic else self.world_size
         units = self.reader.units[self.indices] if self.order == "shards" else None
         key = (epoch, elastic, self.seed, self.window_units)
-        if self._global_order is not None and self._global_order[0] == key:  # the start-up's quality check
-            return self._global_order[1]
+        if key in self._global_order:  # the start-up's quality check; this epoch's and the next's prefetch
+            return self._global_order[key]
         g = global_order(len(self.indices), kind="shards" if self.order == "shards" else "random",
                          shuffle=self.shuffle, seed=self.seed, epoch=epoch, world_size=world,
                          drop_last=self.drop_last, units=units, window_units=self.window_units or 8)
         if elastic:
             g = np.concatenate([g[:elastic[1]], remainder(g, elastic[1], self.world_size, self.drop_last)])
         g.flags.writeable = False  # one copy, shared by every caller of this epoch
-        self._global_order = (key, g)
+        self._global_order = {**dict(list(self._global_order.items())[-1:]), key: g}  # this epoch's and the next's
         return g
 
     def epoch_plan(self, epoch: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(this rank's sample order, a geometry row per position) of an epoch: pure functions of the
         seed. A sample's crop does not depend on the subset or world size, except under repeated
         augmentation, where each copy draws its own."""
-        from fastload.pipelines.sampling import geometry_params, repeated_epoch_indices
+        from fastload.pipelines.sampling import geometry_params
         e = self.epoch if epoch is None else epoch
         spec = self.spec_for_epoch(e)
-        where = dict(shuffle=self.shuffle, seed=self.seed, epoch=e, rank=self.rank, world_size=self.world_size)
-        heights, widths = self.reader.heights, self.reader.widths
+        order = self._rank_order(e)
         if self.repeats > 1:
-            order = self.indices[repeated_epoch_indices(len(self.indices), self.repeats, **where)]
-            params = geometry_params(spec.geometry, spec.hflip, heights[order], widths[order], self.seed, e,
-                                     stream=(self.rank,))
+            params = geometry_params(spec.geometry, spec.hflip, self.reader.heights[order], self.reader.widths[order],
+                                     self.seed, e, stream=(self.rank,))
         else:
-            order = self.indices[self.global_order(e)[self.rank::self.world_size]]
-            params = geometry_params(spec.geometry, spec.hflip, heights, widths, self.seed, e)[order]
+            params = geometry_params(spec.geometry, spec.hflip, self.reader.heights, self.reader.widths,
+                                     self.seed, e)[order]
         return order, params
+
+    def _rank_order(self, epoch: int) -> np.ndarray:
+        """This rank's samples of an epoch, in order."""
+        from fastload.pipelines.sampling import repeated_epoch_indices
+        if self.repeats > 1:
+            return self.indices[repeated_epoch_indices(len(self.indices), self.repeats, shuffle=self.shuffle,
+                                                       seed=self.seed, epoch=epoch, rank=self.rank,
+                                                       world_size=self.world_size)]
+        return self.indices[self.global_order(epoch)[self.rank::self.world_size]]
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         epoch, start = self.epoch, self._resume_batch
@@ -394,13 +408,36 @@ class FastLoader:
         local = 1
         if remote is not None:  # a remote dataset's units fetched ahead, in the order this node uses them
             node_order, local = self._node_order(epoch, order, skip)
-            # a node's ranks drift a batch or two apart: a unit one of them used lately may still be in
-            # use by another (a lone rank's decoders are ahead of its position, never behind)
-            remote.plan(node_order, lag=2 * self.batch_size * local if local > 1 else 0)
+            # then the next epoch's first batches (a training loop goes on to epoch + 1), fetched once
+            # this epoch's units leave room: the next epoch does not start on a cold window
+            head = self._node_order(epoch + 1, self._rank_order(epoch + 1), 0)[0][:self._head_samples(local)]
+            remote.plan(node_order, lag=self._lag(local), then=head)
+            self._head_planned = (epoch + 1, 0)
         batches = self._backend_for(self.spec_for_epoch(epoch)).run_epoch(order[skip:], params[skip:])
-        # (a remote prefetch runs on past the epoch's end: what it fetches serves the next epochs)
         yield from self._batches(batches, epoch, start, batch_threads, threads, remote, local)
         self.epoch, self._batches_done = epoch + 1, 0  # a completed pass moves on, as ffcv's Loader does
+
+    def _prefetch_start(self) -> None:
+        """A remote dataset's next iteration (``epoch`` from its resume point): its first batches
+        start downloading now, not when the iteration asks for them. At most those batches' units
+        are fetched for nothing, if another epoch or checkpoint is given before iterating."""
+        remote = self.reader.remote
+        if remote is None or self._head_planned == (self.epoch, self._resume_batch):
+            return
+        self._head_planned = (self.epoch, self._resume_batch)
+        skip = self._resume_batch * self.batch_size
+        node_order, local = self._node_order(self.epoch, self._rank_order(self.epoch), skip)
+        remote.plan(node_order[:self._head_samples(local)], lag=self._lag(local))
+
+    def _head_samples(self, local: int) -> int:
+        """An epoch's first batches on this node: a shard-aware order's first window per rank."""
+        return HEAD_BATCHES * self.batch_size * local
+
+    def _lag(self, local: int) -> int:
+        """Positions a node's other ranks may be behind this one: they drift a batch or two apart,
+        so a unit one of them used lately may still be in use by another (a lone rank's decoders
+        are ahead of its position, never behind)."""
+        return 2 * self.batch_size * local if local > 1 else 0
 
     def _node_order(self, epoch: int, order: np.ndarray, skip: int) -> tuple[np.ndarray, int]:
         """The samples this node's ranks read from position ``skip`` on, step by step (ranks

@@ -606,12 +606,14 @@ class RemoteSplit:
             pass
 
     # ------------------------------------------------------------------ prefetch
-    def plan(self, order: np.ndarray, lag: int = 0) -> None:
+    def plan(self, order: np.ndarray, lag: int = 0, then: np.ndarray | None = None) -> None:
         """The epoch's order (this node's, from its resume point): its units are fetched ahead of
         the consumer in order of first use, and eviction keeps the ones used soonest. ``lag``:
         positions behind this process's that the node's other ranks may still be at (a unit they
-        use there is not evicted)."""
-        order = np.asarray(order, np.int64)
+        use there is not evicted). ``then``: the next epoch's first samples, fetched after this
+        order's once the cache has room for them beside what this order still uses."""
+        parts = [np.asarray(order, np.int64)] + ([np.asarray(then, np.int64)] if then is not None else [])
+        order = np.concatenate(parts)
         self._lag = int(lag)
         # what this process believes present is looked at again each epoch (other ranks evict)
         self.ready[:] = False
@@ -624,19 +626,26 @@ class RemoteSplit:
         units = self.unit_first[order]
         # unit -> sorted positions where it is used (Belady's "next use")
         by_unit = np.argsort(units, kind="stable")
-        sorted_units = units[by_unit]
-        starts = np.searchsorted(sorted_units, np.arange(len(self.files.units) + 1))
-        used = np.unique(units)
-        first_use = {int(u): int(by_unit[starts[u]]) for u in used}
-        self._span = (used, by_unit[starts[used]], by_unit[starts[used + 1] - 1],  # each unit's first, last use
-                      np.array([self.files.units[u].end - self.files.units[u].start for u in used], np.int64))
+        starts = np.searchsorted(units[by_unit], np.arange(len(self.files.units) + 1))
+        # each part's units held from their first use to their last in it (a unit used again in
+        # ``then`` is held twice, not from this epoch's use to the next's)
+        spans, offset = [], 0
+        for part in parts:
+            used, first = np.unique(units[offset:offset + len(part)], return_index=True)
+            last = len(part) - 1 - np.unique(units[offset:offset + len(part)][::-1], return_index=True)[1]
+            spans.append((used, first + offset, last + offset))
+            offset += len(part)
+        used, first, last = (np.concatenate(x) for x in zip(*spans)) if spans else (np.zeros(0, np.int64),) * 3
+        sizes = np.array([self.files.units[u].end - self.files.units[u].start for u in used.tolist()], np.int64)
+        by_first = np.argsort(first, kind="stable")
+        self._span = (used[by_first], first[by_first], last[by_first], sizes[by_first])
 
         def next_use(u: int) -> float:
             pos = by_unit[starts[u]:starts[u + 1]]
             k = np.searchsorted(pos, max(0, self._position - self._lag))
             return float(pos[k]) if k < len(pos) else float("inf")
         self.files.next_use = next_use
-        self._prefetch_units(sorted(first_use, key=first_use.get), generation)
+        self._prefetch_units(generation, self._span)
 
     def stop_prefetch(self) -> None:
         """The prefetch threads stop after the unit at hand (their loader is gone: the rest of
@@ -649,20 +658,21 @@ class RemoteSplit:
         self._position = position
         log.debug("position %d", position)
 
-    def _prefetch_units(self, sequence: list[int], generation: int) -> None:
-        """FETCHERS daemon threads walk ``sequence`` in order: a unit another process is fetching
-        is left to it; past the cache's room, the next unit waits until the consumer has moved on
-        (eviction makes room by then). They stop when another plan starts."""
-        lock, it = threading.Lock(), iter(sequence)
+    def _prefetch_units(self, generation: int, span: tuple) -> None:
+        """FETCHERS daemon threads walk the plan's spans in order of first use: a unit another
+        process is fetching is left to it; past the cache's room, the next unit waits until the
+        consumer has moved on (eviction makes room by then). They stop when another plan starts."""
+        lock, it = threading.Lock(), iter(range(len(span[0])))
 
         def worker():
             while generation == self._generation:
                 with lock:
-                    u = next(it, None)
-                if u is None:
+                    k = next(it, None)
+                if k is None:
                     return
+                u = int(span[0][k])
                 while generation == self._generation:
-                    if not self._fits_ahead(u):  # not before the units needed sooner have room
+                    if not self._fits_ahead(k, span):  # not before the units needed sooner have room
                         threading.Event().wait(0.05)
                         continue
                     try:
@@ -677,15 +687,15 @@ class RemoteSplit:
         for t in threads:
             t.start()
 
-    def _fits_ahead(self, u: int) -> bool:
-        """Whether unit ``u`` and every unit needed before it and still to be used fit in the
-        cache: a prefetch further ahead would evict what it fetched before its use."""
+    def _fits_ahead(self, k: int, span: tuple) -> bool:
+        """Whether span ``k`` of a plan (a unit, from its first use to its last) and every span
+        that starts before it and is still in use fit in the cache: a prefetch further ahead would
+        evict what it fetched before its use."""
         if self.files.limit is None:
             return True
-        units, first, last, sizes = self._span
-        k = np.searchsorted(units, u)
-        still = (first <= first[k]) & (last >= self._position - self._lag)
-        return int(sizes[still].sum()) <= self.files.cache_budget()
+        _, first, last, sizes = span
+        still = (first[:k + 1] <= first[k]) & (last[:k + 1] >= self._position - self._lag)
+        return int(sizes[:k + 1][still].sum()) <= self.files.cache_budget()
 
 
 def open_remote(url: str, cache_dir=None, cache_limit: int | None = None):

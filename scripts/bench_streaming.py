@@ -18,7 +18,8 @@ Each system then reads it in a fresh process from an empty cache limited to each
 shuffled, ``--workers`` DataLoader workers (fastload: decoding threads), 2 epochs. Reported: img/s
 per epoch, the first batch (seconds from constructing the loader), bytes from the store per epoch
 (x its dataset), distinct labels per batch (against a global permutation's, computed over the same
-labels). fastload is also timed on the local directory (the ">= 85% of local" target). With
+labels). fastload is also timed on the local directory, epoch by epoch (the ">= 85% of local" target:
+each epoch against the same epoch on the local directory, the first with the loader's start-up). With
 ``--pin`` the store's servers get one core and the readers the other: on a 2-core machine the
 store otherwise takes a third of the loader's CPU, which a store on another machine would not.
 
@@ -200,10 +201,11 @@ def main():
         base = {"batch_size": args.batch_size, "workers": args.workers, "epochs": args.epochs,
                 "endpoint": servers.endpoint}
         if "fastload" in systems:
-            local = fastload_run({**base, "location": str(datasets_["fastload"]["dir"]), "endpoint": None,
-                                  "epochs": 3}, env)
-            results["fastload_local_img_s"] = max(e["img_s"] for e in local["epochs"][1:])
-            print(f"fastload on the local directory: {results['fastload_local_img_s']:,.0f} img/s", flush=True)
+            local = fastload_run({**base, "location": str(datasets_["fastload"]["dir"]), "endpoint": None}, env)
+            # per epoch: the first includes the loader's start-up, on a local directory as from a store
+            results["fastload_local_img_s"] = [e["img_s"] for e in local["epochs"]]
+            print("fastload on the local directory: " + " / ".join(f"{x:,.0f}" for x in results["fastload_local_img_s"])
+                  + " img/s per epoch", flush=True)
         for fraction in caches:
             for s in systems:
                 cache_dir = CACHE / "node-cache" / s
@@ -249,7 +251,8 @@ def report(results: dict) -> None:
     ref = results["global_labels_per_batch"]
     print(f"\n{results['images']} images; a global permutation: {ref:.1f} distinct labels per batch")
     if "fastload_local_img_s" in results:
-        print(f"fastload, local directory: {results['fastload_local_img_s']:,.0f} img/s")
+        print("fastload, local directory: " + " / ".join(f"{x:,.0f}" for x in results["fastload_local_img_s"])
+              + " img/s per epoch")
     print("| system | cache | first batch | epoch 1 img/s | epoch 2 img/s | bytes / epoch (x dataset) | "
           "labels / batch (vs global) |")
     print("|---|---|---|---|---|---|---|")
@@ -268,8 +271,10 @@ def report(results: dict) -> None:
             continue
         e = r["epochs"]
         img_s = min(x["img_s"] for x in e)
+        of_local = min(x["img_s"] / loc for x, loc in zip(e, local))  # each epoch against the local one's
         peers = [p for p in results["runs"] if p["cache"] == r["cache"] and p["system"].startswith(("litdata", "mosaic"))]
-        checks = [(f"img/s {img_s / local:.0%} of local (>= 85%)", img_s >= 0.85 * local),
+        checks = [("img/s " + " / ".join(f"{x['img_s'] / loc:.0%}" for x, loc in zip(e, local))
+                   + " of local per epoch (>= 85%)", of_local >= 0.85),
                   (f"bytes {max(x['bytes'] for x in e) / r['dataset_bytes']:.2f}x of the dataset per epoch (<= 1.1x)",
                    max(x["bytes"] for x in e) <= 1.1 * r["dataset_bytes"]),
                   (f"labels/batch {min(x['labels_per_batch'] for x in e) / ref:.0%} of global (>= 90%)",

@@ -13,7 +13,8 @@ Config: ``{"system": "litdata" | "mosaic" [+ "-16mb"], "phase": "write" | "read"
   shards, the knob their docs give for a small cache (Mosaic refuses a cache under 4 shards).
 - read: ``url`` (s3://) through the system's ``StreamingDataset`` with ``shuffle=True``, a cache
   of ``cache_limit`` bytes at ``cache_dir``, torchvision's RandomResizedCrop(224) + flip +
-  normalize in ``__getitem__`` (their docs' pattern), their DataLoader with ``workers`` workers;
+  normalize in ``__getitem__`` (their docs' pattern), their DataLoader with ``workers`` workers
+  (Mosaic's workers each with a fresh S3 client: see _mosaic_fresh_s3_clients_in_workers);
   ``epochs`` epochs, each one's img/s, first batch, bytes from the store and labels per batch.
 The last line printed is the result, as JSON.
 """
@@ -96,12 +97,31 @@ def mosaic_write(cfg: dict) -> None:
             out.write({"x": Image.open(path), "y": label})
 
 
+def _mosaic_fresh_s3_clients_in_workers() -> None:
+    """The one change to Mosaic's documented use: streaming 0.13.0 keeps the boto3 client it made
+    in the parent (to fetch index.json) in every forked DataLoader worker, so the workers share its
+    keep-alive sockets and read each other's responses: shards arrive corrupt (IndexError "Relative
+    sample index ... not present", PIL UnidentifiedImageError; measured on this bench's plain-HTTP
+    endpoint, and gone with this reset). Each worker makes its own client, as litdata's do."""
+    import gc
+
+    from streaming.base.storage.download import S3Downloader
+
+    def reset():
+        for o in gc.get_objects():
+            if isinstance(o, S3Downloader):
+                o._s3_client = None
+    os.register_at_fork(after_in_child=reset)
+
+
 def mosaic_loader(cfg: dict):
     from streaming import StreamingDataset
     from streaming.base.util import clean_stale_shared_memory
     from torch.utils.data import DataLoader
     transform = train_transform()
     clean_stale_shared_memory()  # their FAQ's remedy for shared memory a previous run left behind
+    if not cfg.get("mosaic_as_is"):
+        _mosaic_fresh_s3_clients_in_workers()
 
     class ImageNetStreaming(StreamingDataset):
         def __getitem__(self, index):

@@ -145,6 +145,36 @@ def test_a_resume_under_another_cache_reads_the_checkpoints_shard_order(s3, stor
         tight.load_state_dict({**state, "window_units": 0})
 
 
+def _until(condition, seconds: float = 10) -> bool:
+    end = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > end:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+def test_an_epochs_first_batches_are_fetched_before_it_is_iterated(s3, store, imagenet_dirs, tmp_path):
+    """A cache smaller than the data: the first epoch's first units download while the loader is
+    set up, and the next epoch's during this one (once this one's leave room), so no epoch starts
+    on a cold window."""
+    url = upload(imagenet_dirs["tfrecord"], f"{s3}/t")
+    store.latency(5)
+    loader = FastLoader(url, backend="reference", cache_dir=tmp_path / "cache", cache_limit=9 * 2**20,
+                        order="shards", **{**KW, "num_workers": 1})
+    remote = loader.reader.remote
+
+    def first_batches_present(epoch: int) -> bool:  # the first batch's (a 9 MB cache holds 2 of these units)
+        head = loader._rank_order(epoch)[:loader.batch_size]
+        return all(remote.files.present(int(u)) for u in np.unique(remote.unit_first[head]))
+    assert _until(lambda: first_batches_present(0)), "the first epoch's first units were not fetched before iter()"
+    assert not all(remote.files.present(u) for u in range(len(remote.files.units)))  # a check that can fail
+    list(loader)
+    assert _until(lambda: first_batches_present(1)), "the next epoch's first units were not fetched during this one"
+    loader.set_epoch(1)  # the epoch planned: no new plan, nothing fetched again
+    assert first_batches_present(1) and len(list(loader)) == len(loader)
+
+
 def test_a_loader_dropped_mid_epoch_stops_downloading(s3, store, imagenet_dirs, tmp_path, monkeypatch):
     """Its prefetch would otherwise fetch the rest of the epoch's units for no one (a job that
     moves on to another loader, a notebook that drops one)."""
