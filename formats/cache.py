@@ -218,6 +218,10 @@ class RemoteFiles:
             self._present[u] = 1
             return True
 
+    def failed(self, u: int) -> bool:
+        """Whether unit ``u``'s last fetch in this process failed after all its retries."""
+        return u in self._failed
+
     @contextlib.contextmanager
     def _unit_lock(self, u: int, wait: bool):
         """Unit ``u`` exclusively, node-wide (yields whether it is ours): this process's thread
@@ -671,7 +675,9 @@ class RemoteSplit:
                 if k is None:
                     return
                 u = int(span[0][k])
-                while generation == self._generation:
+                # a unit whose fetch failed after its retries is left to the consumer's own fetch,
+                # which raises the named error (a new plan does not try it 6 more times first)
+                while generation == self._generation and not self.files.failed(u):
                     if not self._fits_ahead(k, span):  # not before the units needed sooner have room
                         threading.Event().wait(0.05)
                         continue
