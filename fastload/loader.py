@@ -410,8 +410,7 @@ class FastLoader:
             node_order, local = self._node_order(epoch, order, skip)
             # then the next epoch's first batches (a training loop goes on to epoch + 1), fetched once
             # this epoch's units leave room: the next epoch does not start on a cold window
-            head = self._node_order(epoch + 1, self._rank_order(epoch + 1), 0)[0][:self._head_samples(local)]
-            remote.plan(node_order, lag=self._lag(local), then=head)
+            remote.plan(node_order, lag=self._lag(local), then=self._node_head(epoch + 1, 0)[0])
             self._head_planned = (epoch + 1, 0)
         batches = self._backend_for(self.spec_for_epoch(epoch)).run_epoch(order[skip:], params[skip:])
         yield from self._batches(batches, epoch, start, batch_threads, threads, remote, local)
@@ -425,13 +424,14 @@ class FastLoader:
         if remote is None or self._head_planned == (self.epoch, self._resume_batch):
             return
         self._head_planned = (self.epoch, self._resume_batch)
-        skip = self._resume_batch * self.batch_size
-        node_order, local = self._node_order(self.epoch, self._rank_order(self.epoch), skip)
-        remote.plan(node_order[:self._head_samples(local)], lag=self._lag(local))
+        head, local = self._node_head(self.epoch, self._resume_batch)
+        remote.plan(head, lag=self._lag(local))
 
-    def _head_samples(self, local: int) -> int:
-        """An epoch's first batches on this node: a shard-aware order's first window per rank."""
-        return HEAD_BATCHES * self.batch_size * local
+    def _node_head(self, epoch: int, batch: int) -> tuple[np.ndarray, int]:
+        """This node's samples of an epoch's first batches from ``batch`` on (a shard-aware order's
+        first window per rank), and its ranks (as _node_order)."""
+        node_order, local = self._node_order(epoch, self._rank_order(epoch), batch * self.batch_size)
+        return node_order[:HEAD_BATCHES * self.batch_size * local], local
 
     def _lag(self, local: int) -> int:
         """Positions a node's other ranks may be behind this one: they drift a batch or two apart,

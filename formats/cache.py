@@ -639,7 +639,7 @@ class RemoteSplit:
             last = len(part) - 1 - np.unique(units[offset:offset + len(part)][::-1], return_index=True)[1]
             spans.append((used, first + offset, last + offset))
             offset += len(part)
-        used, first, last = (np.concatenate(x) for x in zip(*spans)) if spans else (np.zeros(0, np.int64),) * 3
+        used, first, last = (np.concatenate(x) for x in zip(*spans))
         sizes = np.array([self.files.units[u].end - self.files.units[u].start for u in used.tolist()], np.int64)
         by_first = np.argsort(first, kind="stable")
         self._span = (used[by_first], first[by_first], last[by_first], sizes[by_first])
@@ -699,8 +699,8 @@ class RemoteSplit:
         evict what it fetched before its use."""
         if self.files.limit is None:
             return True
-        _, first, last, sizes = span
-        still = (first[:k + 1] <= first[k]) & (last[:k + 1] >= self._position - self._lag)
+        _, _, last, sizes = span  # sorted by first use: spans 0..k start no later than k
+        still = last[:k + 1] >= self._position - self._lag
         return int(sizes[:k + 1][still].sum()) <= self.files.cache_budget()
 
 

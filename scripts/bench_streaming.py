@@ -204,8 +204,7 @@ def main():
             local = fastload_run({**base, "location": str(datasets_["fastload"]["dir"]), "endpoint": None}, env)
             # per epoch: the first includes the loader's start-up, on a local directory as from a store
             results["fastload_local_img_s"] = [e["img_s"] for e in local["epochs"]]
-            print("fastload on the local directory: " + " / ".join(f"{x:,.0f}" for x in results["fastload_local_img_s"])
-                  + " img/s per epoch", flush=True)
+            print(f"fastload on the local directory: {per_epoch(results['fastload_local_img_s'])}", flush=True)
         for fraction in caches:
             for s in systems:
                 cache_dir = CACHE / "node-cache" / s
@@ -231,6 +230,10 @@ def main():
         Path(args.json).write_text(json.dumps(results, indent=2, default=str))
 
 
+def per_epoch(img_s: list[float]) -> str:
+    return " / ".join(f"{x:,.0f}" for x in img_s) + " img/s per epoch"
+
+
 def d_bytes(datasets_: dict, s: str) -> int:
     return datasets_[s]["bytes"]
 
@@ -251,8 +254,7 @@ def report(results: dict) -> None:
     ref = results["global_labels_per_batch"]
     print(f"\n{results['images']} images; a global permutation: {ref:.1f} distinct labels per batch")
     if "fastload_local_img_s" in results:
-        print("fastload, local directory: " + " / ".join(f"{x:,.0f}" for x in results["fastload_local_img_s"])
-              + " img/s per epoch")
+        print(f"fastload, local directory: {per_epoch(results['fastload_local_img_s'])}")
     print("| system | cache | first batch | epoch 1 img/s | epoch 2 img/s | bytes / epoch (x dataset) | "
           "labels / batch (vs global) |")
     print("|---|---|---|---|---|---|---|")
@@ -270,7 +272,6 @@ def report(results: dict) -> None:
         if r["system"] != "fastload" or r["cache"] >= 1:
             continue
         e = r["epochs"]
-        img_s = min(x["img_s"] for x in e)
         of_local = min(x["img_s"] / loc for x, loc in zip(e, local))  # each epoch against the local one's
         peers = [p for p in results["runs"] if p["cache"] == r["cache"] and p["system"].startswith(("litdata", "mosaic"))]
         checks = [("img/s " + " / ".join(f"{x['img_s'] / loc:.0%}" for x, loc in zip(e, local))
