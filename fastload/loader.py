@@ -330,16 +330,23 @@ class FastLoader:
         return q
 
     def _window_units(self) -> int:
-        """Units per shuffle window: a node's ranks hold a window each while the next arrives, in
-        a third of the cache each (at least one unit: a conversion with --shuffle-seed mixes
-        classes inside each unit). Rounded down to a power of two, so that nodes whose disks have
-        about the same room agree without a cache_limit (give every node the same one to be sure)."""
+        """Units per shuffle window. A node's cache holds, for each of its ranks, the units its
+        other ranks may still read (``_lag``), the window being read and the next one arriving;
+        the room left after the lag is split between those two windows (at least one unit: a
+        conversion with --shuffle-seed mixes classes inside each unit). Sized on the units that
+        hold samples (an index file is a unit too), and rounded down to a power of two, so that
+        nodes whose disks have about the same room agree without a cache_limit (give every node
+        the same one to be sure)."""
         remote = self.reader.remote
         if remote is None:
             return 8
-        files = remote.files
-        unit = max(1, sum(files.sizes.values()) // max(1, len(files.units)))
-        fits = max(1, int(files.cache_budget() // 3 // (unit * self._local_ranks())))
+        files, local = remote.files, self._local_ranks()
+        used = np.unique(self.reader.units[self.indices])
+        unit = max(1, sum(files.units[u].end - files.units[u].start for u in used.tolist()) // max(1, len(used)))
+        per_unit = max(1, len(self.indices) // max(1, len(used)))
+        lag_units = -(-self._lag(local) // local // per_unit) + 1  # per rank; +1: a window's edge
+        fits = int(files.cache_budget() // (unit * local)) - lag_units
+        fits = max(1, fits // 2)
         return 1 << (fits.bit_length() - 1)
 
     def _local_ranks(self) -> int:
@@ -434,10 +441,12 @@ class FastLoader:
         return node_order[:HEAD_BATCHES * self.batch_size * local], local
 
     def _lag(self, local: int) -> int:
-        """Positions a node's other ranks may be behind this one: they drift a batch or two apart,
-        so a unit one of them used lately may still be in use by another (a lone rank's decoders
-        are ahead of its position, never behind)."""
-        return 2 * self.batch_size * local if local > 1 else 0
+        """Positions a node's other ranks may be behind this one: one step. A rank yields batch b
+        (and advances to its end) only once step b-1's gradients are reduced, so every other rank
+        has taken batch b-1 and needs nothing before batch b (a lone rank's decoders are ahead of
+        its position, never behind). Ranks that drift further apart (no collective each step)
+        only fetch again a unit evicted early."""
+        return self.batch_size * local if local > 1 else 0
 
     def _node_order(self, epoch: int, order: np.ndarray, skip: int) -> tuple[np.ndarray, int]:
         """The samples this node's ranks read from position ``skip`` on, step by step (ranks

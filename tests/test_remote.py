@@ -520,9 +520,10 @@ def test_two_nodes_of_two_ranks_under_torchrun(s3, store, tmp_path, fits):
             got = sum(e[4] for e in log)
             if fits:
                 assert max(whole.values()) == 1, whole  # each unit downloaded at most once per node
-            else:  # its own half of the units, not all of them (the 1.1x target: scripts/bench_multinode.py)
+            else:  # its own half of the units, each about once (the 1.1x target: scripts/bench_multinode.py);
+                # here also the next epoch's first 2 batches, fetched ahead: 0.2-0.3x of a 6-batch share
                 print(f"node bytes {got / (dataset / 2):.2f}x its share")
-                assert got < 0.9 * dataset, (got, dataset, whole)
+                assert got < 1.5 * dataset / 2, (got, dataset, whole)
     finally:
         nodes[1].close()
 
