@@ -1,10 +1,14 @@
 #!/usr/bin/env python
 """FastLoader on a dataset in object storage against the same loader on a local directory.
 
+    bash scripts/setup_streaming_peers.sh     # once: the s3rver server
     .venv/bin/python scripts/bench_remote.py [--tile 20] [--cifar-tile 5] [--latency-ms 20] [--workers 2]
+                                             [--store s3rver|moto|http]
 
-The store: moto's S3 server on 127.0.0.1 behind tests/store_proxy.py, which adds ``--latency-ms``
-to every request and counts the bytes it relays. Workloads: the ImageNet sample tiled ``--tile``
+The store: s3rver (an S3-protocol server, npm) on 127.0.0.1 behind tests/store_proxy.py, which
+adds ``--latency-ms`` to every request and counts the bytes it relays; ``--store moto`` for moto's
+server (it copies a whole object to answer each range request: its cold figures are moto's, not
+the loader's), ``--store http`` for a static HTTP server with range requests. Workloads: the ImageNet sample tiled ``--tile``
 times (.beton, JPEG, ffcv backend) and the CIFAR-10 sample tiled ``--cifar-tile`` times (.beton,
 raw pixels); train spec, ``--workers`` workers, cache large enough for the dataset. Each
 measurement runs in a fresh process (its own page cache state, imports, JIT):
@@ -94,31 +98,34 @@ def main():
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--batch-size", type=int, default=256)
     ap.add_argument("--only", choices=["imagenet", "cifar"], default=None)
-    ap.add_argument("--store", choices=["s3", "http"], default="s3",
-                    help="s3: moto's S3 server (which copies a whole object to answer a range request); http: "
-                         "a static HTTP server with range requests (https://-style locations)")
+    ap.add_argument("--store", choices=["s3rver", "moto", "http"], default="s3rver",
+                    help="s3rver: an S3-protocol server (scripts/setup_streaming_peers.sh installs it); moto: moto's "
+                         "S3 server (which copies a whole object to answer a range request); http: a static HTTP "
+                         "server with range requests (https://-style locations)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     if args.child:
         print(json.dumps(child(json.loads(args.child))))
         return
     import s3fs
-    from store_proxy import StoreServers
+    from store_proxy import S3RVER, StoreServers
     data = prepare(args)
     if args.store == "http":
         servers = StoreServers(latency_ms=args.latency_ms, directory=str(ROOT / ".cache" / "remote"))
     else:
-        servers = StoreServers(latency_ms=args.latency_ms)
+        if args.store == "s3rver" and not S3RVER.exists():
+            raise SystemExit(f"{S3RVER} is missing: run bash scripts/setup_streaming_peers.sh (or pass --store moto)")
+        servers = StoreServers(latency_ms=args.latency_ms, server=args.store)
         os.environ.update(servers.env())
     results = {}
     try:
-        if args.store == "s3":
+        if args.store != "http":
             fs = s3fs.S3FileSystem(skip_instance_cache=True)
             fs.mkdir("bench")
         for name, w in data.items():
             if args.only and name != args.only:
                 continue
-            if args.store == "s3":
+            if args.store != "http":
                 servers.latency(0)
                 fs.put(f"{w['dir']}/", f"bench/{name}/", recursive=True)
                 servers.latency(args.latency_ms)
