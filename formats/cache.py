@@ -110,31 +110,35 @@ def _libc_fallocate():
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
 _MMAP_THRESHOLD_MAX = 32 << 20  # glibc's ceiling for it on 64-bit
-_heap_kept = False
+_heap_kept = 0  # the largest unit the heap is set for so far (0: not yet; -1: left alone)
 
 
-def _keep_unit_buffers_on_the_heap() -> None:
-    """Each download's body is a fresh 8-32 MB buffer (and the client's copy of it). glibc serves
-    such a buffer with its own mmap, or trims it off the heap once 8 fetchers free theirs, so its
-    every page is faulted in and zeroed again per unit: 100-150k page faults and ~0.3 s of CPU
-    per 444 MB here, on the cores that decode. So, once per process that streams a dataset,
-    buffers up to 32 MB come from the heap and up to 512 MB of freed heap is kept for the next
-    units. Left alone where the user set glibc's malloc tunables, and off glibc."""
+def _keep_unit_buffers_on_the_heap(unit_bytes: int) -> None:
+    """Each download's body is a fresh buffer of a unit's size (8-32 MB), and the client's copy
+    of it. glibc serves such a buffer with its own mmap, or trims it off the heap once the
+    fetchers free theirs, so its every page is faulted in and zeroed again per unit: 100-150k
+    page faults and ~0.3 s of CPU per 444 MB here, on the cores that decode. So, in a process
+    that streams a dataset, buffers up to 32 MB come from the heap, and freed heap is kept for
+    what the fetchers hold at once (two copies of a unit each). Left alone where the user set
+    glibc's malloc tunables, and off glibc."""
     global _heap_kept
-    if _heap_kept:
+    if _heap_kept < 0 or unit_bytes <= _heap_kept:  # (< 0: left alone)
         return
-    _heap_kept = True
-    import platform
-    if (platform.libc_ver()[0] != "glibc" or "glibc.malloc" in os.environ.get("GLIBC_TUNABLES", "")
-            or any(k.startswith("MALLOC_") and k.endswith("_") for k in os.environ)):
-        return
+    first, _heap_kept = not _heap_kept, -1
+    if first:
+        import platform
+        if (platform.libc_ver()[0] != "glibc" or "glibc.malloc" in os.environ.get("GLIBC_TUNABLES", "")
+                or any(k.startswith("MALLOC_") and k.endswith("_") for k in os.environ)):
+            return
     try:
         mallopt = ctypes.CDLL(None).mallopt
     except (OSError, AttributeError):
         return
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    if mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_MAX):
-        mallopt(_M_TRIM_THRESHOLD, 16 * _MMAP_THRESHOLD_MAX)
+    # the trim threshold alone would also stop glibc's own raising of the mmap one: both, or neither
+    if (not first or mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_MAX)) and mallopt(
+            _M_TRIM_THRESHOLD, min(2 * FETCHERS * unit_bytes + (64 << 20), 1 << 30)):
+        _heap_kept = unit_bytes
 
 
 class RemoteFiles:
@@ -163,7 +167,7 @@ class RemoteFiles:
         self.in_flight = frozenset  # () -> units of the batches this process is reading (RemoteSplit's)
         self.on_evict = lambda u: None  # RemoteSplit: its samples in unit u are no longer ready
         self._make_files()
-        _keep_unit_buffers_on_the_heap()
+        _keep_unit_buffers_on_the_heap(max((u.end - u.start for u in self.units), default=0))
 
     def _new_locks(self) -> None:
         """This process's locks (again in a forked child: a lock held by a parent's thread at the

@@ -542,3 +542,39 @@ def test_a_cold_start_over_large_units_reads_samples_by_range(s3, store, imagene
     size = (imagenet_dirs["beton"] / "validation.beton").stat().st_size
     ranges = [e for e in store.log() if e[1].endswith(".beton") and e[2] != f"bytes=0-{size - 1}"]
     assert len(ranges) >= 32, "the first batch did not read its samples by range"
+
+
+# the allocation pattern of 8 unit downloads received by one client thread, then freed together
+# (formats/cache.py's _keep_unit_buffers_on_the_heap): page faults while it repeats
+_UNIT_BUFFERS = """
+import resource, sys
+from fastload import FastLoader
+if sys.argv[1:]:
+    loader = FastLoader(sys.argv[1], "validation", batch_size=8, backend="reference", num_workers=0)
+chunk = b"x" * (64 << 10)
+units = lambda: [b"".join([chunk] * 128) for _ in range(8)]  # 8 MB bodies
+units()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(10):
+    units()
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+def test_a_streaming_process_keeps_its_unit_buffers_faulted_in(s3, imagenet_dirs, tmp_path):
+    """glibc maps each fresh 8 MB buffer (or trims it off the heap once 8 are freed), so every
+    unit's pages are faulted in again: a process that opens a remote dataset keeps them on the
+    heap, unless the user tuned malloc (GLIBC_TUNABLES)."""
+    url = upload(imagenet_dirs["tfrecord"], f"{s3}/heap")
+    env = {**os.environ, "FASTLOAD_CACHE_DIR": str(tmp_path / "cache")}
+
+    def faults(*args, **extra):
+        out = subprocess.run([sys.executable, "-c", _UNIT_BUFFERS, *args], env={**env, **extra},
+                             capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stderr[-2000:]
+        return int(out.stdout.split()[-1])
+    pages = 10 * 8 * (8 << 20) // 4096
+    plain = faults()
+    assert plain > pages // 2  # glibc's own policy: faulted in again, about every page
+    assert faults(url) < pages // 20
+    assert faults(url, GLIBC_TUNABLES="glibc.malloc.arena_max=8") > pages // 2  # the user's malloc: left alone
