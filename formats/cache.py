@@ -110,7 +110,7 @@ def _libc_fallocate():
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
 _MMAP_THRESHOLD_MAX = 32 << 20  # glibc's ceiling for it on 64-bit
-_heap_kept = 0  # the largest unit the heap is set for so far (0: not yet; -1: left alone)
+_heap_kept: int | None = 0  # the largest unit the heap is set for so far (None: left alone)
 
 
 def _keep_unit_buffers_on_the_heap(unit_bytes: int) -> None:
@@ -122,17 +122,15 @@ def _keep_unit_buffers_on_the_heap(unit_bytes: int) -> None:
     what the fetchers hold at once (two copies of a unit each). Left alone where the user set
     glibc's malloc tunables, and off glibc."""
     global _heap_kept
-    if _heap_kept < 0 or unit_bytes <= _heap_kept:  # (< 0: left alone)
+    if _heap_kept is None or unit_bytes <= _heap_kept:
         return
-    first, _heap_kept = not _heap_kept, -1
-    if first:
-        import platform
-        if (platform.libc_ver()[0] != "glibc" or "glibc.malloc" in os.environ.get("GLIBC_TUNABLES", "")
-                or any(k.startswith("MALLOC_") and k.endswith("_") for k in os.environ)):
-            return
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):
+    first, _heap_kept = _heap_kept == 0, None  # left alone unless both settings below take
+    import platform
+    if (platform.libc_ver()[0] != "glibc" or "glibc.malloc" in os.environ.get("GLIBC_TUNABLES", "")
+            or any(k.startswith("MALLOC_") and k.endswith("_") for k in os.environ)):
+        return
+    mallopt = getattr(ctypes.CDLL(None), "mallopt", None)
+    if mallopt is None:
         return
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     # the trim threshold alone would also stop glibc's own raising of the mmap one: both, or neither

@@ -87,24 +87,24 @@ def write(system: str, folder: Path, workers: int) -> tuple[Path, float | None]:
 RUN_TIMEOUT_S = 300  # a reading run that has not finished by then is recorded as hung (--run-timeout)
 
 
-def _run(what: str, cmd: list[str], env: dict, timed: bool = True) -> subprocess.CompletedProcess:
-    """A system's process; a reading run that hangs (Mosaic at a small cache, seen) is a result,
-    not the end of the run."""
+def _run(what: str, cmd: list[str], env: dict, timed: bool = True) -> dict:
+    """A system's process and the JSON line it ends with. A failure, or a reading run that hangs
+    (Mosaic at a small cache, seen), is a RuntimeError: a result, not the end of the run."""
     try:
-        return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=RUN_TIMEOUT_S if timed else None)
+        r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=RUN_TIMEOUT_S if timed else None)
     except subprocess.TimeoutExpired:
         raise RuntimeError(f"{what}: no result in {RUN_TIMEOUT_S:.0f} s (killed)") from None
+    if r.returncode:
+        raise RuntimeError(f"{what} failed:\n{r.stderr[-4000:]}")
+    return json.loads(r.stdout.strip().splitlines()[-1])
 
 
 def peer(cfg: dict, env: dict | None = None) -> dict:
     if not PEERS_PY.exists():
         raise SystemExit(f"{PEERS_PY} is missing: run bash scripts/setup_streaming_peers.sh")
-    r = _run(f"{cfg['system']} {cfg['phase']}", [str(PEERS_PY), str(ROOT / "scripts" / "streaming_peers.py"),
-                                                 json.dumps(cfg)],
-             {**os.environ, **(env or {})}, timed=cfg["phase"] == "read")
-    if r.returncode:
-        raise RuntimeError(f"{cfg['system']} {cfg['phase']} failed:\n{r.stderr[-4000:]}")
-    return json.loads(r.stdout.strip().splitlines()[-1])
+    return _run(f"{cfg['system']} {cfg['phase']}", [str(PEERS_PY), str(ROOT / "scripts" / "streaming_peers.py"),
+                                                    json.dumps(cfg)],
+                {**os.environ, **(env or {})}, timed=cfg["phase"] == "read")
 
 
 def dataset_bytes(d: Path) -> int:
@@ -153,10 +153,7 @@ def fastload_child(cfg: dict) -> dict:
 
 
 def fastload_run(cfg: dict, env: dict) -> dict:
-    r = _run("fastload", [sys.executable, __file__, "--child", json.dumps(cfg)], {**os.environ, **env})
-    if r.returncode:
-        raise RuntimeError(f"fastload failed:\n{r.stderr[-4000:]}")
-    return json.loads(r.stdout.strip().splitlines()[-1])
+    return _run("fastload", [sys.executable, __file__, "--child", json.dumps(cfg)], {**os.environ, **env})
 
 
 # --------------------------------------------------------------------------- the run
