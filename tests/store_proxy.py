@@ -5,8 +5,9 @@ requests (an ``https://``-style location).
 Run as a process (``python tests/store_proxy.py --upstream http://127.0.0.1:PORT``) so that the
 client under test shares no interpreter with it. Control, over HTTP on the proxy itself:
 - ``POST /__control__/faults`` with ``[{"match": "<substring of the path>", "method": "GET",
-  "kind": "500" | "reset" | "truncate" | "stall", "count": n}]``: the next n matching requests
-  fail that way (a reset or truncation mid-body, a stall of 60 s before the body);
+  "kind": "500" | "reset" | "truncate" | "stall" | "flip", "count": n}]``: the next n matching
+  requests fail that way (a reset or truncation mid-body, a stall of 60 s before the body, one
+  byte inverted in the middle of every 256 KiB of the body, its length and status unchanged);
 - ``POST /__control__/latency`` with ``{"ms": 20}``;
 - ``GET /__control__/log``: every request so far, ``[method, path, range, status, body bytes]``;
   ``DELETE /__control__/log`` clears it.
@@ -110,6 +111,9 @@ class _Handler(BaseHTTPRequestHandler):
                     break
                 if fault == "stall" and sent == 0:
                     time.sleep(60)
+                if fault == "flip" and piece:  # damage no length or status shows: only a checksum does
+                    mid = len(piece) // 2
+                    piece = piece[:mid] + bytes([piece[mid] ^ 0xFF]) + piece[mid + 1:]
                 self.wfile.write(piece)
                 sent += len(piece)
         except (BrokenPipeError, ConnectionResetError):

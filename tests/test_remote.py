@@ -275,7 +275,7 @@ print(json.dumps({"rank": rank, "samples": n}))
 
 
 # --------------------------------------------------------------------------- faults
-@pytest.mark.parametrize("kind", ["500", "reset", "truncate"])
+@pytest.mark.parametrize("kind", ["500", "reset", "truncate", "flip"])
 def test_store_faults_are_retried_and_change_nothing(s3, store, imagenet_dirs, local_batches, tmp_path, kind):
     url = upload(imagenet_dirs["beton"], f"{s3}/b")
     store.clear_log()
@@ -283,9 +283,45 @@ def test_store_faults_are_retried_and_change_nothing(s3, store, imagenet_dirs, l
                   {"match": "records.npy", "method": "GET", "kind": kind, "count": 1}])
     loader = FastLoader(url, backend="ffcv", cache_dir=tmp_path / "cache", **KW)
     assert same(batches(loader), local_batches["beton", "ffcv"])
-    statuses = [e[3] for e in store.log()]
+    log = store.log()
+    statuses = [e[3] for e in log]
     if kind == "500":
         assert statuses.count(500) == 4
+    if kind == "flip":  # the index fails its sha256 and comes again; damaged samples fail their CRC32C
+        # as read and come again by range (a unit is checked by its samples' CRCs, not a second hash)
+        assert [e[1].endswith("records.npy") for e in log if e[0] == "GET"].count(True) == 2
+        chunk = Manifest.open(imagenet_dirs["beton"]).split("validation").files_with_role("data")[0]["chunk_size"]
+        sizes = [_range_size(e[2]) for e in log if e[0] == "GET" and e[1].endswith(".beton")]
+        assert any(n < chunk // 4 for n in sizes), sizes  # a sample's range, not a unit again
+
+
+def _range_size(header: str) -> int:
+    start, end = header[len("bytes="):].split("-")
+    return int(end) - int(start) + 1
+
+
+def test_a_store_whose_bytes_differ_from_the_manifest_is_one_error(s3, store, imagenet_dirs, tmp_path):
+    """Stored files changed after their manifest was written (one byte of each): the index is
+    refused by its sha256; a sample by its CRC32C, once its copy from the store fails too."""
+    from fastload.formats.records import SampleDecodeError
+    url = upload(imagenet_dirs["beton"], f"{s3}/b")
+    reader = FastLoader(imagenet_dirs["beton"], **KW).reader
+
+    def store_changed(name: str, at: int) -> None:
+        data = bytearray((imagenet_dirs["beton"] / name).read_bytes())
+        data[at] ^= 0xFF
+        _fs().pipe(f"{url[len('s3://'):]}/{name}", bytes(data))
+    store_changed("validation.records.npy", 200)
+    with pytest.raises(DatasetError, match=rf"{url}/validation.records.npy: bytes 0..\d+ do not match their sha256 "
+                                           r"in the manifest, 6 downloads in a row: .*convert it again"):
+        FastLoader(url, backend="ffcv", cache_dir=tmp_path / "cache", **KW)
+    upload(imagenet_dirs["beton"], url)
+    store_changed("validation.beton", int(reader.records["offset"][40]) + 500)
+    for backend in ("ffcv", "reference"):
+        loader = FastLoader(url, backend=backend, cache_dir=tmp_path / backend, **KW)
+        with pytest.raises(SampleDecodeError, match=r"split 'validation' sample 40 .* does not decode: .*checksum.*"
+                                                    r"Run `fastload verify"):
+            batches(loader)
 
 
 def test_a_stalled_store_times_out_and_is_retried(s3, store, imagenet_dirs, local_batches, tmp_path, monkeypatch):
