@@ -80,9 +80,13 @@ class FastDataModule(pl.LightningDataModule):
         return trainer.strategy.root_device if trainer is not None else "cpu"
 
     def train_dataloader(self) -> FastLoader:
+        trainer = getattr(self, "trainer", None)
+        # the trainer's last epoch (-1: no limit): a remote dataset's loader fetches no epoch after it
+        last = getattr(trainer, "max_epochs", None)
+        options = {"epochs": last if isinstance(last, int) and last > 0 else None, **self.train_options}
         return TrainerEpochLoader(self.path, self.train_split, batch_size=self.batch_size, spec=self.train_spec,
                                   backend=self.backend, device=self._device(), num_workers=self.num_workers,
-                                  drop_last=True, trainer=getattr(self, "trainer", None), **self.train_options)
+                                  drop_last=True, trainer=trainer, **options)
 
     def val_dataloader(self):
         if self.val_split is None:

@@ -96,14 +96,17 @@ class FastLoader:
     ``path`` is a dataset directory or URL: ``s3://``, ``gs://``, ``hf://``, ``https://`` datasets
     are read through a node-local cache at ``cache_dir`` (default ``$FASTLOAD_CACHE_DIR``, else
     ``~/.cache/fastload``), shared by the node's ranks, holding at most ``cache_limit`` bytes
-    (None: the disk's room). Their batches are the local dataset's, bit for bit.
+    (None: the disk's room). Their batches are the local dataset's, bit for bit. Each epoch's
+    first batches download during the epoch before; ``epochs``, the job's epoch count where it is
+    known (FastDataModule passes the trainer's), spares the last epoch that download.
     """
 
     def __init__(self, path, split: str = "train", batch_size: int = 256, spec=None, backend: str = "auto",
                  device="cpu", num_workers: int | None = None, seed: int = 0, drop_last: bool | None = None,
                  order: str = "auto", distributed="auto", *, indices=None, classes=None,
                  repeated_augmentation: int = 1, columns=(), batch_transform=None, check_samples: bool = True,
-                 max_pixels: int = DEFAULT_MAX_PIXELS, cache_dir=None, cache_limit: int | None = None):
+                 max_pixels: int = DEFAULT_MAX_PIXELS, cache_dir=None, cache_limit: int | None = None,
+                 epochs: int | None = None):
         if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
             raise ValueError(f"batch_size={batch_size!r} is invalid: allowed an int >= 1")
         if num_workers is not None and (not isinstance(num_workers, int) or isinstance(num_workers, bool)
@@ -124,6 +127,8 @@ class FastLoader:
                             "f(images, labels) -> (images, labels), or None")
         if backend != "auto":
             registry.entry(backend)  # an unknown name fails before the dataset is opened
+        if epochs is not None and (not isinstance(epochs, int) or isinstance(epochs, bool) or epochs < 1):
+            raise ValueError(f"epochs={epochs!r} is invalid: allowed an int >= 1 (the job's epoch count), or None")
         if not isinstance(check_samples, bool):
             raise ValueError(f"check_samples={check_samples!r} is invalid: allowed True or False")
         self.manifest = Manifest.open(path, cache_dir=cache_dir, cache_limit=cache_limit)
@@ -140,6 +145,7 @@ class FastLoader:
         self.seed = int(seed)
         self.shuffle = order != "sequential"
         self.drop_last = (split == "train") if drop_last is None else bool(drop_last)
+        self.epochs = epochs
         self.num_workers = num_workers if num_workers is not None else max(1, (os.cpu_count() or 1))
         self.rank, self.world_size = distributed_rank_world(distributed)
         self.repeats = repeated_augmentation
@@ -417,11 +423,16 @@ class FastLoader:
             node_order, local = self._node_order(epoch, order, skip)
             # then the next epoch's first batches (a training loop goes on to epoch + 1), fetched once
             # this epoch's units leave room: the next epoch does not start on a cold window
-            remote.plan(node_order, lag=self._lag(local), then=self._node_head(epoch + 1, 0)[0])
-            self._head_planned = (epoch + 1, 0)
+            follows = self._epoch_follows(epoch)
+            remote.plan(node_order, lag=self._lag(local), then=self._node_head(epoch + 1, 0)[0] if follows else None)
+            self._head_planned = (epoch + 1, 0) if follows else None
         batches = self._backend_for(self.spec_for_epoch(epoch)).run_epoch(order[skip:], params[skip:])
         yield from self._batches(batches, epoch, start, batch_threads, threads, remote, local)
         self.epoch, self._batches_done = epoch + 1, 0  # a completed pass moves on, as ffcv's Loader does
+
+    def _epoch_follows(self, epoch: int) -> bool:
+        """Whether another epoch is iterated after ``epoch``, as far as the loader knows."""
+        return self.epochs is None or epoch + 1 < self.epochs
 
     def _prefetch_start(self) -> None:
         """A remote dataset's next iteration (``epoch`` from its resume point): its first batches
@@ -456,9 +467,14 @@ class FastLoader:
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         first = self.rank - local_rank
         if local <= 1 or self.repeats > 1 or not 0 <= first <= self.world_size - local:
-            return order[skip:], 1
+            return order[skip:self._read_length(len(order))], 1
         g = self.indices[self.global_order(epoch)].reshape(-1, self.world_size)
-        return g[skip:, first:first + local].reshape(-1), local
+        return g[skip:self._read_length(len(g)), first:first + local].reshape(-1), local
+
+    def _read_length(self, n: int) -> int:
+        """Positions of a rank's ``n`` that its batches read: drop_last's partial batch is not (its
+        units, planned, were downloaded for no one, and held room to the epoch's end)."""
+        return n // self.batch_size * self.batch_size if self.drop_last else n
 
     def _batches(self, batches, epoch, start, batch_threads, threads, remote, local=1):
         from fastload.pipelines.sampling import augment_rng

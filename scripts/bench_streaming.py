@@ -15,7 +15,9 @@ adds ``--latency-ms`` to every request and counts the bytes it relays.
 
 Each system then reads it in a fresh process from an empty cache limited to each fraction of
 ``--caches`` of its own dataset's bytes: train spec (RandomResizedCrop(224) + flip + normalize),
-shuffled, ``--workers`` DataLoader workers (fastload: decoding threads), 2 epochs. Reported: img/s
+shuffled, ``--workers`` DataLoader workers (fastload: decoding threads), 2 epochs (fastload is told
+so, ``epochs=2``, as a training script that knows its epoch count tells it; ``--epochs-unknown``:
+not, and its last epoch also fetches a third one's first batches). Reported: img/s
 per epoch, the first batch (seconds from constructing the loader), bytes from the store per epoch
 (x its dataset), distinct labels per batch (against a global permutation's, computed over the same
 labels). fastload is also timed on the local directory, epoch by epoch (the ">= 85% of local" target:
@@ -147,7 +149,8 @@ def fastload_child(cfg: dict) -> dict:
         warnings.simplefilter("always")
         loader = FastLoader(cfg["location"], "train", batch_size=cfg["batch_size"], spec="imagenet:train",
                             backend="ffcv", num_workers=cfg["workers"], distributed=False,
-                            cache_dir=cfg.get("cache_dir"), cache_limit=cfg.get("cache_limit"))
+                            cache_dir=cfg.get("cache_dir"), cache_limit=cfg.get("cache_limit"),
+                            epochs=cfg["epochs"] if cfg.get("epochs_known", True) else None)
     out = {"epochs": [], "order": loader.order, "warnings": [str(w.message) for w in caught]}
     for e in range(cfg["epochs"]):
         loader.set_epoch(e)
@@ -175,6 +178,8 @@ def main():
                     help="the store's servers on CPU 1, every reader on CPU 0: a store on another machine, "
                          "emulated on 2 cores (the local baseline runs on CPU 0 too)")
     ap.add_argument("--run-timeout", type=float, default=RUN_TIMEOUT_S, help="seconds a system's reading run may take")
+    ap.add_argument("--epochs-unknown", action="store_true",
+                    help="fastload not told the epoch count (FastLoader(epochs=None)), as in a plain loop that does not")
     ap.add_argument("--repeats", type=int, default=1,
                     help="fastload's (local, store) pairs per cache: the img/s target is their median ratio")
     ap.add_argument("--json", default=None)
@@ -216,6 +221,7 @@ def main():
                 fs.put_file(str(f), f"bench/{s}/{f.relative_to(d['dir'])}")
         servers.latency(args.latency_ms)
         base = {"batch_size": args.batch_size, "workers": args.workers, "epochs": args.epochs,
+                "epochs_known": not args.epochs_unknown,
                 "endpoint": servers.endpoint}
         for fraction in caches:
             for s in systems:

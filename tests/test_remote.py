@@ -175,6 +175,61 @@ def test_an_epochs_first_batches_are_fetched_before_it_is_iterated(s3, store, im
     assert first_batches_present(1) and len(list(loader)) == len(loader)
 
 
+def test_the_last_epoch_does_not_fetch_a_next_one(s3, store, imagenet_dirs, tmp_path):
+    """Each epoch's first batches download during the one before; where the loader knows the
+    job's last epoch (``epochs``; FastDataModule passes the trainer's max_epochs), it fetches no
+    epoch after it."""
+    pl = pytest.importorskip("lightning.pytorch")
+    from fastload.lightning import FastDataModule
+    url = upload(imagenet_dirs["tfrecord"], f"{s3}/t")
+    store.latency(5)
+    small = dict(backend="reference", cache_limit=9 * 2**20, order="shards", seed=3, num_workers=1)
+
+    def plain(epochs):
+        return FastLoader(url, "validation", batch_size=32, spec="imagenet:train", epochs=epochs,
+                          cache_dir=tmp_path / f"plain-{epochs}", **small)
+
+    def lightning(max_epochs):
+        dm = FastDataModule(url, batch_size=32, train_split="validation", val_split=None, train_spec="imagenet:train",
+                            cache_dir=tmp_path / f"lightning-{max_epochs}", **small)
+        dm.trainer = pl.Trainer(max_epochs=max_epochs, logger=False, enable_checkpointing=False,
+                                enable_progress_bar=False)
+        loader = dm.train_dataloader()
+        assert loader.epochs == max_epochs
+        return loader
+    fetched = {}
+    for name, make in (("epochs unknown", lambda: plain(None)), ("epochs=1", lambda: plain(1)),
+                       ("max_epochs=2", lambda: lightning(2)), ("max_epochs=1", lambda: lightning(1))):
+        store.clear_log()
+        loader = make()
+        assert len(list(loader)) == len(loader)
+        time.sleep(1.0)  # a next epoch's prefetch, if any, has arrived
+        fetched[name] = store.bytes_read(".tfrecord")
+    assert fetched["epochs=1"] < fetched["epochs unknown"], fetched
+    assert fetched["max_epochs=1"] < fetched["max_epochs=2"], fetched
+    with pytest.raises(ValueError, match=r"epochs=0 is invalid: allowed an int >= 1"):
+        FastLoader(imagenet_dirs["tfrecord"], "validation", epochs=0)
+
+
+def test_the_samples_drop_last_leaves_out_are_not_downloaded(s3, store, tmp_path):
+    """The prefetch plans what the batches read: a unit holding only the partial last batch's
+    samples is not fetched (it was, and held room to the epoch's end)."""
+    from fastload import convert
+    local = tmp_path / "small-shards"
+    convert(str(IMAGENET), local, format="tfrecord", shard_size=5, workers=2, progress=False)  # 40 shards
+    url = upload(local, f"{s3}/t")
+    loader = FastLoader(url, "validation", batch_size=32, backend="reference", order="sequential", drop_last=True,
+                        epochs=1, num_workers=1, spec="imagenet:eval", cache_dir=tmp_path / "cache")
+    assert sum(len(labels) for _, labels in loader) == 192  # of 200
+    time.sleep(0.5)
+    records, files = loader.reader.records, [f["path"] for f in loader.reader.info.files_with_role("data")]
+    order = loader.epoch_plan(0)[0]
+    read = {files[f] for f in records["file"][order[:192]]}
+    unread = {files[f] for f in records["file"][order[192:]]} - read
+    fetched = {e[1].rsplit("/", 1)[-1] for e in store.log() if e[0] == "GET" and ".tfrecord" in e[1]}
+    assert unread and not unread & fetched and read <= fetched, (unread, fetched)
+
+
 def test_a_loader_dropped_mid_epoch_stops_downloading(s3, store, imagenet_dirs, tmp_path, monkeypatch):
     """Its prefetch would otherwise fetch the rest of the epoch's units for no one (a job that
     moves on to another loader, a notebook that drops one)."""
