@@ -9,8 +9,8 @@ The unit of transfer is a *unit*: a whole file (a TFRecord shard, the records in
 chunk of a large one (a run of .beton pages, ``chunk_size`` / ``chunk_sha256`` in the manifest,
 format version 4). A unit is fetched whole, checked (an index file, or any file before format
 version 3, against the manifest's sha256; a data unit by its length, its samples' CRC32Cs being
-checked as they are read), written in place, and only then marked present: a marker file ``.units/<unit>-<sha256>``, created by an
-atomic rename. Nothing else records state: a process killed mid-fetch leaves a unit without a
+checked as they are read), written in place, and only then marked present: a marker file
+``.units/<unit>-<sha256>``, created by an atomic rename. Nothing else records state: a process killed mid-fetch leaves a unit without a
 marker (fetched again by whoever needs it next) and a lock that the kernel releases with it.
 
 The ranks of a node share the directory. A unit is fetched under an exclusive ``flock`` of its own

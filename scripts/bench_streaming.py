@@ -3,7 +3,8 @@
 
     bash scripts/setup_streaming_peers.sh            # once: the peers' venv and the s3rver server
     .venv/bin/python scripts/bench_streaming.py [--tile 20] [--latency-ms 20] [--workers 2] [--batch-size 256]
-                                                [--caches 1.0,0.25] [--systems fastload,fastload-sorted,litdata,mosaic,...] [--pin] [--repeats 3]
+                                                [--caches 1.0,0.25] [--systems fastload,fastload-sorted,litdata,mosaic,...]
+                                                [--pin] [--repeats 3] [--epochs-unknown]
 
 The data: the ImageNet sample tiled ``--tile`` times as an image folder (train/<class>/<file>),
 so sorted by class, as image-folder sources are. Each system converts it with its own writer
@@ -179,7 +180,7 @@ def main():
                          "emulated on 2 cores (the local baseline runs on CPU 0 too)")
     ap.add_argument("--run-timeout", type=float, default=RUN_TIMEOUT_S, help="seconds a system's reading run may take")
     ap.add_argument("--epochs-unknown", action="store_true",
-                    help="fastload not told the epoch count (FastLoader(epochs=None)), as in a plain loop that does not")
+                    help="fastload not told the epoch count (FastLoader(epochs=None)), as a plain loop may not")
     ap.add_argument("--repeats", type=int, default=1,
                     help="fastload's (local, store) pairs per cache: the img/s target is their median ratio")
     ap.add_argument("--json", default=None)
@@ -290,7 +291,8 @@ def report(results: dict) -> None:
     print("|---|---|---|---|---|---|---|---|")
     for r in results["runs"]:
         e = r["epochs"]
-        name = r["system"] + (f" ({r['order']})" if "order" in r else "") + (f" #{r['repeat'] + 1}" if r["repeat"] else "")
+        name = (r["system"] + (f" ({r['order']})" if "order" in r else "")
+                + (f" #{r['repeat'] + 1}" if r["repeat"] else ""))
         if r.get("error"):
             print(f"| {name} | {r['cache']:.0%} | failed: {r['error']} | | | | | |")
             continue
@@ -340,7 +342,8 @@ def _checks(ours: list[dict], peers: list[dict], ref: float) -> list[tuple[str, 
                 ("first batch", first < pe[0]["first_batch_s"], f"{first:.2f} vs {pe[0]['first_batch_s']:.2f} s"),
                 ("labels/batch", labels > max(x["labels_per_batch"] for x in pe),
                  f"{labels:.1f} vs {max(x['labels_per_batch'] for x in pe):.1f}"),
-                ("bytes", total_bytes <= theirs, f"{total_bytes:.2f} vs {theirs:.2f}x the dataset over {epochs} epochs")):
+                ("bytes", total_bytes <= theirs,
+                 f"{total_bytes:.2f} vs {theirs:.2f}x the dataset over {epochs} epochs")):
             checks.append((f"ahead of {p['system']} on {what} ({figures})", ok))
     return checks
 
