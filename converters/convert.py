@@ -20,9 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
-from fastload.formats.manifest import (FORMAT_NAME, FORMAT_VERSION, MANIFEST, STORAGES, HashingFile, Manifest,
-                                       atomic_write_bytes,
-                                       fsync_file)
+from fastload.formats.manifest import FORMAT_NAME, FORMAT_VERSION, MANIFEST, STORAGES, Manifest
+from fastload.formats.writing import HashingFile, atomic_write_bytes, fsync_file
 from fastload.formats.records import DEFAULT_MAX_PIXELS, check_max_pixels, records_dtype, records_filename
 
 from . import replace

@@ -169,7 +169,7 @@ def _ray_shard(task, source_key, source_ref, schema, settings, upload_url, progr
                 result = write_shard(task, rows, schema, settings, progress=report)
             result.done["node"] = node
             return result
-        from fastload.formats.location import Store
+        from fastload.storage.location import Store
         store = Store(upload_url)
         with tempfile.TemporaryDirectory(prefix="fastload-shard-") as tmp:
             result = write_shard(task, rows, schema, settings, progress=report, directory=Path(tmp))

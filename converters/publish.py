@@ -11,16 +11,15 @@ The bytes are the local conversion's, so the manifest is the same.
 """
 from __future__ import annotations
 
-import hashlib
 import json
-import re
 import shutil
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from fastload.formats.cache import default_cache_dir
-from fastload.formats.location import Store
-from fastload.formats.manifest import MANIFEST, Manifest, atomic_write_bytes
+from fastload.formats.manifest import MANIFEST, Manifest
+from fastload.formats.writing import atomic_write_bytes
+from fastload.storage.cache import default_cache_dir
+from fastload.storage.location import Store, cache_name, is_url, local_path
 
 from .jobs import ConversionError
 
@@ -57,9 +56,7 @@ class Upload:
             raise ConversionError(f"{self.url} already holds a complete dataset ({MANIFEST} exists). Object storage has "
                                   "no atomic replace, so fastload does not overwrite there: remove that prefix first, "
                                   "or convert to another one")
-        slug = re.sub(r"[^A-Za-z0-9._-]+", "_", self.url.split("://", 1)[-1]).strip("_")[-80:]
-        key = hashlib.sha256(self.url.encode()).hexdigest()[:12]
-        self.staging = Path(staging) if staging else default_cache_dir() / "convert" / f"{slug}-{key}"
+        self.staging = Path(staging) if staging else default_cache_dir() / "convert" / cache_name(self.url)
         self.pool = ThreadPoolExecutor(UPLOADERS, thread_name_prefix="fastload-upload")
         self.pending = []
 
@@ -127,7 +124,7 @@ class Upload:
                     self.store.put(local, f["path"])
         self.store.put(manifest.root / MANIFEST, MANIFEST)
         shutil.rmtree(self.staging, ignore_errors=True)  # published: the staging copy has done its job
-        return Manifest(manifest.root, manifest.data, None, self.url)
+        return Manifest(manifest.root, manifest.data, location=self.url)
 
     def close(self) -> None:
         self.pool.shutdown(wait=True, cancel_futures=True)
@@ -135,7 +132,6 @@ class Upload:
 
 def output_for(out) -> tuple[Path, InPlace | Upload]:
     """(the local directory the conversion writes, what publishes it) for ``--out``."""
-    from fastload.formats.location import is_url, local_path
     if is_url(out):
         upload = Upload(out)
         return upload.staging, upload

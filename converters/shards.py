@@ -21,7 +21,7 @@ import numpy as np
 from crc32c import crc32c
 
 from fastload.formats import tfrecord
-from fastload.formats.manifest import HashingFile, atomic_write_bytes, fsync_file
+from fastload.formats.writing import HashingFile, atomic_write_bytes, fsync_file
 from fastload.formats.records import records_dtype
 
 from .images import CorruptImageError, prepare_image, source_bytes

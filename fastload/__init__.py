@@ -27,6 +27,6 @@ def __getattr__(name):  # PEP 562 lazy exports
         from .formats import manifest
         return getattr(manifest, name)
     if name == "SampleDecodeError":
-        from .formats.records import SampleDecodeError
+        from .formats.errors import SampleDecodeError
         return SampleDecodeError
     raise AttributeError(f"module 'fastload' has no attribute {name!r}")

@@ -21,7 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .formats.manifest import DatasetError, Manifest
+from .formats.manifest import DatasetError
+from .storage import open_dataset
 from .formats.records import SplitReader
 
 STAGES = ("read", "decode", "geometry", "batch_ops")
@@ -110,7 +111,8 @@ def _endless(loader):
         yield from loader
 
 
-def _measure_backend(directory, split, spec, entry, batch_size, batches, repeats, workers, device) -> dict:
+def _measure_backend(directory, split, spec, entry, batch_size, batches, repeats, workers, device,
+                     cache_dir=None) -> dict:
     import torch
     from .loader import FastLoader
     from .pipelines import registry
@@ -118,7 +120,7 @@ def _measure_backend(directory, split, spec, entry, batch_size, batches, repeats
     backend = entry.name
     t0 = time.perf_counter()
     loader = FastLoader(directory, split, batch_size=batch_size, spec=spec, backend=backend, device=device,
-                        num_workers=workers, drop_last=False, order="random", distributed=False)
+                        num_workers=workers, drop_last=False, order="random", distributed=False, cache_dir=cache_dir)
     per_repeat = batches or len(loader)
     stream = _endless(loader)
     first = next(stream)
@@ -238,7 +240,7 @@ def run_in_process(fn, *args, context: str = "spawn"):
 # --------------------------------------------------------------------------- driver
 def run_bench(directories, split="train", spec=None, backend="all", batch_size=64, batches=None, repeats=3,
               workers=None, sweep_workers=False, device="cpu", json_out=None, plot=None, progress=True,
-              echo=print) -> dict:
+              echo=print, cache_dir=None) -> dict:
     from tqdm.auto import tqdm
     from .pipelines import registry
     from .spec import resolve_spec
@@ -249,7 +251,7 @@ def run_bench(directories, split="train", spec=None, backend="all", batch_size=6
     readers = {}
     for d in directories:
         try:
-            m = Manifest.open(d)
+            m = open_dataset(d, cache_dir=cache_dir)
             readers[d] = SplitReader(m, split)
             resolve_spec(spec, m.preset, train=split == "train")  # a bad spec fails here, before any backend
         except (DatasetError, ValueError) as e:
@@ -272,7 +274,7 @@ def run_bench(directories, split="train", spec=None, backend="all", batch_size=6
             bar.set_postfix_str(f"{b} x{w}")
             try:
                 runs.append(run_in_process(_measure_backend, d, split, spec, registry.entry(b), batch_size, batches,
-                                           repeats, w, device))
+                                           repeats, w, device, cache_dir))
             except RuntimeError as e:
                 raise BenchError(f"backend {b!r} failed: {e}") from None
             bar.update(1)

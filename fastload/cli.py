@@ -18,16 +18,10 @@ def _fail(message: str) -> NoReturn:
 
 
 def _cache_dir_option(command):
-    """``--cache-dir`` for commands that read a dataset, which may be a URL (formats/cache.py)."""
-    def use(ctx, param, value):
-        if value:
-            import os
-            from fastload.formats.cache import CACHE_ENV
-            os.environ[CACHE_ENV] = value  # every loader and reader this command opens
-        return value
-    return click.option("--cache-dir", default=None, type=click.Path(file_okay=False), expose_value=False,
-                        callback=use, help="Node-local cache for a dataset given as a URL (default: "
-                                           "$FASTLOAD_CACHE_DIR, else ~/.cache/fastload).")(command)
+    """``--cache-dir`` for commands that read a dataset, which may be a URL (fastload.storage)."""
+    return click.option("--cache-dir", default=None, type=click.Path(file_okay=False),
+                        help="Node-local cache for a dataset given as a URL (default: "
+                             "$FASTLOAD_CACHE_DIR, else ~/.cache/fastload).")(command)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -106,12 +100,12 @@ def convert(source, fmt, out, splits, workers, engine, address, max_side, jpeg_q
 @click.option("--no-decode", is_flag=True, help="Skip decoding every image (framing, checksums, labels only).")
 @click.option("--max-pixels", type=click.IntRange(1), default=DEFAULT_MAX_PIXELS, show_default=True,
               help="Refuse images with more pixels (a decompression-bomb guard).")
-def verify(directory, no_decode, max_pixels):
+def verify(directory, cache_dir, no_decode, max_pixels):
     """Vet a dataset directory, e.g. one from elsewhere, before training on it: every file inside it and
     matching its sha256, the records index in bounds, framing and CRCs, each sample's checksum and
     JPEG header against the index, and (unless --no-decode) a decode of every image."""
     from fastload.verification import verify as run
-    problems = run(directory, decode_images=not no_decode, progress=True, max_pixels=max_pixels)
+    problems = run(directory, decode_images=not no_decode, progress=True, max_pixels=max_pixels, cache_dir=cache_dir)
     if problems:
         for p in problems:
             click.echo(f"FAIL {p}", err=True)
@@ -134,7 +128,7 @@ def verify(directory, no_decode, max_pixels):
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--json", "json_out", default=None, type=click.Path(dir_okay=False))
 @click.option("--plot", default=None, type=click.Path(dir_okay=False))
-def bench(directories, split, spec, backend, batch_size, batches, repeats, workers, sweep_workers, device,
+def bench(directories, cache_dir, split, spec, backend, batch_size, batches, repeats, workers, sweep_workers, device,
           json_out, plot):
     """Profile throughput per backend, with a stage breakdown and the machine's decode limit.
 
@@ -143,7 +137,7 @@ def bench(directories, split, spec, backend, batch_size, batches, repeats, worke
     try:
         run_bench(list(directories), split=split, spec=_load_spec(spec), backend=backend, batch_size=batch_size,
                   batches=batches, repeats=repeats, workers=workers, sweep_workers=sweep_workers, device=device,
-                  json_out=json_out, plot=plot)
+                  json_out=json_out, plot=plot, cache_dir=cache_dir)
     except BenchError as e:
         _fail(str(e))
 
@@ -157,12 +151,13 @@ def bench(directories, split, spec, backend, batch_size, batches, repeats, worke
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="PNG file to write.")
 @click.option("--n", default=16, show_default=True, type=click.IntRange(1, 256))
 @click.option("--seed", default=0, show_default=True)
-def inspect(directory, split, spec, backend, out, n, seed):
+def inspect(directory, cache_dir, split, spec, backend, out, n, seed):
     """Write a grid of augmented samples with their class names, to check a pipeline by eye."""
     from fastload.inspect_grid import inspect_grid
     from fastload.formats.manifest import DatasetError
     try:
-        path = inspect_grid(directory, split=split, spec=_load_spec(spec), backend=backend, out=out, n=n, seed=seed)
+        path = inspect_grid(directory, split=split, spec=_load_spec(spec), backend=backend, out=out, n=n, seed=seed,
+                            cache_dir=cache_dir)
     except (DatasetError, ValueError) as e:
         _fail(str(e))
     click.echo(f"wrote {path}")

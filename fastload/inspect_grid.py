@@ -9,12 +9,13 @@ TILE_LABEL_HEIGHT = 28
 MIN_TILE = 128  # px: below this a tile and its caption are unreadable
 
 
-def inspect_grid(directory, split="train", spec=None, backend="auto", out="grid.png", n=16, seed=0) -> Path:
+def inspect_grid(directory, split="train", spec=None, backend="auto", out="grid.png", n=16, seed=0,
+                 cache_dir=None) -> Path:
     import torch
     from PIL import Image, ImageDraw
     from .loader import FastLoader
     loader = FastLoader(directory, split, batch_size=n, spec=spec, backend=backend, seed=seed,
-                        drop_last=False, num_workers=2)
+                        drop_last=False, num_workers=2, cache_dir=cache_dir)
     images, labels = next(iter(loader))
     images, labels = images[:n].float().cpu(), labels[:n].cpu()
     if loader.spec.dtype != "uint8":  # undo the normalization for display

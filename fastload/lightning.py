@@ -17,7 +17,7 @@ except ImportError:  # the standalone package has the same API
         raise ImportError("fastload.lightning needs Lightning: pip install 'fastload[lightning]'") from None
 
 from .loader import FastLoader
-from .formats.manifest import Manifest
+from .storage import open_dataset
 
 VAL_SPLITS = ("validation", "val", "test")
 
@@ -56,7 +56,7 @@ class FastDataModule(pl.LightningDataModule):
         super().__init__()
         # a wrong path fails here, not inside trainer.fit; a URL's cache options serve both loaders
         self.cache = {k: train_options[k] for k in ("cache_dir", "cache_limit") if k in train_options}
-        self.manifest = Manifest.open(path, **self.cache)
+        self.manifest = open_dataset(path, **self.cache)
         self.path, self.batch_size = path, batch_size
         self.val_batch_size = val_batch_size or batch_size
         splits = self.manifest.split_names

@@ -13,52 +13,16 @@ from typing import Iterator
 import numpy as np
 import torch
 
+from .arguments import check_loader_arguments, distributed_rank_world, resolve_device
 from .columns import ExtraColumns
-from .formats.manifest import DatasetError, Manifest
-from .pipelines import registry
+from .formats.manifest import DatasetError
 from .formats.records import DEFAULT_MAX_PIXELS, SplitReader
+from .pipelines import registry
+from .pipelines.orders import shard_order_quality
 from .spec import PRESETS, PreprocessSpec, resolve_spec
+from .storage import open_dataset
+from .storage.schedule import DEFAULT_WINDOW_UNITS, schedule_for
 from .subset import select_samples, subset_digest
-
-# a remote epoch's first batches fetched before it is iterated (the next epoch's during this one)
-HEAD_BATCHES = 2
-
-
-def resolve_device(device) -> torch.device:
-    if device in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"device={str(device)!r} was asked for but CUDA is not available "
-                           f"(torch {torch.__version__}, CUDA build: {torch.version.cuda}); use device='cpu'")
-    if dev.type not in ("cpu", "cuda"):
-        raise ValueError(f"device={str(device)!r} is invalid: allowed 'cpu', 'cuda', 'cuda:N' or 'auto'")
-    return dev
-
-
-def distributed_rank_world(distributed) -> tuple[int, int]:
-    """(rank, world size) from an initialized process group, else torchrun's environment."""
-    if distributed is False:
-        return 0, 1
-    if distributed not in (True, "auto"):
-        raise ValueError(f"distributed={distributed!r} is invalid: allowed 'auto', True or False")
-    import torch.distributed as dist
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    if "WORLD_SIZE" in os.environ and "RANK" in os.environ:
-        raw = os.environ["RANK"], os.environ["WORLD_SIZE"]
-        try:
-            rank, world = int(raw[0]), int(raw[1])
-        except ValueError:
-            rank = world = -1
-        if not (world >= 1 and 0 <= rank < world):
-            raise ValueError(f"RANK={raw[0]!r}, WORLD_SIZE={raw[1]!r} is invalid: allowed WORLD_SIZE >= 1 and "
-                             "0 <= RANK < WORLD_SIZE (as torchrun sets them); unset both for one process")
-        return rank, world
-    if distributed is True:
-        raise RuntimeError("distributed=True but no torch.distributed process group is initialized and "
-                           "RANK/WORLD_SIZE are not set (run under torchrun)")
-    return 0, 1
 
 
 class FastLoader:
@@ -78,7 +42,7 @@ class FastLoader:
     under 'shards', ``loader.order_quality`` gives its distinct labels per batch against a global
     order's, and a warning says when rows sorted by class make it mix poorly.
     A checkpoint resumes on another number of ranks with the same global batch size.
-    The remainder rule is ``DistributedSampler``'s (see :func:`fastload.pipelines.sampling.epoch_indices`).
+    The remainder rule is ``DistributedSampler``'s (see :func:`fastload.pipelines.sampling.rank_share`).
 
     ``indices`` / ``classes``: train on a subset (sample indices of the split, or the samples with
     one of these labels) without converting again; labels keep their ids.
@@ -107,35 +71,13 @@ class FastLoader:
                  repeated_augmentation: int = 1, columns=(), batch_transform=None, check_samples: bool = True,
                  max_pixels: int = DEFAULT_MAX_PIXELS, cache_dir=None, cache_limit: int | None = None,
                  epochs: int | None = None):
-        if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
-            raise ValueError(f"batch_size={batch_size!r} is invalid: allowed an int >= 1")
-        if num_workers is not None and (not isinstance(num_workers, int) or isinstance(num_workers, bool)
-                                        or num_workers < 0):
-            raise ValueError(f"num_workers={num_workers!r} is invalid: allowed an int >= 0 (0: in this process where "
-                             "a backend can), or None for one per core")
-        if not isinstance(seed, int) or isinstance(seed, bool):
-            raise ValueError(f"seed={seed!r} is invalid: allowed an int")
-        if order not in ("auto", "random", "shards", "sequential"):
-            raise ValueError(f"order={order!r} is invalid: allowed 'auto' (random, or shard-aware where a node's share "
-                             "of a remote dataset outgrows its cache), 'random', 'shards' or 'sequential'")
-        if (not isinstance(repeated_augmentation, int) or isinstance(repeated_augmentation, bool)
-                or repeated_augmentation < 1):
-            raise ValueError(f"repeated_augmentation={repeated_augmentation!r} is invalid: allowed an int >= 1 "
-                             "(1: off; timm and DeiT use 3)")
-        if batch_transform is not None and not callable(batch_transform):
-            raise TypeError(f"batch_transform={batch_transform!r} is invalid: allowed a callable "
-                            "f(images, labels) -> (images, labels), or None")
-        if backend != "auto":
-            registry.entry(backend)  # an unknown name fails before the dataset is opened
-        if epochs is not None and (not isinstance(epochs, int) or isinstance(epochs, bool) or epochs < 1):
-            raise ValueError(f"epochs={epochs!r} is invalid: allowed an int >= 1 (the job's epoch count), or None")
-        if not isinstance(check_samples, bool):
-            raise ValueError(f"check_samples={check_samples!r} is invalid: allowed True or False")
-        self.manifest = Manifest.open(path, cache_dir=cache_dir, cache_limit=cache_limit)
+        check_loader_arguments(batch_size=batch_size, num_workers=num_workers, seed=seed, order=order,
+                               repeated_augmentation=repeated_augmentation, batch_transform=batch_transform,
+                               backend=backend, epochs=epochs, check_samples=check_samples)
+        self.manifest = open_dataset(path, cache_dir=cache_dir, cache_limit=cache_limit)
         self.split = split
         self.reader = SplitReader(self.manifest, split, max_pixels=max_pixels)
-        if self.reader.remote is not None:  # a loader dropped mid-plan stops its downloads
-            weakref.finalize(self, self.reader.remote.stop_prefetch)
+        weakref.finalize(self, self.reader.close)  # a loader dropped mid-epoch stops its downloads
         if spec is None and self.manifest.preset not in PRESETS:
             raise DatasetError(f"{self.manifest.name}: its manifest names preset {self.manifest.preset!r}, which this "
                                f"fastload does not have ({sorted(PRESETS)}): pass spec=...")
@@ -150,20 +92,29 @@ class FastLoader:
         self.rank, self.world_size = distributed_rank_world(distributed)
         self.repeats = repeated_augmentation
         self.indices = select_samples(self.reader, indices, classes)
-        self.order = self._choose_order(order)
+        # storage/schedule.py: a remote dataset's prefetch. It asks this loader for its orders through
+        # a weak proxy: no cycle, so a dropped loader is freed at once (the collector may close a
+        # DataLoader's queues before telling its workers to stop: a 5 s wait per worker)
+        self.schedule = schedule_for(self.reader, weakref.proxy(self), rank=self.rank, world_size=self.world_size,
+                                     batch_size=batch_size, drop_last=self.drop_last, repeats=self.repeats,
+                                     epochs=epochs)
+        self.order = self.schedule.choose_order(order, self.manifest.name)
         self._elastic = None  # (epoch, samples consumed, world size that ordered it): an elastic resume
         self._global_order = {}  # key -> order, of the last two epochs ordered
         # the shuffle window is part of the order: sized once, from the cache, and kept in the state
-        self.window_units = self._window_units() if self.order == "shards" else None
-        self.order_quality = self._shard_order_quality() if self.order == "shards" and self.shuffle else None
+        self.window_units = self.schedule.window_units(self.reader.units[self.indices]) if self.order == "shards" \
+            else None
+        self.order_quality = shard_order_quality(
+            self.global_order(0)[self.rank::self.world_size], self.reader.labels[self.indices],
+            self.reader.units[self.indices], self.batch_size, self.seed, self.manifest.name) \
+            if self.order == "shards" and self.shuffle else None
         self.columns = ExtraColumns(self.reader, columns)
         self.batch_transform = batch_transform
         self.epoch = 0
         self._batches_done = 0   # batches of `epoch` handed out (state_dict)
         self._resume_batch = 0   # where the next iteration starts (load_state_dict)
         self._resolution = None  # set_resolution's override of the spec's schedule
-        self._head_planned = None  # (epoch, batch) whose first batches a remote prefetch fetches
-        self._prefetch_start()  # a remote dataset's first batches arrive while the backend is set up
+        self.schedule.start(self.epoch, 0)  # a remote dataset's first batches arrive while the backend is set up
         entry = registry.resolve_backend(backend, self.manifest.storage, self.manifest.root)
         self.backend = entry.name
         from fastload.pipelines.base import BackendOptions
@@ -190,7 +141,7 @@ class FastLoader:
         if int(epoch) != self.epoch:
             self._resume_batch = 0
         self.epoch = int(epoch)
-        self._prefetch_start()
+        self.schedule.start(self.epoch, self._resume_batch)
 
     # ------------------------------------------------------------------ resolution
     def set_resolution(self, size) -> None:
@@ -282,7 +233,7 @@ class FastLoader:
         self._batches_done = self._resume_batch
         if state.get("resolution") is not None:
             self._resolution = tuple(state["resolution"])
-        self._prefetch_start()
+        self.schedule.start(self.epoch, self._resume_batch)
 
     @property
     def num_samples(self) -> int:
@@ -299,66 +250,6 @@ class FastLoader:
         from fastload.pipelines.sampling import num_batches
         return num_batches(self.num_samples, self.batch_size, self.drop_last)
 
-    def _choose_order(self, order: str) -> str:
-        """'auto' is the global random order unless this node's share of a remote dataset outgrows
-        its cache; then it is shard-aware, and a warning says so (``self.order`` tells which)."""
-        if order != "auto":
-            return order
-        if self.reader.remote is None or self.repeats > 1:
-            return "random"
-        files = self.reader.remote.files
-        share = sum(files.sizes.values()) * self._local_ranks() / self.world_size
-        budget = files.cache_budget()
-        if share <= budget:
-            return "random"
-        import warnings
-        warnings.warn(f"{self.manifest.name}: this node's share of the dataset ({share / 2**30:.1f} GiB) outgrows "
-                      f"its cache ({budget / 2**30:.1f} GiB): order='shards' (shard-aware: each rank reads its own "
-                      "units, a window at a time); pass order='random' for a global order", RuntimeWarning)
-        return "shards"
-
-    def _shard_order_quality(self) -> dict:
-        """Distinct labels per batch of this rank's shard-aware order (epoch 0) and of a global
-        permutation's. Rows sorted by class (an image folder converted without --shuffle-seed)
-        put a class or two in each unit and so in each batch: said, with the remedy."""
-        from fastload.pipelines.orders import order_quality
-        labels, units = self.reader.labels[self.indices], self.reader.units[self.indices]
-        mine = self.global_order(0)[self.rank::self.world_size]
-        permuted = np.random.default_rng(self.seed).permutation(len(self.indices))[:len(mine)]
-        q = {"labels_per_batch": order_quality(mine, labels, units, self.batch_size)["labels_per_batch"],
-             "global_labels_per_batch": order_quality(permuted, labels, units, self.batch_size)["labels_per_batch"]}
-        if q["labels_per_batch"] < 0.9 * q["global_labels_per_batch"]:
-            import warnings
-            warnings.warn(f"{self.manifest.name}: order='shards' gives {q['labels_per_batch']:.1f} distinct labels a "
-                          f"batch, a global order {q['global_labels_per_batch']:.1f}: its rows are sorted by class. "
-                          "Convert it again with --shuffle-seed 0 (rows written in a seeded random order), or pass "
-                          "order='random'", RuntimeWarning)
-        return q
-
-    def _window_units(self) -> int:
-        """Units per shuffle window. A node's cache holds, for each of its ranks, the units its
-        other ranks may still read (``_lag``), the window being read and the next one arriving;
-        the room left after the lag is split between those two windows (at least one unit: a
-        conversion with --shuffle-seed mixes classes inside each unit). Sized on the units that
-        hold samples (an index file is a unit too), and rounded down to a power of two, so that
-        nodes whose disks have about the same room agree without a cache_limit (give every node
-        the same one to be sure)."""
-        remote = self.reader.remote
-        if remote is None:
-            return 8
-        files, local = remote.files, self._local_ranks()
-        used = np.unique(self.reader.units[self.indices])
-        unit = max(1, sum(files.units[u].end - files.units[u].start for u in used.tolist()) // max(1, len(used)))
-        per_unit = max(1, len(self.indices) // max(1, len(used)))
-        lag_units = -(-self._lag(local) // local // per_unit) + 1  # per rank; +1: a window's edge
-        fits = int(files.cache_budget() // (unit * local)) - lag_units
-        fits = max(1, fits // 2)
-        return 1 << (fits.bit_length() - 1)
-
-    def _local_ranks(self) -> int:
-        """Ranks on this node, which share its cache (torchrun's LOCAL_WORLD_SIZE)."""
-        return max(1, min(int(os.environ.get("LOCAL_WORLD_SIZE", "1")), self.world_size))
-
     def global_order(self, epoch: int) -> np.ndarray:
         """The epoch's global sequence over the selected samples (pipelines/orders.py): rank r
         reads ``[r::world_size]``. An epoch resumed on another number of ranks: what the old ranks
@@ -373,7 +264,7 @@ class FastLoader:
             return self._global_order[key]
         g = global_order(len(self.indices), kind="shards" if self.order == "shards" else "random",
                          shuffle=self.shuffle, seed=self.seed, epoch=epoch, world_size=world,
-                         drop_last=self.drop_last, units=units, window_units=self.window_units or 8)
+                         drop_last=self.drop_last, units=units, window_units=self.window_units or DEFAULT_WINDOW_UNITS)
         if elastic:
             g = np.concatenate([g[:elastic[1]], remainder(g, elastic[1], self.world_size, self.drop_last)])
         g.flags.writeable = False  # one copy, shared by every caller of this epoch
@@ -387,7 +278,7 @@ class FastLoader:
         from fastload.pipelines.sampling import geometry_params
         e = self.epoch if epoch is None else epoch
         spec = self.spec_for_epoch(e)
-        order = self._rank_order(e)
+        order = self.rank_order(e)
         if self.repeats > 1:
             params = geometry_params(spec.geometry, spec.hflip, self.reader.heights[order], self.reader.widths[order],
                                      self.seed, e, stream=(self.rank,))
@@ -396,7 +287,11 @@ class FastLoader:
                                      self.seed, e)[order]
         return order, params
 
-    def _rank_order(self, epoch: int) -> np.ndarray:
+    def global_samples(self, epoch: int) -> np.ndarray:
+        """The epoch's global sequence as sample indices of the split."""
+        return self.indices[self.global_order(epoch)]
+
+    def rank_order(self, epoch: int) -> np.ndarray:
         """This rank's samples of an epoch, in order."""
         from fastload.pipelines.sampling import repeated_epoch_indices
         if self.repeats > 1:
@@ -417,66 +312,12 @@ class FastLoader:
         batch_threads = 1 if (self.device.type == "cpu" and self.backend != "reference" and light) else threads
         self._batches_done = start
         skip = start * self.batch_size  # resume: later batches only
-        remote = self.reader.remote
-        local = 1
-        if remote is not None:  # a remote dataset's units fetched ahead, in the order this node uses them
-            node_order, local = self._node_order(epoch, order, skip)
-            # then the next epoch's first batches (a training loop goes on to epoch + 1), fetched once
-            # this epoch's units leave room: the next epoch does not start on a cold window
-            follows = self._epoch_follows(epoch)
-            remote.plan(node_order, lag=self._lag(local), then=self._node_head(epoch + 1, 0)[0] if follows else None)
-            self._head_planned = (epoch + 1, 0) if follows else None
+        self.schedule.begin_epoch(epoch, order, skip)
         batches = self._backend_for(self.spec_for_epoch(epoch)).run_epoch(order[skip:], params[skip:])
-        yield from self._batches(batches, epoch, start, batch_threads, threads, remote, local)
+        yield from self._batches(batches, epoch, start, batch_threads, threads)
         self.epoch, self._batches_done = epoch + 1, 0  # a completed pass moves on, as ffcv's Loader does
 
-    def _epoch_follows(self, epoch: int) -> bool:
-        """Whether another epoch is iterated after ``epoch``, as far as the loader knows."""
-        return self.epochs is None or epoch + 1 < self.epochs
-
-    def _prefetch_start(self) -> None:
-        """A remote dataset's next iteration (``epoch`` from its resume point): its first batches
-        start downloading now, not when the iteration asks for them. At most those batches' units
-        are fetched for nothing, if another epoch or checkpoint is given before iterating."""
-        remote = self.reader.remote
-        if remote is None or self._head_planned == (self.epoch, self._resume_batch):
-            return
-        self._head_planned = (self.epoch, self._resume_batch)
-        head, local = self._node_head(self.epoch, self._resume_batch)
-        remote.plan(head, lag=self._lag(local))
-
-    def _node_head(self, epoch: int, batch: int) -> tuple[np.ndarray, int]:
-        """This node's samples of an epoch's first batches from ``batch`` on (a shard-aware order's
-        first window per rank), and its ranks (as _node_order)."""
-        node_order, local = self._node_order(epoch, self._rank_order(epoch), batch * self.batch_size)
-        return node_order[:HEAD_BATCHES * self.batch_size * local], local
-
-    def _lag(self, local: int) -> int:
-        """Positions a node's other ranks may be behind this one: one step. A rank yields batch b
-        (and advances to its end) only once step b-1's gradients are reduced, so every other rank
-        has taken batch b-1 and needs nothing before batch b (a lone rank's decoders are ahead of
-        its position, never behind). Ranks that drift further apart (no collective each step)
-        only fetch again a unit evicted early."""
-        return self.batch_size * local if local > 1 else 0
-
-    def _node_order(self, epoch: int, order: np.ndarray, skip: int) -> tuple[np.ndarray, int]:
-        """The samples this node's ranks read from position ``skip`` on, step by step (ranks
-        interleaved), and how many ranks that is: the node shares one cache, so its prefetch and
-        eviction follow every local rank's order (torchrun numbers ranks node by node)."""
-        local = self._local_ranks()
-        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        first = self.rank - local_rank
-        if local <= 1 or self.repeats > 1 or not 0 <= first <= self.world_size - local:
-            return order[skip:self._read_length(len(order))], 1
-        g = self.indices[self.global_order(epoch)].reshape(-1, self.world_size)
-        return g[skip:self._read_length(len(g)), first:first + local].reshape(-1), local
-
-    def _read_length(self, n: int) -> int:
-        """Positions of a rank's ``n`` that its batches read: drop_last's partial batch is not (its
-        units, planned, were downloaded for no one, and held room to the epoch's end)."""
-        return n // self.batch_size * self.batch_size if self.drop_last else n
-
-    def _batches(self, batches, epoch, start, batch_threads, threads, remote, local=1):
+    def _batches(self, batches, epoch, start, batch_threads, threads):
         from fastload.pipelines.sampling import augment_rng
         for b, (images, index) in enumerate(batches, start):
             # restored before the yield: a generator left suspended there (a `break`, then exit)
@@ -489,8 +330,7 @@ class FastLoader:
             if self.batch_transform is not None:
                 images, labels = self._user_transform(images, labels)
             self._batches_done = b + 1
-            if remote is not None:
-                remote.advance((b + 1 - start) * self.batch_size * local)
+            self.schedule.advance(b + 1 - start)
             yield self.columns.batch(images, labels, index)
 
     def _user_transform(self, images, labels):

@@ -1,92 +1,18 @@
-"""The timm dialect of the spec: timm's policy strings (``rand-m9-mstd0.5-inc1``, ``original``...)
-and ``from_timm``, which reads a timm data config (``resolve_data_config`` output,
-``pretrained_cfg``, train.py's arguments) as timm itself resolves it, with timm's tables of
-what each key means. :class:`~fastload.spec.PreprocessSpec` stays the vocabulary; this module
-only translates into it (``PreprocessSpec.from_timm`` is the entry point).
+"""The timm dialect of the spec: ``from_timm``, which reads a timm data config
+(``resolve_data_config`` output, ``pretrained_cfg``, train.py's arguments) as timm itself
+resolves it, with timm's tables of what each key means, into the fields of a
+:class:`~fastload.spec.PreprocessSpec` (``PreprocessSpec.from_timm`` is the entry point). timm's
+policy strings are ``policies.py``'s grammar.
 """
 from __future__ import annotations
 
-import re
-
-from .spec import (CROP_MODES, DEFAULT_INTERPOLATION, IMAGENET_MEAN, IMAGENET_STD, INTERPOLATIONS, TIMM_AA_POLICIES,
-                   AutoAugment, ColorJitter, Geometry, Mixup, Normalize, Policy, PreprocessSpec, RandAugment,
-                   RandomErasing, RandomResizedCrop, ResizeCenterCrop, TimmAutoAugment, TimmRandAugment,
-                   TrivialAugmentWide, _fail)
+from .ops import (CROP_MODES, DEFAULT_INTERPOLATION, IMAGENET_MEAN, IMAGENET_STD, INTERPOLATIONS, ColorJitter,
+                  Geometry, Mixup, Normalize, RandomErasing, RandomResizedCrop, ResizeCenterCrop, _fail)
+from .policies import parse_auto_augment
 
 
-def _sections(text: str, parts: list[str], allowed: str) -> dict[str, str]:
-    """timm's '-key<value>' config sections."""
-    out = {}
-    for part in parts:
-        m = re.fullmatch(r"([a-z]+)([0-9.]+|inf)", part)
-        if not m or m.group(1) not in allowed.split():
-            _fail("auto_augment", text, f"sections {', '.join('-' + k + 'N' for k in allowed.split())} "
-                                        f"(could not read {part!r})")
-        out[m.group(1)] = m.group(2)
-    return out
-
-
-def parse_auto_augment(text: str) -> Policy:
-    """timm policy strings, by timm's semantics: ``rand-m9-mstd0.5-inc1`` (RandAugment),
-    ``original``/``originalr``/``v0``/``v0r`` (AutoAugment, optional ``-mstd``); torchvision's
-    policies by their names: ``autoaugment`` (ImageNet policy), ``randaugment``, ``trivialaugment``."""
-    if not isinstance(text, str) or not text:
-        _fail("auto_augment", text, "a policy string such as 'rand-m9-mstd0.5-inc1', 'original', 'trivialaugment'")
-    t = text.strip().lower()
-    head, *parts = t.split("-")
-    if t in ("autoaugment", "imagenet", "aa", "tv-autoaugment"):
-        return AutoAugment("imagenet")
-    if t in ("trivialaugment", "trivialaugmentwide", "ta_wide", "trivial", "ta"):
-        return TrivialAugmentWide()
-    if t in ("randaugment", "tv-randaugment"):
-        return RandAugment()
-    if head in TIMM_AA_POLICIES:
-        kw = _sections(text, parts, "mstd")
-        return TimmAutoAugment(head, magnitude_std=_mstd(kw.get("mstd", "0")))
-    if head == "rand":
-        kw = _sections(text, parts, "m n mstd mmax inc w")
-        return TimmRandAugment(magnitude=float(int(float(kw.get("m", 10)))), num_ops=int(float(kw.get("n", 2))),
-                               magnitude_std=_mstd(kw.get("mstd", "0")),
-                               magnitude_max=float(int(float(kw["mmax"]))) if "mmax" in kw else None,
-                               # timm tests bool(val) of the string: any -incN turns it on, -inc0 included
-                               increasing="inc" in kw, weights=int(float(kw["w"])) if "w" in kw else None)
-    if head in ("augmix", "3a"):
-        _fail("auto_augment", text, "a policy fastload reproduces (timm's AugMix and ThreeAugment are not supported)")
-    _fail("auto_augment", text, "'rand-m<M>[-n<N>][-mstd<S>][-mmax<X>][-inc1][-w0]', 'original', 'originalr', "
-                                "'v0', 'v0r' (timm's), or 'autoaugment', 'randaugment', 'trivialaugment' (torchvision's)")
-
-
-def _mstd(val: str) -> float:
-    v = float(val)
-    return float("inf") if v > 100 else v  # timm: mstd > 100 means uniform sampling
-
-
-def policy_to_string(policy: Policy) -> str:
-    if isinstance(policy, AutoAugment):
-        return "autoaugment"
-    if isinstance(policy, TrivialAugmentWide):
-        return "trivialaugment"
-    if isinstance(policy, RandAugment):
-        if policy != RandAugment():
-            raise ValueError(f"{policy!r} has no string form: torchvision's RandAugment is named 'randaugment' "
-                             "with its defaults only; pass the object")
-        return "randaugment"
-    if isinstance(policy, TimmAutoAugment):
-        return policy.policy + (f"-mstd{policy.magnitude_std:g}" if policy.magnitude_std else "")
-    s = f"rand-m{policy.magnitude:g}-n{policy.num_ops}"
-    if policy.magnitude_std:
-        s += f"-mstd{policy.magnitude_std:g}"
-    if policy.magnitude_max is not None:
-        s += f"-mmax{policy.magnitude_max:g}"
-    if policy.increasing:
-        s += "-inc1"
-    if policy.weights is not None:
-        s += f"-w{policy.weights}"
-    return s
-
-
-def from_timm(config: dict, train: bool | None = None, use_test_size: bool = False) -> PreprocessSpec:
-    """Build from a timm data config as timm produces it: ``resolve_data_config(...)``,
+def from_timm(config: dict, train: bool | None = None, use_test_size: bool = False) -> dict:
+    """A spec's fields from a timm data config as timm produces it: ``resolve_data_config(...)``,
     ``model.pretrained_cfg``, plus timm's train arguments (``create_transform`` and ``Mixup``
     names, or train.py's: ``reprob``, ``smoothing``, ``aa``...). What does not change
     preprocessing (weights' location, classifier, licence...) is ignored; what changes it is
@@ -151,9 +77,8 @@ def from_timm(config: dict, train: bool | None = None, use_test_size: bool = Fal
         erasing = RandomErasing(prob=float(c["re_prob"]), mode=c.get("re_mode") or "const",
                                 count=int(c.get("re_count") or 1))
     norm = Normalize(mean=tuple(c.get("mean", IMAGENET_MEAN)), std=tuple(c.get("std", IMAGENET_STD)))
-    return PreprocessSpec(geometry=geometry, hflip=float(c.get("hflip", 0.5)) if train else 0.0,
-               color_jitter=jitter, auto_augment=policy, mixup=mix, random_erasing=erasing, normalize=norm,
-               name="timm")
+    return dict(geometry=geometry, hflip=float(c.get("hflip", 0.5)) if train else 0.0, color_jitter=jitter,
+                auto_augment=policy, mixup=mix, random_erasing=erasing, normalize=norm, name="timm")
 
 
 # timm's train.py argument names -> create_transform / Mixup names

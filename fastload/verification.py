@@ -15,19 +15,21 @@ import warnings
 import numpy as np
 
 from .formats import tfrecord
-from .formats.manifest import DatasetError, Manifest, sha256_file
-from .formats.records import CHECKSUM_FROM_VERSION, DEFAULT_MAX_PIXELS, SplitReader
+from .formats.manifest import CHECKSUM_FROM_VERSION, DatasetError, Manifest
+from .formats.records import DEFAULT_MAX_PIXELS, SplitReader
+from .formats.writing import sha256_file
+from .storage import open_dataset
 
 MAX_PROBLEMS = 20  # per split: past that, one more line says the list stops
 
 
-def verify(root, decode_images: bool = True, progress: bool = False, max_pixels: int = DEFAULT_MAX_PIXELS
-           ) -> list[str]:
-    """Return a list of problems (empty when the dataset is sound). Never modifies the directory."""
+def verify(root, decode_images: bool = True, progress: bool = False, max_pixels: int = DEFAULT_MAX_PIXELS,
+           cache_dir=None) -> list[str]:
+    """Return a list of problems (empty when the dataset is sound). Never modifies the directory.
+    A remote dataset is read through the node's cache at ``cache_dir``, every file fetched first."""
     try:
-        manifest = Manifest.open(root)
-        if manifest.remote is not None:  # every unit fetched and checked against its sha256 first
-            _fetch_all(manifest, progress)
+        manifest = open_dataset(root, cache_dir=cache_dir)
+        _fetch_all(manifest, progress)
     except DatasetError as e:
         return [str(e)]
     if manifest.data["format_version"] < CHECKSUM_FROM_VERSION:
@@ -40,12 +42,15 @@ def verify(root, decode_images: bool = True, progress: bool = False, max_pixels:
 
 
 def _fetch_all(manifest: Manifest, progress: bool) -> None:
+    """Every file present (a remote dataset's fetched, each unit checked; a local one's are)."""
     from tqdm.auto import tqdm
-    files = manifest.remote
-    with tqdm(total=sum(files.sizes.values()), unit="B", unit_scale=True, disable=not progress,
+    if manifest.location is None:
+        return
+    sizes = manifest.source.units.sizes
+    with tqdm(total=sum(sizes.values()), unit="B", unit_scale=True, disable=not progress,
               desc=f"fetch {manifest.name}") as bar:
-        for path in files.sizes:
-            files.fetch_file(path, progress=bar.update)
+        for path in sizes:
+            manifest.source.fetch_file(path, progress=bar.update)
 
 
 def _verify_split(manifest: Manifest, split: str, decode_images: bool, progress: bool, max_pixels: int) -> list[str]:

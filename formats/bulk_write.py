@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .manifest import ChunkHashes
+from .writing import ChunkHashes
 
 ALIGN = 4096              # O_DIRECT offsets, lengths and addresses: a multiple of the block size
 PIECE_BYTES = 16 * 2**20  # the unit handed to the writer thread

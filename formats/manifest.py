@@ -13,24 +13,28 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
+from typing import TYPE_CHECKING
+
+from .errors import DatasetError
+from .versions import (CHECKSUM_FROM_VERSION, CHUNK_HASHES_FROM_VERSION, FORMAT_VERSION,  # noqa: F401 (the contract's)
+                       RAW_FROM_VERSION, READABLE_VERSIONS)
+from .writing import atomic_write_bytes
+
+if TYPE_CHECKING:
+    from .source import DatasetBytes
+
 FORMAT_NAME = "fastload-dataset"
-FORMAT_VERSION = 4  # 4: sha256 per chunk of a .beton; 3: a CRC32C per sample; 2: raw pixels (``image_codec``)
-READABLE_VERSIONS = (1, 2, 3, 4)  # 1 reads as 2 with every split 'jpeg'; 1 and 2 have no per-sample checksums
 MANIFEST = "manifest.json"
 STORAGE_NAMES = {"beton": ".beton", "tfrecord": "TFRecord"}  # the storages, and what users call them
 STORAGES = tuple(STORAGE_NAMES)
 IMAGE_CODECS = ("jpeg", "raw")
 FILE_ROLES = ("data", "dali_index", "records")
-CHECKSUM_KEY = "manifest_sha256"  # version 3 on: the manifest's own checksum (manifest_checksum)
+CHECKSUM_KEY = "manifest_sha256"  # CHECKSUM_FROM_VERSION on: the manifest's own checksum (manifest_checksum)
 MAX_MANIFEST_BYTES = 64 * 2**20  # ImageNet's, 1,250 shards listed: ~0.4 MB
 LABEL_KINDS = ("single", "multi")
-
-
-class DatasetError(ValueError):
-    """A dataset directory that is missing, incomplete, or not what the caller asked for."""
 
 
 def contained_path(root: Path, relative, entry: str) -> Path:
@@ -52,64 +56,6 @@ def contained_path(root: Path, relative, entry: str) -> Path:
         problem = "leads outside the dataset directory (a symlink)"
     raise DatasetError(f"{Path(root) / MANIFEST}: {entry} path {relative!r} {problem}: a dataset's files must lie "
                        "inside its directory; this dataset cannot be used as it is")
-
-
-def sha256_file(path: Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
-
-
-class HashingFile:
-    """Sequential writes to file ``f``, hashed (sha256) and counted on the way: a checksum with
-    no second read of what was written."""
-
-    def __init__(self, f):
-        self.f, self.sha256, self.size = f, hashlib.sha256(), 0
-
-    def write(self, data) -> None:
-        self.f.write(data)
-        self.sha256.update(data)
-        self.size += memoryview(data).nbytes
-
-
-class ChunkHashes:
-    """sha256 of each ``chunk_size`` bytes of a stream fed in order, in pieces of any length: the
-    per-chunk checksums a remote reader checks each chunk against (format version 4)."""
-
-    def __init__(self, chunk_size: int):
-        self.chunk_size, self.done, self.current, self.filled = chunk_size, [], hashlib.sha256(), 0
-
-    def update(self, data) -> None:
-        view = memoryview(data).cast("B")
-        while len(view):
-            n = min(len(view), self.chunk_size - self.filled)
-            self.current.update(view[:n])
-            self.filled += n
-            view = view[n:]
-            if self.filled == self.chunk_size:
-                self.done.append(self.current.hexdigest())
-                self.current, self.filled = hashlib.sha256(), 0
-
-    def hexdigests(self) -> list[str]:
-        return self.done + ([self.current.hexdigest()] if self.filled or not self.done else [])
-
-
-def atomic_write_bytes(path: Path, data: bytes, durable: bool = True) -> None:
-    """Write ``path`` whole or not at all (a temporary name, renamed). ``durable``: on disk
-    before the rename (fsync); without it the file survives the process (kill -9) but not a
-    power cut, for bookkeeping that a later step syncs or can redo."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        if durable:
-            os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def fsync_file(path: Path) -> None:
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
 
 
 @dataclass(frozen=True)
@@ -147,21 +93,15 @@ class SplitInfo:
 class Manifest:
     root: Path
     data: dict
-    # a dataset in object storage: ``root`` is its local copy in the node's cache, ``remote`` the
-    # RemoteFiles that fill it, ``location`` the URL (formats/cache.py)
-    remote: object = None
-    location: str | None = None
+    # where the bytes under ``root`` come from (formats/source.py): a local directory's are all
+    # there; a dataset in object storage is its node-local cache, filled by fastload.storage
+    source: "DatasetBytes" = field(default=None, compare=False)
+    location: str | None = None  # the URL of a remote dataset, as its user gave it
 
-    @classmethod
-    def open(cls, location, cache_dir=None, cache_limit: int | None = None) -> "Manifest":
-        """A dataset at a path or a URL (s3://, gs://, hf://, https://, formats/location.py); a
-        remote one is read through the node-local cache at ``cache_dir`` (formats/cache.py)."""
-        from .location import is_url, local_path
-        if not is_url(location):
-            return cls.read(local_path(location))
-        from .cache import open_remote
-        root, data, files = open_remote(location.rstrip("/"), cache_dir, cache_limit)
-        return cls(root, data, files, location.rstrip("/"))
+    def __post_init__(self):
+        if self.source is None:
+            from .source import LocalBytes
+            object.__setattr__(self, "source", LocalBytes(self.data))
 
     @property
     def name(self) -> str:
@@ -232,7 +172,7 @@ class Manifest:
     def write(self) -> None:
         """Write ``manifest.json`` atomically, with its own checksum (version 3 on)."""
         data = {k: v for k, v in self.data.items() if k != CHECKSUM_KEY}
-        if data["format_version"] >= 3:
+        if data["format_version"] >= CHECKSUM_FROM_VERSION:
             data[CHECKSUM_KEY] = manifest_checksum(data)
         atomic_write_bytes(self.root / MANIFEST, (json.dumps(data, indent=2) + "\n").encode())
 
@@ -329,7 +269,7 @@ def check_manifest(path: Path, data) -> None:
     """Raise :class:`DatasetError` naming the first problem of manifest ``data`` read from ``path``
     (every entry the loaders use is checked here; file paths also when they are used)."""
     problem = _problems(data)
-    if problem is None and data["format_version"] >= 3 and data.get(CHECKSUM_KEY) != manifest_checksum(data):
+    if problem is None and data["format_version"] >= CHECKSUM_FROM_VERSION and data.get(CHECKSUM_KEY) != manifest_checksum(data):
         problem = "does not match its own checksum (damaged or edited)"
     if problem:
         raise DatasetError(f"{path}: {problem}: this dataset cannot be used as it is; convert it again")

@@ -14,16 +14,12 @@ import threading
 
 import numpy as np
 
-from .manifest import DatasetError, Manifest, sha256_file
-
-
-class SampleDecodeError(DatasetError):
-    """A stored sample that does not decode at load time; names the split, index and data file."""
-
+from .errors import DatasetError, SampleDecodeError  # noqa: F401 (SampleDecodeError: raised by readers of this module)
+from .manifest import CHECKSUM_FROM_VERSION, Manifest
+from .writing import sha256_file
 
 RECORD_FIELDS = [("file", "<u2"), ("offset", "<u8"), ("size", "<u4"), ("crc32c", "<u4"),
                  ("height", "<u4"), ("width", "<u4"), ("source_index", "<i8")]
-CHECKSUM_FROM_VERSION = 3  # format versions before it have no ``crc32c`` field
 
 MAX_SIDE = 65535  # pixels: JPEG's limit, and any stored image's
 # pixels per image: the decompression-bomb guard at conversion and at load, by default PIL's own
@@ -64,7 +60,11 @@ class SplitReader:
     codec, its dimensions positive and within ``max_pixels``, its labels class ids. A problem is one
     :class:`DatasetError` naming it. Each sample's bytes are checked when read (its CRC32C; for a
     JPEG, its markers and frame size: the backends' job, ``pipelines/samples.py``); a decode of
-    every image is ``fastload verify``'s."""
+    every image is ``fastload verify``'s.
+
+    The bytes come through ``manifest.source`` (formats/source.py): :meth:`ensure` makes samples
+    present before they are read, :meth:`heal` fetches a sample again, ``volatile`` says whether
+    bytes may change under a reader. A local directory's source does nothing."""
 
     def __init__(self, manifest: Manifest, split: str, max_pixels: int = DEFAULT_MAX_PIXELS):
         self.manifest = manifest
@@ -74,8 +74,7 @@ class SplitReader:
         self.max_pixels = check_max_pixels(max_pixels)
         self.remedy = remedy = f"run `fastload verify {manifest.name}`, then convert again"
         entry = self.info.files_with_role("records")[0]
-        if manifest.remote is not None:  # a remote dataset: its index, fetched and checked first
-            manifest.remote.fetch_file(entry["path"])
+        manifest.source.fetch_file(entry["path"])  # a remote dataset's index, fetched and checked first
         for f in self.info.files:
             problem = self.info.file_problem(manifest.root, f)
             if problem:
@@ -88,10 +87,9 @@ class SplitReader:
         self._check_records(path)
         if entry.get("sha256") and sha256_file(path) != entry["sha256"]:
             raise DatasetError(f"{path} does not match its sha256 in the manifest (damaged or changed): {remedy}")
-        self.remote = None  # formats/cache.py's RemoteSplit: samples made local before they are read
-        if manifest.remote is not None:
-            from .cache import RemoteSplit
-            self.remote = RemoteSplit(manifest.remote, [f["path"] for f in data], self.records, self.crcs)
+        self._data_paths = [f["path"] for f in data]
+        self.source = manifest.source.open_split(self._data_paths, self.records, self.crcs)
+        self._units = None
         self._maps: list[np.ndarray | None] = [None] * len(self.data_files)
         self._addresses = None
         self._lock = threading.RLock()  # maps are made once: a replaced map would unmap memory in use
@@ -183,20 +181,27 @@ class SplitReader:
                     self._maps[file_index] = m
         return m
 
+    @property
+    def volatile(self) -> bool:
+        """Whether stored bytes may change under this reader (a cache that other ranks evict from):
+        then they are always checked, and decoders get checked copies rather than views."""
+        return self.source.volatile
+
     def ensure(self, index: np.ndarray) -> None:
-        """Samples ``index`` local (a no-op for a local dataset; a remote one's fetched as needed)."""
-        if self.remote is not None:
-            self.remote.ensure(index)
+        """Samples ``index`` present (a no-op for a local dataset; a remote one's fetched as needed)."""
+        self.source.ensure(index)
 
     def heal(self, i: int) -> bool:
-        """Sample i failed its check as read: for a remote dataset, fetch it again from the store
-        (True: check it again). A local dataset has nothing to heal from."""
-        return self.remote is not None and self.remote.heal(i)
+        """Sample i failed its check as read: fetch it again from where it came from (True: check
+        it again). A local dataset has nothing to heal from."""
+        return self.source.heal(i)
+
+    def close(self) -> None:
+        self.source.close()
 
     def stored(self, i: int) -> np.ndarray:
         """Sample i's stored bytes (a JPEG file, or raw pixels), a view of the mapped data file."""
-        if self.remote is not None and not self.remote.ready[i]:
-            self.remote.ensure(np.array([i]))
+        self.source.ensure(np.array([i]))
         r = self.records[i]
         off = int(r["offset"])
         return self.mapped(int(r["file"]))[off:off + int(r["size"])]
@@ -247,16 +252,10 @@ class SplitReader:
 
     @property
     def units(self) -> np.ndarray:
-        """Each sample's unit of transfer from a store: its data file, or the .beton chunk it starts
-        in (numbered across the split's data files)."""
-        if self.remote is not None:
-            return self.remote.unit_first
-        data = self.info.files_with_role("data")
-        chunk = np.array([f.get("chunk_size") or max(1, f["size"]) for f in data], np.int64)
-        count = -(-np.array([max(1, f["size"]) for f in data], np.int64) // chunk)
-        base = np.concatenate([[0], np.cumsum(count)[:-1]]).astype(np.int64)
-        file = np.asarray(self.records["file"]).astype(np.int64)
-        return base[file] + np.asarray(self.records["offset"]).astype(np.int64) // chunk[file]
+        """Each sample's unit of transfer (the one it starts in: formats/units.py's numbering)."""
+        if self._units is None:
+            self._units = self.manifest.source.units.of_samples(self._data_paths, self.records)[0]
+        return self._units
 
     @property
     def labels(self) -> np.ndarray:

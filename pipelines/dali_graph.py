@@ -22,7 +22,7 @@ import torch
 from fastload.spec import RandomResizedCrop, ResizeCenterCrop
 
 from .base import BackendOptions
-from .dali import DALI_FILTERS, DALIEngine
+from .dali_engine import DALI_FILTERS, DALIEngine
 from .sampling import FLIP, H, LEFT, OUT_H, OUT_W, TOP, W, X0, Y0
 
 

@@ -19,7 +19,7 @@ import torch
 from . import native
 from .base import BackendOptions
 from .buffers import BatchBuffers
-from .dali import DALIEngine
+from .dali_engine import DALIEngine
 from .engine import KernelOutput, PartWorkers
 from .sampling import H, W, X0, Y0, crop_rows
 

@@ -31,7 +31,7 @@ from .engine import KernelOutput, PartWorkers
 from .jpeg import MESSAGE_LEN
 from .native import FILTER_CODES
 from .native_numba import check_samples, decode_region, resample_window, source_window
-from .samples import SampleChecks
+from .samples import HealOnce, SampleChecks
 from .sampling import FLIP, H, LEFT, OUT_H, OUT_W, PARAM_COLUMNS, TOP, W, X0, Y0, crop_rows, plan_batches
 
 _DONE = np.iinfo(np.int64).max
@@ -176,6 +176,11 @@ def _compile_every_variant() -> None:
 _compile_every_variant()
 
 
+def _healed(status: int, index: np.ndarray, heal: HealOnce) -> bool:
+    """A batch call's failing sample (``status`` >= 0) fetched again by the heal rule: redo the part."""
+    return 0 <= status != _DONE and heal.retry(int(index[status]))
+
+
 class FFCVBackend(Backend):
     name = "ffcv"
     fuses_normalization = True
@@ -211,12 +216,12 @@ class FFCVBackend(Backend):
         if self.reader.codec == "raw":
             self.reader.ensure(index)
             offsets = np.asarray(self.reader.records["offset"][index], np.int64)
-            message = np.zeros(MESSAGE_LEN, np.uint8)
+            message, heal = np.zeros(MESSAGE_LEN, np.uint8), HealOnce(self.reader)
             while True:
                 status = resample_raw_batch(self.reader.mapped(0), offsets, checks.crcs[index], self.heights[index],
                                             self.widths[index], checks.what, rows, o.pad_mode, o.filter, dst, o.chw,
                                             o.fused, o.scale, o.shift, message)
-                if not self._healed(status, index):
+                if not _healed(status, index, heal):
                     return self._raise_for(status, index, message)
         self._decode(index, lambda addresses, sizes, crcs, heights, widths, what, scratch, message:
                      decode_resample_batch(addresses, sizes, crcs, heights, widths, what, rows, o.pad_mode, o.filter,
@@ -227,32 +232,17 @@ class FFCVBackend(Backend):
         growing it when a region needs more; a sample that fails raises its error."""
         addresses, sizes = self.reader.stored_addresses(index)
         crcs, heights, widths = self.checks.crcs[index], self.heights[index], self.widths[index]
-        message = np.zeros(MESSAGE_LEN, np.uint8)
+        message, heal = np.zeros(MESSAGE_LEN, np.uint8), HealOnce(self.reader)
         while True:
             scratch = getattr(self._local, "scratch", None)
             if scratch is None:
                 scratch = self._local.scratch = np.empty(1 << 20, np.uint8)
             status = batch_call(addresses, sizes, crcs, heights, widths, self.checks.what, scratch, message)
-            if self._healed(status, index):
+            if _healed(status, index, heal):
                 continue
             if status >= 0 or status == _DONE:
                 return self._raise_for(status, index, message)
             self._local.scratch = np.empty(-status, np.uint8)  # a bigger region than ever: grow, redo
-
-    def _healed(self, status: int, index: np.ndarray) -> bool:
-        """A remote dataset's sample that failed as cached, fetched again: the part is redone (a
-        sample fetched again that fails again is raised)."""
-        if status == _DONE:
-            self._local.__dict__.pop("healed", None)
-        if status < 0 or status == _DONE:
-            return False
-        healed = self._local.__dict__.setdefault("healed", set())
-        i = int(index[status])
-        if i in healed or not self.reader.heal(i):
-            healed.discard(i)
-            return False
-        healed.add(i)
-        return True
 
     def _raise_for(self, status: int, index: np.ndarray, message: np.ndarray) -> None:
         if status != _DONE:

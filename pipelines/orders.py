@@ -17,9 +17,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from .sampling import ORDER_STREAM, rank_share, rng_for
+from .sampling import ORDER_STREAM, deal, rank_share, rng_for
 
-ORDERS = ("random", "shards")
+ORDERS = ("random", "shards")  # the global sequences
+# what FastLoader(order=...) takes: 'auto' picks one of ORDERS; 'sequential' is the dataset's own order
+ORDER_CHOICES = ("auto", *ORDERS, "sequential")
 
 
 def global_order(n: int, *, kind: str, shuffle: bool, seed: int, epoch: int, world_size: int, drop_last: bool,
@@ -29,7 +31,7 @@ def global_order(n: int, *, kind: str, shuffle: bool, seed: int, epoch: int, wor
     total = rank_share(n, world_size, drop_last) * world_size
     if not shuffle or kind == "random":
         order = rng.permutation(n) if shuffle else np.arange(n)
-        return _fit(order, total)
+        return deal(order, total)
     if kind != "shards":
         raise ValueError(f"order kind {kind!r} is invalid: allowed {ORDERS}")
     units = np.asarray(units, np.int64)
@@ -38,7 +40,7 @@ def global_order(n: int, *, kind: str, shuffle: bool, seed: int, epoch: int, wor
     unit_rank[present] = rng.permutation(len(present))
     within = rng.random(n)
     by_unit = np.lexsort((within, unit_rank[units]))  # units in random order, samples shuffled in each
-    stream = _fit(by_unit, total)
+    stream = deal(by_unit, total)
     share = total // world_size if world_size else 0
     per_unit = max(1, n // max(1, len(present)))
     window = max(1, window_units * per_unit)
@@ -52,17 +54,6 @@ def global_order(n: int, *, kind: str, shuffle: bool, seed: int, epoch: int, wor
     return out
 
 
-def _fit(order: np.ndarray, total: int) -> np.ndarray:
-    """``DistributedSampler``'s remainder rule: padded with its own first samples, or cut."""
-    if total > len(order):
-        order = np.concatenate([order, np.resize(order, total - len(order))])
-    return order[:total].astype(np.int64)
-
-
-def rank_order(sequence: np.ndarray, rank: int, world_size: int) -> np.ndarray:
-    return sequence[rank::world_size]
-
-
 def remainder(sequence: np.ndarray, consumed: int, world_size: int, drop_last: bool) -> np.ndarray:
     """What is left of an epoch whose global sequence is ``sequence`` after ``consumed`` samples,
     as a new global sequence for ``world_size`` ranks: every sample not yet seen, once, in the
@@ -73,7 +64,7 @@ def remainder(sequence: np.ndarray, consumed: int, world_size: int, drop_last: b
     _, first = np.unique(rest, return_index=True)
     rest = rest[np.sort(first)]  # each sample once (padding repeats dropped)
     rest = rest[~seen[rest]]
-    return _fit(rest, rank_share(len(rest), world_size, drop_last) * world_size)
+    return deal(rest, rank_share(len(rest), world_size, drop_last) * world_size)
 
 
 def order_quality(order: np.ndarray, labels: np.ndarray, units: np.ndarray, batch_size: int) -> dict:
@@ -88,3 +79,21 @@ def order_quality(order: np.ndarray, labels: np.ndarray, units: np.ndarray, batc
     distinct = lambda a: float(np.mean([len(np.unique(row)) for row in a]))  # noqa: E731
     return {"labels_per_batch": distinct(labels[batches]), "units_per_batch": distinct(units[batches]),
             "batches": nb}
+
+
+def shard_order_quality(mine: np.ndarray, labels: np.ndarray, units: np.ndarray, batch_size: int, seed: int,
+                        name: str) -> dict:
+    """Distinct labels per batch of a rank's shard-aware order ``mine`` (positions of the selected
+    samples, whose ``labels`` and ``units`` are given) and of a global permutation's. Rows sorted
+    by class (an image folder converted without --shuffle-seed) put a class or two in each unit and
+    so in each batch: said, with the remedy."""
+    permuted = np.random.default_rng(seed).permutation(len(labels))[:len(mine)]
+    q = {"labels_per_batch": order_quality(mine, labels, units, batch_size)["labels_per_batch"],
+         "global_labels_per_batch": order_quality(permuted, labels, units, batch_size)["labels_per_batch"]}
+    if q["labels_per_batch"] < 0.9 * q["global_labels_per_batch"]:
+        import warnings
+        warnings.warn(f"{name}: order='shards' gives {q['labels_per_batch']:.1f} distinct labels a batch, a global "
+                      f"order {q['global_labels_per_batch']:.1f}: its rows are sorted by class. Convert it again "
+                      "with --shuffle-seed 0 (rows written in a seeded random order), or pass order='random'",
+                      RuntimeWarning)
+    return q

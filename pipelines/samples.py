@@ -20,14 +20,31 @@ from .jpeg import MESSAGE_LEN
 CHECK_CRC, CHECK_JPEG = 1, 2  # _samples.c's flags
 
 
+class HealOnce:
+    """The one heal rule: a sample that fails its check is fetched again once from where its bytes
+    came from (``reader.heal``: a remote dataset's store) and checked again; failing again, or
+    with nothing to fetch it from (a local dataset), its failure stands. One per batch of checks."""
+
+    def __init__(self, reader):
+        self.reader, self.healed = reader, set()
+
+    def retry(self, i: int) -> bool:
+        """True when sample ``i`` was fetched again: check it again. False: raise its failure."""
+        i = int(i)
+        if i in self.healed or not self.reader.heal(i):
+            return False
+        self.healed.add(i)
+        return True
+
+
 class SampleChecks:
     """The checks for one split (a :class:`~fastload.formats.records.SplitReader`); ``what`` is
     the flags ``fl_check_samples`` takes (compiled code calls it itself, ``crcs`` for its arguments)."""
 
     def __init__(self, reader, enabled: bool = True):
-        # a remote dataset's cached bytes are always checked: a unit evicted or changed on disk
-        # under a reader is seen here, and fetched again (SplitReader.heal)
-        enabled = enabled or reader.remote is not None
+        # bytes that may change under a reader (a remote dataset's cache) are always checked: a
+        # unit evicted or changed on disk is seen here, and fetched again (SplitReader.heal)
+        enabled = enabled or reader.volatile
         self.reader, self.enabled = reader, enabled
         has_crc = reader.crcs is not None
         self.crcs = np.ascontiguousarray(reader.crcs if has_crc else np.zeros(len(reader)), np.uint32)
@@ -43,26 +60,24 @@ class SampleChecks:
     def first_failure(self, index: np.ndarray) -> tuple[int, str] | None:
         """(sample, what is wrong) of the first of samples ``index`` that fails, or None. A remote
         dataset's failing sample is fetched again from the store once before it counts."""
-        healed = set()
+        heal = HealOnce(self.reader)
         while True:
             failure = self._first_failure(index)
-            if failure is None or failure[0] in healed or not self.reader.heal(failure[0]):
+            if failure is None or not heal.retry(failure[0]):
                 return failure
-            healed.add(failure[0])
 
     def read_checked(self, i: int) -> np.ndarray:
         """A private copy of sample ``i``'s bytes, checked: what a decoder may then read at leisure.
         (A view of a remote dataset's cache could change between its check and its decode: a unit
         evicted meanwhile by another rank.) A failure raises, after one heal for a remote dataset."""
-        i = int(i)
-        for attempt in range(2):
+        i, heal = int(i), HealOnce(self.reader)
+        while True:
             data = np.array(self.reader.stored(i))
             failure = self._first_failure(np.array([i]), data)
             if failure is None:
                 return data
-            if attempt or not self.reader.heal(i):
+            if not heal.retry(i):
                 raise self.reader.sample_error(*failure)
-        raise AssertionError("unreachable")
 
     def _first_failure(self, index: np.ndarray, copy: np.ndarray | None = None) -> tuple[int, str] | None:
         if not self.what or not len(index):

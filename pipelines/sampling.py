@@ -35,10 +35,21 @@ def augment_rng(seed: int, epoch: int, rank: int, batch: int) -> np.random.Gener
 
 
 def rank_share(n: int, world_size: int, drop_last: bool) -> int:
-    """Samples per rank per epoch under the remainder rule of :func:`epoch_indices`."""
+    """Samples per rank per epoch under ``DistributedSampler``'s remainder rule: ``drop_last``
+    drops the last ``n % world_size`` samples of the order so shares stay disjoint; otherwise
+    every rank gets ``ceil(n / world_size)`` (:func:`deal` pads the order with its own first
+    samples, so up to ``world_size - 1`` appear twice in an epoch)."""
     if world_size == 1:
         return n
     return n // world_size if drop_last else math.ceil(n / world_size)
+
+
+def deal(order: np.ndarray, total: int) -> np.ndarray:
+    """The remainder rule applied: ``order`` padded with its own first samples, or cut, to
+    ``total`` (``rank_share(...) * world_size``) positions."""
+    if total > len(order):
+        order = np.concatenate([order, np.resize(order, total - len(order))])
+    return order[:total].astype(np.int64)
 
 
 def num_batches(num_samples: int, batch_size: int, drop_last: bool) -> int:
@@ -55,21 +66,6 @@ def plan_batches(order: np.ndarray, params: np.ndarray, batch_size: int,
                  drop_last: bool) -> list[tuple[np.ndarray, np.ndarray]]:
     """(sample indices, their geometry rows) per batch, by :func:`epoch_batches`' rule."""
     return list(zip(epoch_batches(order, batch_size, drop_last), epoch_batches(params, batch_size, drop_last)))
-
-
-def epoch_indices(n: int, *, shuffle: bool, seed: int, epoch: int, rank: int = 0, world_size: int = 1,
-                  drop_last: bool = False) -> np.ndarray:
-    """This rank's sample indices for one epoch, with ``DistributedSampler``'s remainder rule:
-    ``drop_last`` drops the last ``n % world_size`` samples of the (shuffled) order so shares stay
-    disjoint; otherwise the order is padded with its own first samples so every rank gets
-    ``ceil(n / world_size)`` (up to ``world_size - 1`` samples appear twice in an epoch)."""
-    order = rng_for(seed, epoch, ORDER_STREAM).permutation(n) if shuffle else np.arange(n)
-    if world_size > 1:
-        total = rank_share(n, world_size, drop_last) * world_size
-        if total > n:  # pad with the order's own first samples
-            order = np.concatenate([order, np.resize(order, total - n)])
-        order = order[:total][rank::world_size]
-    return order.astype(np.int64)
 
 
 def repeated_epoch_indices(n: int, repeats: int, *, shuffle: bool, seed: int, epoch: int, rank: int = 0,

@@ -27,15 +27,13 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
-sys.path.insert(0, str(ROOT / "scripts"))
 
 
 def rank_main(url: str, out: str, limit: int, epochs: int) -> None:
     """One rank under torchrun: its indices per epoch, and (local rank 0) its node's bytes."""
     import torch.distributed as dist
 
-    from store_proxy import store_bytes
+    from fastload.testing.store_proxy import store_bytes
 
     from fastload import FastLoader
     dist.init_process_group("gloo")
@@ -74,8 +72,8 @@ def main():
         return
     import s3fs
     from bench_streaming import CACHE, dataset_bytes, image_folder, write
-    from conftest import torchrun
-    from store_proxy import StoreServers, free_port
+    from fastload.testing.launch import torchrun
+    from fastload.testing.store_proxy import StoreServers, free_port
     folder = image_folder(args.tile)
     data, _ = write("fastload", folder, workers=2)
     size = dataset_bytes(data)
@@ -95,8 +93,7 @@ def main():
                 fs.put_file(str(f), f"multi/d/{f.relative_to(data)}")
         port, procs = free_port(), []
         for node, view in enumerate(nodes):
-            env = {**os.environ, **view.env(), "FASTLOAD_CACHE_DIR": str(out / f"cache{node}"),
-                   "PYTHONPATH": f"{ROOT / 'tests'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+            env = {**os.environ, **view.env(), "FASTLOAD_CACHE_DIR": str(out / f"cache{node}")}
             procs.append(subprocess.Popen([*torchrun(2, nnodes=2, node_rank=node, port=port), __file__, "--rank",
                                            "s3://multi/d", str(out), str(int(size * args.cache)), str(args.epochs)],
                                           env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))

@@ -31,13 +31,11 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
-sys.path.insert(0, str(ROOT / "scripts"))
 
 
 def child(cfg: dict) -> dict:
     """Runs in its own process: epochs of one loader, timed, with the store's bytes per epoch."""
-    from store_proxy import store_bytes as read_log
+    from fastload.testing.store_proxy import store_bytes as read_log
 
     from fastload import FastLoader
 
@@ -75,12 +73,13 @@ def prepare(args) -> dict:
     import datasets
     from bench_convert import cifar_png_source, imagenet_source
     from fastload import Manifest, convert
+    from fastload.formats.manifest import CHUNK_HASHES_FROM_VERSION
     cache = ROOT / ".cache" / "remote"
     out = {}
     for name, source, codec, spec in (("imagenet", imagenet_source(cache, args.tile), "auto", "imagenet:train"),
                                       ("cifar", cifar_png_source(cache, args.cifar_tile), "raw", "cifar10:train")):
         d = cache / f"{name}-beton-{Path(source).name}"
-        if not (d / "manifest.json").exists() or Manifest.read(d).data["format_version"] < 4:
+        if not (d / "manifest.json").exists() or Manifest.read(d).data["format_version"] < CHUNK_HASHES_FROM_VERSION:
             convert(str(source), d, format="beton", workers=args.workers, progress=False, image_codec=codec,
                     overwrite=True)
         out[name] = {"dir": d, "spec": spec, "size": sum(f.stat().st_size for f in d.iterdir() if f.is_file()),
@@ -108,7 +107,7 @@ def main():
         print(json.dumps(child(json.loads(args.child))))
         return
     import s3fs
-    from store_proxy import S3RVER, StoreServers
+    from fastload.testing.store_proxy import S3RVER, StoreServers
     data = prepare(args)
     if args.store == "http":
         servers = StoreServers(latency_ms=args.latency_ms, directory=str(ROOT / ".cache" / "remote"))

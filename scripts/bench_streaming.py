@@ -46,8 +46,6 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
-sys.path.insert(0, str(ROOT / "scripts"))
 CACHE = ROOT / ".cache" / "streaming"
 PEERS_PY = ROOT / ".cache" / "streaming-peers" / "bin" / "python"
 SYSTEMS = ("fastload", "fastload-sorted", "litdata", "mosaic", "litdata-16mb", "mosaic-16mb")
@@ -133,9 +131,9 @@ def fastload_child(cfg: dict) -> dict:
     import warnings
 
     from epoch_meter import measure_epoch
-    from store_proxy import store_bytes
 
     from fastload import FastLoader
+    from fastload.testing.store_proxy import store_bytes
     if os.environ.get("FASTLOAD_CACHE_LOG"):  # the cache's fetches and evictions, for a look at bytes
         import logging
         handler = logging.FileHandler(os.environ["FASTLOAD_CACHE_LOG"])
@@ -155,7 +153,8 @@ def fastload_child(cfg: dict) -> dict:
     out = {"epochs": [], "order": loader.order, "warnings": [str(w.message) for w in caught]}
     for e in range(cfg["epochs"]):
         loader.set_epoch(e)
-        out["epochs"].append(measure_epoch(loader, t0 if e == 0 else time.perf_counter(), endpoint))
+        out["epochs"].append(measure_epoch(loader, t0 if e == 0 else time.perf_counter(),
+                                           (lambda: store_bytes(endpoint, clear=True)) if endpoint else None))
     return out
 
 
@@ -190,7 +189,7 @@ def main():
         print(json.dumps(fastload_child(json.loads(args.child))))
         return
     import s3fs
-    from store_proxy import StoreServers
+    from fastload.testing.store_proxy import StoreServers
     systems = [s for s in args.systems.split(",") if s]
     if unknown := set(systems) - set(SYSTEMS):
         raise SystemExit(f"--systems: unknown {sorted(unknown)}; allowed {SYSTEMS}")

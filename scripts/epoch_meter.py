@@ -1,17 +1,18 @@
 """One epoch of any loader, timed: img/s, first batch, distinct labels per batch and the store's
 bytes. Shared by bench_streaming.py's fastload child and streaming_peers.py (the peers' venv), so
-it needs only numpy and tests/store_proxy.py."""
+it needs only numpy: the store's bytes come from the caller's ``bytes_read``."""
 from __future__ import annotations
 
 import time
 
+from typing import Callable
+
 import numpy as np
-from store_proxy import store_bytes
 
 
-def measure_epoch(loader, since: float, endpoint: str | None) -> dict:
+def measure_epoch(loader, since: float, bytes_read: Callable[[], int] | None = None) -> dict:
     """Iterate ``loader`` once; ``since``: when the clock for the first batch started (the
-    loader's construction for a first epoch)."""
+    loader's construction for a first epoch); ``bytes_read``: the store's bytes since last asked."""
     n, first, labels = 0, None, []
     t = time.perf_counter()
     for batch in loader:
@@ -23,4 +24,4 @@ def measure_epoch(loader, since: float, endpoint: str | None) -> dict:
     dt = time.perf_counter() - t
     full = labels[:-1] if len(labels) > 1 else labels  # the last batch may be short
     return {"img_s": n / dt, "seconds": dt, "first_batch_s": first, "images": n,
-            "labels_per_batch": float(np.mean(full)), "bytes": store_bytes(endpoint, clear=True) if endpoint else 0}
+            "labels_per_batch": float(np.mean(full)), "bytes": bytes_read() if bytes_read else 0}

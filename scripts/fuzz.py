@@ -16,9 +16,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
 
-import fuzzing  # noqa: E402
+from fastload.testing import fuzzing
 
 
 def main() -> int:

@@ -26,9 +26,21 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from epoch_meter import measure_epoch  # noqa: E402  (beside this file)
-from store_proxy import store_bytes  # noqa: E402
+from epoch_meter import measure_epoch  # beside this file
+
+
+def _store_bytes():
+    """fastload.testing.store_proxy's reader of the proxy's log, loaded from its file: this runs in
+    the peers' own venv, which has no fastload."""
+    import importlib.util
+    path = Path(__file__).resolve().parents[1] / "testing" / "store_proxy.py"
+    spec = importlib.util.spec_from_file_location("store_proxy", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.store_bytes
+
+
+store_bytes = _store_bytes()
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -142,7 +154,8 @@ def read(cfg: dict) -> dict:
     for e in range(cfg["epochs"]):
         if hasattr(dataset, "set_epoch"):
             dataset.set_epoch(e)
-        out["epochs"].append(measure_epoch(loader, t0 if e == 0 else time.perf_counter(), cfg["endpoint"]))
+        out["epochs"].append(measure_epoch(loader, t0 if e == 0 else time.perf_counter(),
+                                           lambda: store_bytes(cfg["endpoint"], clear=True)))
     return out
 
 

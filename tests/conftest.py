@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 
 from fastload.spec import IMAGENET_MEAN, IMAGENET_STD
+from fastload.testing.launch import torchrun  # noqa: F401 (the tests' torchrun jobs)
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
@@ -27,15 +28,6 @@ STD255 = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1) * 255
 # the storage each backend's tests read (the reference reads both; tests give it TFRecord)
 BACKEND_FORMAT = {"ffcv": "beton", "dali": "tfrecord", "reference": "tfrecord"}
 
-
-
-def torchrun(nproc: int, *, nnodes: int = 1, node_rank: int = 0, port: int | None = None) -> list[str]:
-    """The command line of a torchrun job on a local rendezvous (a free port unless given: the
-    nodes of one job share theirs)."""
-    import sys
-    from store_proxy import free_port
-    return [sys.executable, "-m", "torch.distributed.run", "--nnodes", str(nnodes), "--node_rank", str(node_rank),
-            "--nproc_per_node", str(nproc), "--master_addr", "127.0.0.1", "--master_port", str(port or free_port())]
 
 
 needs_shared = pytest.mark.skipif(not IMAGENET.exists() or not CIFAR10.exists(),

@@ -457,7 +457,7 @@ def test_verify_catches_flipped_byte_in_tfrecord(imagenet_dirs, tmp_path):
     r = subprocess.run([*FASTLOAD, "verify", str(d)], capture_output=True, text=True)
     assert r.returncode == 1 and shard.name in r.stderr
     # framing check on its own (manifest checksum updated as if the writer had lied)
-    from fastload.formats.manifest import sha256_file
+    from fastload.formats.writing import sha256_file
     m = json.loads((d / "manifest.json").read_text())
     for f in m["splits"]["validation"]["files"]:
         if f["path"] == shard.name:

@@ -1,4 +1,4 @@
-"""The dataset fuzzer (tests/fuzzing.py) in the suite: a few hundred structured mutations of real
+"""The dataset fuzzer (fastload.testing.fuzzing) in the suite: 150 structured mutations of real
 converted datasets, both storages, every backend, each case in a worker subprocess so that a crash
 is seen as a crash. Derandomized here (the same cases every run); ``scripts/fuzz.py --minutes N``
 runs new ones for as long as asked. Every failure the fuzzer found is an ``@example`` below."""
@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import pytest
 
-import fuzzing
+from fastload.testing import fuzzing
 from conftest import needs_shared
 
 hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, example, given, settings  # noqa: E402
 
-CASES = 500
+CASES = 150  # in make test; scripts/fuzz.py --minutes N runs as many new ones as asked
 
 
 @pytest.fixture(scope="module")

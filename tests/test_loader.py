@@ -17,7 +17,8 @@ from conftest import (BACKEND_FORMAT, MEAN255, ROOT, STD255, coco_dataset, color
 from fastload import FastLoader, PreprocessSpec, convert
 from fastload.spec import RandomCrop
 from fastload.formats.manifest import DatasetError
-from fastload.pipelines.sampling import FLIP, H, TOP, W, X0, Y0, epoch_indices, geometry_params
+from fastload.pipelines.orders import global_order
+from fastload.pipelines.sampling import FLIP, H, TOP, W, X0, Y0, geometry_params
 
 
 
@@ -287,12 +288,14 @@ def test_distributed_shares_from_torchrun_environment(labelled_colors, monkeypat
 
 def test_remainder_rule_is_distributed_samplers():
     # 10 samples over 4 ranks: padded to 12 (2 repeated) without drop_last, 8 with it
-    shares = [epoch_indices(10, shuffle=True, seed=0, epoch=0, rank=r, world_size=4) for r in range(4)]
+    def share(r, drop_last=False):
+        g = global_order(10, kind="random", shuffle=True, seed=0, epoch=0, world_size=4, drop_last=drop_last)
+        return g[r::4]
+    shares = [share(r) for r in range(4)]
     assert [len(s) for s in shares] == [3] * 4
     flat = np.concatenate(shares)
     assert set(flat.tolist()) == set(range(10)) and len(flat) - len(set(flat.tolist())) == 2
-    dropped = [epoch_indices(10, shuffle=True, seed=0, epoch=0, rank=r, world_size=4, drop_last=True)
-               for r in range(4)]
+    dropped = [share(r, drop_last=True) for r in range(4)]
     assert [len(s) for s in dropped] == [2] * 4 and len(set(np.concatenate(dropped).tolist())) == 8
 
 

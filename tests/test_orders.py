@@ -8,15 +8,26 @@ import torch
 
 from fastload import FastLoader
 from fastload.pipelines.orders import global_order, order_quality, remainder
-from fastload.pipelines.sampling import epoch_indices
+from fastload.pipelines.sampling import ORDER_STREAM, rng_for
+
+
+def distributed_sampler(order: np.ndarray, rank: int, world: int, drop_last: bool) -> np.ndarray:
+    """torch's own DistributedSampler's share of rank ``rank``, over a dataset in ``order``."""
+    from torch.utils.data import DistributedSampler
+    positions = list(DistributedSampler(range(len(order)), num_replicas=world, rank=rank, shuffle=False,
+                                        drop_last=drop_last))
+    return order[positions]
 
 
 @pytest.mark.parametrize("n,world,drop_last", [(200, 4, False), (203, 4, False), (203, 3, True), (10, 1, False)])
 def test_random_global_order_is_distributed_samplers(n, world, drop_last):
     g = global_order(n, kind="random", shuffle=True, seed=5, epoch=2, world_size=world, drop_last=drop_last)
     for r in range(world):
-        want = epoch_indices(n, shuffle=True, seed=5, epoch=2, rank=r, world_size=world, drop_last=drop_last)
-        assert np.array_equal(g[r::world], want)
+        permutation = rng_for(5, 2, ORDER_STREAM).permutation(n)
+        assert np.array_equal(g[r::world], distributed_sampler(permutation, r, world, drop_last))
+    plain = global_order(n, kind="random", shuffle=False, seed=5, epoch=2, world_size=world, drop_last=drop_last)
+    for r in range(world):
+        assert np.array_equal(plain[r::world], distributed_sampler(np.arange(n), r, world, drop_last))
 
 
 def test_shard_aware_order_reads_a_share_of_the_units_and_every_sample():

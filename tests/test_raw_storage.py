@@ -14,7 +14,8 @@ from PIL import Image
 
 from conftest import BACKEND_FORMAT, CIFAR10, MEAN255, STD255, color_label, needs_shared, save_splits
 from fastload import FastLoader, Manifest, PreprocessSpec, convert
-from fastload.formats.manifest import FORMAT_VERSION, DatasetError, sha256_file
+from fastload.formats.manifest import FORMAT_VERSION, DatasetError
+from fastload.formats.writing import sha256_file
 from fastload.formats.records import SplitReader
 
 N = 400

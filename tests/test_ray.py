@@ -36,7 +36,7 @@ FASTLOAD = [sys.executable, "-m", "fastload.cli"]
 @pytest.fixture(scope="module")
 def store():
     """moto's S3 server behind the counting proxy (tests/store_proxy.py)."""
-    from store_proxy import StoreServers
+    from fastload.testing.store_proxy import StoreServers
     servers = StoreServers()
     yield servers
     servers.close()

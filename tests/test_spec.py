@@ -7,7 +7,7 @@ import pytest
 from fastload.spec import (IMAGENET_MEAN, IMAGENET_STD, AutoAugment, ColorJitter, Mixup, Normalize, PreprocessSpec,
                            RandAugment, RandomCrop, RandomErasing, RandomResizedCrop, ResizeCenterCrop, TimmAutoAugment, TimmRandAugment,
                            TrivialAugmentWide, resolve_spec)
-from fastload.timm_dialect import parse_auto_augment, policy_to_string
+from fastload.policies import parse_auto_augment, policy_to_string
 
 PRESETS = ["imagenet", "cifar10", "cifar100", "coco"]
 

@@ -15,7 +15,8 @@ import torch
 
 from conftest import BACKEND_FORMAT, needs_shared
 from fastload import FastLoader, Manifest, verify
-from fastload.formats.manifest import DatasetError, sha256_file
+from fastload.formats.manifest import DatasetError
+from fastload.formats.writing import sha256_file
 from fastload.formats.records import SampleDecodeError, SplitReader
 
 BACKENDS = list(BACKEND_FORMAT)

@@ -9,12 +9,14 @@ then one :class:`StoreError` naming the URL and what failed.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import random
+import re
 import time
 from pathlib import Path
 
-from .manifest import DatasetError
+from fastload.formats.errors import DatasetError
 
 # scheme -> (the module fsspec needs for it, the fastload extra that installs it)
 SCHEMES = {"s3": ("s3fs", "s3"), "gs": ("gcsfs", "gcs"), "gcs": ("gcsfs", "gcs"),
@@ -39,6 +41,13 @@ def is_url(location) -> bool:
 def local_path(location) -> Path:
     return Path(location[len("file://"):] if isinstance(location, str) and location.startswith("file://")
                 else location)
+
+
+def cache_name(url: str) -> str:
+    """A URL's directory name on this node (its dataset's cache, a conversion's staging): readable,
+    and unique by a hash of the whole URL."""
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "_", url.split("://", 1)[-1]).strip("_")[-80:]
+    return f"{slug}-{hashlib.sha256(url.encode()).hexdigest()[:12]}"
 
 
 def scheme_of(url: str) -> str:
@@ -168,8 +177,3 @@ class Store:
 
     def remove(self, relative: str) -> None:
         self._retry("removing", relative, lambda: self.fs.rm_file(self.key(relative)))
-
-
-def describe(location) -> str:
-    """A location as users wrote it, for messages."""
-    return location if is_url(location) else str(local_path(location))

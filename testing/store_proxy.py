@@ -2,7 +2,7 @@
 latency, injects faults and counts what passes; or a plain HTTP server of a directory with range
 requests (an ``https://``-style location).
 
-Run as a process (``python tests/store_proxy.py --upstream http://127.0.0.1:PORT``) so that the
+Run as a process (``python -m fastload.testing.store_proxy --upstream http://127.0.0.1:PORT``) so that the
 client under test shares no interpreter with it. Control, over HTTP on the proxy itself:
 - ``POST /__control__/faults`` with ``[{"match": "<substring of the path>", "method": "GET",
   "kind": "500" | "reset" | "truncate" | "stall" | "flip", "count": n}]``: the next n matching
@@ -238,7 +238,8 @@ class StoreServers:
             self.procs.append(moto)
             _wait_listening(self.moto_port, moto, "moto server")
         self.port = free_port()
-        args = [sys.executable, __file__, "--port", str(self.port), "--latency-ms", str(latency_ms)]
+        args = [sys.executable, "-m", "fastload.testing.store_proxy", "--port", str(self.port), "--latency-ms",
+                str(latency_ms)]
         args += ["--root", directory] if directory else ["--upstream", f"http://127.0.0.1:{self.moto_port}"]
         proxy = subprocess.Popen(args, stdout=subprocess.DEVNULL)
         self.procs.append(proxy)

@@ -15,7 +15,7 @@ Every case must end, in every backend, in one of:
 and never in a signal, a hang, another exception type, or (damage) silently different data.
 
 Used by ``tests/test_fuzz.py`` (a few hundred cases, derandomized) and ``scripts/fuzz.py
---minutes N`` (random, as long as asked). The worker is ``python tests/fuzzing.py worker CORPUS``.
+--minutes N`` (random, as long as asked). The worker is ``python -m fastload.testing.fuzzing worker CORPUS``.
 """
 from __future__ import annotations
 
@@ -34,7 +34,8 @@ from pathlib import Path
 import numpy as np
 
 HERE = Path(__file__).resolve().parent
-SHARED = HERE.parents[1] / "shared" / "data"
+# the shared sample data beside the checkout (CI has it too); elsewhere, where FASTLOAD_SHARED_DATA says
+SHARED = Path(os.environ.get("FASTLOAD_SHARED_DATA") or HERE.parents[1] / "shared" / "data")
 BACKENDS = {"beton": ("ffcv", "reference"), "tfrecord": ("dali", "reference")}
 OK = ("same", "error")
 NAMED_ERRORS = ("DatasetError", "SampleDecodeError")
@@ -134,7 +135,7 @@ def _record_listing(directory: Path) -> tuple[dict, dict]:
 
 def _refresh_checksums(directory: Path, paths: list[str]) -> None:
     """As a crafting writer would: the manifest's sizes and sha256 of ``paths``, and its own checksum."""
-    from fastload.formats.manifest import sha256_file
+    from fastload.formats.writing import sha256_file
     manifest = json.loads((directory / "manifest.json").read_text())
     for f in manifest["splits"]["train"]["files"]:
         if f["path"] in paths and (directory / f["path"]).is_file():
@@ -365,7 +366,7 @@ class Runner:
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "TQDM_DISABLE": "1"}
         # stderr to a file: a pipe nobody reads fills up with the libraries' warnings and blocks the worker
         self.log = tempfile.TemporaryFile("w+")
-        self.proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "worker", str(self.corpus)],
+        self.proc = subprocess.Popen([sys.executable, "-m", "fastload.testing.fuzzing", "worker", str(self.corpus)],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log,
                                      text=True, env=env, cwd=str(HERE.parent))
         # lines arrive through a thread: a select() on the buffered pipe misses lines already read ahead
