@@ -75,3 +75,11 @@ def distributed_rank_world(distributed) -> tuple[int, int]:
         raise RuntimeError("distributed=True but no torch.distributed process group is initialized and "
                            "RANK/WORLD_SIZE are not set (run under torchrun)")
     return 0, 1
+
+
+def call_batch_transform(fn, images, labels):
+    """The user's ``batch_transform``, its result checked."""
+    out = fn(images, labels)
+    if not (isinstance(out, (tuple, list)) and len(out) == 2):
+        raise TypeError(f"batch_transform {fn!r} returned {type(out).__name__}: it must return (images, labels)")
+    return out

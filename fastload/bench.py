@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .cpu import cpu_seconds as _cpu_seconds
 from .formats.manifest import DatasetError
 from .storage import open_dataset
 from .formats.records import SplitReader
@@ -30,37 +31,6 @@ STAGES = ("read", "decode", "geometry", "batch_ops")
 
 class BenchError(ValueError):
     """Bad bench arguments or data: names the problem."""
-
-
-def _cpu_seconds() -> float:
-    """CPU time of this process, its finished children, and its live descendants (persistent
-    DataLoader workers are not in RUSAGE_CHILDREN until they exit)."""
-    s, c = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-    return s.ru_utime + s.ru_stime + c.ru_utime + c.ru_stime + _live_descendants_cpu()
-
-
-def _live_descendants_cpu() -> float:
-    import glob
-    tick = os.sysconf("SC_CLK_TCK")
-    total, todo, seen = 0.0, [os.getpid()], set()
-    while todo:
-        pid = todo.pop()
-        for children in glob.glob(f"/proc/{pid}/task/*/children"):
-            try:
-                kids = [int(k) for k in open(children).read().split()]
-            except OSError:
-                continue
-            for kid in kids:
-                if kid in seen:
-                    continue
-                seen.add(kid)
-                todo.append(kid)
-                try:
-                    fields = open(f"/proc/{kid}/stat").read().rsplit(")", 1)[1].split()
-                    total += (int(fields[11]) + int(fields[12])) / tick  # utime, stime
-                except (OSError, IndexError, ValueError):
-                    pass
-    return total
 
 
 def _peak_rss_mb() -> float:
@@ -112,7 +82,7 @@ def _endless(loader):
 
 
 def _measure_backend(directory, split, spec, entry, batch_size, batches, repeats, workers, device,
-                     cache_dir=None) -> dict:
+                     cache_dir=None, step_s=None) -> dict:
     import torch
     from .loader import FastLoader
     from .pipelines import registry
@@ -149,7 +119,25 @@ def _measure_backend(directory, split, spec, entry, batch_size, batches, repeats
             "images_per_s": {"median": statistics.median(rates), "min": min(rates), "max": max(rates),
                              "all": rates},
             "cpu_s_per_image": statistics.median(cpu), "time_to_first_batch_s": ttfb,
-            "peak_rss_mb": _peak_rss_mb(), "stages": stages}
+            "peak_rss_mb": _peak_rss_mb(), "stages": stages,
+            "consume": None if step_s is None else consume(loader, step_s, per_repeat)}
+
+
+def consume(loader, step_s: float, batches: int, min_seconds: float = 2.0) -> dict:
+    """Epochs taken by a model whose step lasts ``step_s`` (a sleep: the cores stay the loader's,
+    as on a GPU), at least ``batches`` batches and ``min_seconds``, then the loader's own account
+    of that loop (FastLoader.stats, the epochs combined)."""
+    from .stats import LoaderStats
+    epochs, t0 = [], time.perf_counter()
+    while not epochs or sum(e.batches for e in epochs) < batches or time.perf_counter() - t0 < min_seconds:
+        loader.set_epoch(loader.epoch + 1)
+        for _ in loader:
+            time.sleep(step_s)
+        epochs.append(loader.stats())
+    s = LoaderStats.combine(epochs)
+    return {"step_ms": step_s * 1e3, "model_images_per_s": loader.batch_size / step_s,
+            "wait_fraction": s.wait_fraction, "images_per_s": s.images_per_s, "fed": s.wait_fraction < 0.10,
+            "verdict": s.verdict}
 
 
 def timed_epochs(make_iter, epochs: int = 1, min_seconds: float = 0.0) -> tuple[float, int]:
@@ -240,12 +228,16 @@ def run_in_process(fn, *args, context: str = "spawn"):
 # --------------------------------------------------------------------------- driver
 def run_bench(directories, split="train", spec=None, backend="all", batch_size=64, batches=None, repeats=3,
               workers=None, sweep_workers=False, device="cpu", json_out=None, plot=None, progress=True,
-              echo=print, cache_dir=None) -> dict:
+              echo=print, cache_dir=None, consume_images_per_s=None, step_ms=None) -> dict:
     from tqdm.auto import tqdm
     from .pipelines import registry
     from .spec import resolve_spec
     if isinstance(directories, (str, os.PathLike)):
         directories = [directories]
+    if consume_images_per_s is not None and step_ms is not None:
+        raise BenchError("give --consume IMG_PER_S or --step-ms, not both")
+    step_s = (batch_size / consume_images_per_s if consume_images_per_s else
+              step_ms / 1e3 if step_ms is not None else None)
     if backend != "all" and backend not in registry.backend_names():
         raise BenchError(f"backend={backend!r} is unknown: allowed 'all' or one of {registry.backend_names()}")
     readers = {}
@@ -274,7 +266,7 @@ def run_bench(directories, split="train", spec=None, backend="all", batch_size=6
             bar.set_postfix_str(f"{b} x{w}")
             try:
                 runs.append(run_in_process(_measure_backend, d, split, spec, registry.entry(b), batch_size, batches,
-                                           repeats, w, device, cache_dir))
+                                           repeats, w, device, cache_dir, step_s))
             except RuntimeError as e:
                 raise BenchError(f"backend {b!r} failed: {e}") from None
             bar.update(1)
@@ -320,6 +312,13 @@ def format_table(report: dict) -> str:
     for r in report["results"]:
         for note in r["stages"].get("notes", []):
             lines.append(f"  note ({r['backend']}): {note}")
+    for r in report["results"]:
+        c = r.get("consume")
+        if c:
+            fed = "fed" if c["fed"] else "NOT fed"
+            lines.append(f"a model of {c['model_images_per_s']:,.0f} img/s (a {c['step_ms']:.0f} ms step), "
+                         f"{r['backend']}: {fed}, it would wait {c['wait_fraction']:.0%} of the time and run at "
+                         f"{c['images_per_s']:,.0f} img/s. {c['verdict']}")
     return "\n".join(lines)
 
 

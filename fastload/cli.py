@@ -126,10 +126,14 @@ def verify(directory, cache_dir, no_decode, max_pixels):
 @click.option("--workers", default=None, type=click.IntRange(1), help="Worker threads/processes (default: cores).")
 @click.option("--sweep-workers", is_flag=True, help="Try 1..cores workers and report the best.")
 @click.option("--device", default="cpu", show_default=True)
+@click.option("--consume", "consume_images_per_s", default=None, type=click.FloatRange(min=0.001),
+              help="A model's speed in img/s: would this machine feed it? (each backend's loop, with that step time)")
+@click.option("--step-ms", default=None, type=click.FloatRange(min=0.0),
+              help="The same as a model's step time per batch, in milliseconds.")
 @click.option("--json", "json_out", default=None, type=click.Path(dir_okay=False))
 @click.option("--plot", default=None, type=click.Path(dir_okay=False))
 def bench(directories, cache_dir, split, spec, backend, batch_size, batches, repeats, workers, sweep_workers, device,
-          json_out, plot):
+          consume_images_per_s, step_ms, json_out, plot):
     """Profile throughput per backend, with a stage breakdown and the machine's decode limit.
 
     Give a .beton and a TFRecord directory of the same data to compare ffcv and DALI."""
@@ -137,7 +141,8 @@ def bench(directories, cache_dir, split, spec, backend, batch_size, batches, rep
     try:
         run_bench(list(directories), split=split, spec=_load_spec(spec), backend=backend, batch_size=batch_size,
                   batches=batches, repeats=repeats, workers=workers, sweep_workers=sweep_workers, device=device,
-                  json_out=json_out, plot=plot, cache_dir=cache_dir)
+                  json_out=json_out, plot=plot, cache_dir=cache_dir, consume_images_per_s=consume_images_per_s,
+                  step_ms=step_ms)
     except BenchError as e:
         _fail(str(e))
 

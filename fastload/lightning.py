@@ -8,6 +8,8 @@ process's loader shards by rank and yields on the process's own device.
 """
 from __future__ import annotations
 
+import logging
+
 try:
     import lightning.pytorch as pl
 except ImportError:  # the standalone package has the same API
@@ -20,6 +22,7 @@ from .loader import FastLoader
 from .storage import open_dataset
 
 VAL_SPLITS = ("validation", "val", "test")
+log = logging.getLogger("fastload")
 
 
 class TrainerEpochLoader(FastLoader):
@@ -32,9 +35,24 @@ class TrainerEpochLoader(FastLoader):
         self.trainer = trainer
 
     def __iter__(self):
+        self.log_stats()  # the epoch before (Lightning takes len(loader) batches and does not ask again)
         if self.trainer is not None:
             self.set_epoch(self.trainer.current_epoch)
         return super().__iter__()
+
+    def log_stats(self) -> None:
+        """The last epoch's figures through the trainer's logger (``data/wait_fraction``, ``data/img_per_s``...),
+        where users look for everything else, once; the verdict line as fastload's log record."""
+        s, logger = self.stats(), getattr(self.trainer, "logger", None)
+        if s is None or not s.done or getattr(self, "_logged", None) is s:
+            return
+        self._logged = s
+        log.info("epoch %d: %s", s.epoch, s.verdict)
+        if logger is not None:
+            logger.log_metrics({"data/wait_fraction": s.wait_fraction, "data/img_per_s": s.images_per_s,
+                                "data/wait_s": s.wait_s, "data/step_s": s.step_s, "data/store_wait_s": s.store_wait_s,
+                                "data/store_mb": s.store_bytes / 2**20, "epoch": s.epoch},
+                               step=self.trainer.global_step)
 
 
 class FastDataModule(pl.LightningDataModule):
@@ -84,9 +102,16 @@ class FastDataModule(pl.LightningDataModule):
         # the trainer's last epoch (-1: no limit): a remote dataset's loader fetches no epoch after it
         last = getattr(trainer, "max_epochs", None)
         options = {"epochs": last if isinstance(last, int) and last > 0 else None, **self.train_options}
-        return TrainerEpochLoader(self.path, self.train_split, batch_size=self.batch_size, spec=self.train_spec,
-                                  backend=self.backend, device=self._device(), num_workers=self.num_workers,
-                                  drop_last=True, trainer=trainer, **options)
+        self._train_loader = TrainerEpochLoader(
+            self.path, self.train_split, batch_size=self.batch_size, spec=self.train_spec, backend=self.backend,
+            device=self._device(), num_workers=self.num_workers, drop_last=True, trainer=trainer, **options)
+        return self._train_loader
+
+    def teardown(self, stage: str) -> None:
+        """The last epoch's figures, logged as the others were (fastload/stats.py)."""
+        loader = getattr(self, "_train_loader", None)
+        if loader is not None:
+            loader.log_stats()
 
     def val_dataloader(self):
         if self.val_split is None:

@@ -7,19 +7,21 @@ and geometry rows (shared, seeded) -> the backend's decode + geometry -> shared 
 from __future__ import annotations
 
 import os
+import time
 import weakref
 from typing import Iterator
 
 import numpy as np
 import torch
 
-from .arguments import check_loader_arguments, distributed_rank_world, resolve_device
+from .arguments import call_batch_transform, check_loader_arguments, distributed_rank_world, resolve_device
 from .columns import ExtraColumns
 from .formats.manifest import DatasetError
 from .formats.records import DEFAULT_MAX_PIXELS, SplitReader
 from .pipelines import registry
 from .pipelines.orders import shard_order_quality
 from .spec import PRESETS, PreprocessSpec, resolve_spec
+from .stats import LoaderStats, LoopMeter
 from .storage import open_dataset
 from .storage.schedule import DEFAULT_WINDOW_UNITS, schedule_for
 from .subset import select_samples, subset_digest
@@ -63,6 +65,7 @@ class FastLoader:
     (None: the disk's room). Their batches are the local dataset's, bit for bit. Each epoch's
     first batches download during the epoch before; ``epochs``, the job's epoch count where it is
     known (FastDataModule passes the trainer's), spares the last epoch that download.
+    ``loader.stats()``: how long the training loop waited for data this epoch, and why (stats.py).
     """
 
     def __init__(self, path, split: str = "train", batch_size: int = 256, spec=None, backend: str = "auto",
@@ -92,9 +95,8 @@ class FastLoader:
         self.rank, self.world_size = distributed_rank_world(distributed)
         self.repeats = repeated_augmentation
         self.indices = select_samples(self.reader, indices, classes)
-        # storage/schedule.py: a remote dataset's prefetch. It asks this loader for its orders through
-        # a weak proxy: no cycle, so a dropped loader is freed at once (the collector may close a
-        # DataLoader's queues before telling its workers to stop: a 5 s wait per worker)
+        # storage/schedule.py: a remote dataset's prefetch, asking this loader through a weak proxy: a dropped
+        # loader is freed at once (a collector may close a DataLoader's queues before its workers stop: 5 s each)
         self.schedule = schedule_for(self.reader, weakref.proxy(self), rank=self.rank, world_size=self.world_size,
                                      batch_size=batch_size, drop_last=self.drop_last, repeats=self.repeats,
                                      epochs=epochs)
@@ -108,8 +110,7 @@ class FastLoader:
             self.global_order(0)[self.rank::self.world_size], self.reader.labels[self.indices],
             self.reader.units[self.indices], self.batch_size, self.seed, self.manifest.name) \
             if self.order == "shards" and self.shuffle else None
-        self.columns = ExtraColumns(self.reader, columns)
-        self.batch_transform = batch_transform
+        self.columns, self.batch_transform = ExtraColumns(self.reader, columns), batch_transform
         self.epoch = 0
         self._batches_done = 0   # batches of `epoch` handed out (state_dict)
         self._resume_batch = 0   # where the next iteration starts (load_state_dict)
@@ -133,6 +134,14 @@ class FastLoader:
                                        fallback_to_cpu=device in (None, "auto"), check_samples=check_samples)
         self._make_backend = entry.load()
         self.pipeline = self._make_backend(self.reader, self.spec_for_epoch(self.epoch), self._options)
+        self.meter = LoopMeter(num_workers=self.num_workers, rank=self.rank, cache_limit=cache_limit,
+                               dataset_bytes=sum(self.manifest.source.units.sizes.values()),
+                               hints={"augment_on_cpu": self.device.type == "cpu" and not self.transform.light})
+
+    def stats(self) -> LoaderStats | None:
+        """The current (or last) epoch as the training loop saw it: its wait and step times, img/s,
+        the store's share, and a verdict (fastload/stats.py); ``.to_dict()`` for a logger."""
+        return self.meter.stats()
 
     # ------------------------------------------------------------------ torch-like surface
     def set_epoch(self, epoch: int) -> None:
@@ -305,16 +314,16 @@ class FastLoader:
         self._resume_batch = 0
         order, params = self.epoch_plan(epoch)
         threads = torch.get_num_threads()
-        # ffcv/DALI decode on their own worker threads; on CPU, torch's intra-op threads in light
-        # batch ops only fight them for cores (measured: -10..40% on 2 cores). Augmentations on
-        # CPU are heavy enough to be the bottleneck: they keep the caller's threads.
-        light = self.transform.augment is None and not self.spec.mixup.mixes
-        batch_threads = 1 if (self.device.type == "cpu" and self.backend != "reference" and light) else threads
+        # ffcv/DALI decode on their own threads; on CPU, torch's threads in light batch ops only fight them for
+        # cores (-10..40% on 2 cores). Augmentations on CPU can be the bottleneck: they keep the caller's threads.
+        light = self.device.type == "cpu" and self.backend != "reference" and self.transform.light
+        batch_threads = 1 if light else threads
         self._batches_done = start
         skip = start * self.batch_size  # resume: later batches only
         self.schedule.begin_epoch(epoch, order, skip)
         batches = self._backend_for(self.spec_for_epoch(epoch)).run_epoch(order[skip:], params[skip:])
-        yield from self._batches(batches, epoch, start, batch_threads, threads)
+        yield from self.meter.metered(self._batches(batches, epoch, start, batch_threads, threads), epoch,
+                                      self.schedule.store_counters, len(self) - start)
         self.epoch, self._batches_done = epoch + 1, 0  # a completed pass moves on, as ffcv's Loader does
 
     def _batches(self, batches, epoch, start, batch_threads, threads):
@@ -323,22 +332,17 @@ class FastLoader:
             # restored before the yield: a generator left suspended there (a `break`, then exit)
             # has nothing to undo when the interpreter closes it
             torch.set_num_threads(batch_threads)
+            t = time.perf_counter()
             try:  # one random stream per batch: a resumed epoch draws what the uninterrupted one drew
                 images, labels = self.transform(images, index, augment_rng(self.seed, epoch, self.rank, b))
             finally:
                 torch.set_num_threads(threads)
+            self.meter.current.batch_ops_s += time.perf_counter() - t
             if self.batch_transform is not None:
-                images, labels = self._user_transform(images, labels)
+                images, labels = call_batch_transform(self.batch_transform, images, labels)
             self._batches_done = b + 1
             self.schedule.advance(b + 1 - start)
             yield self.columns.batch(images, labels, index)
-
-    def _user_transform(self, images, labels):
-        out = self.batch_transform(images, labels)
-        if not (isinstance(out, (tuple, list)) and len(out) == 2):
-            raise TypeError(f"batch_transform {self.batch_transform!r} returned {type(out).__name__}: it must "
-                            "return (images, labels)")
-        return out
 
     def __repr__(self) -> str:
         return (f"FastLoader({self.manifest.name!r}, split={self.split!r}, backend={self.backend!r}, "

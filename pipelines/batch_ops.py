@@ -80,6 +80,7 @@ class BatchTransform:
         self.float_dtype = torch.float16 if spec.dtype == "float16" else torch.float32
         # A backend may normalize inside its own kernels when nothing needs the 0..255 levels
         self.backend_may_normalize = self.augment is None and spec.dtype != "uint8"
+        self.light = self.augment is None and not spec.mixup.mixes  # no augmentation, no MixUp/CutMix
 
     def make_labels(self, index: np.ndarray) -> torch.Tensor:
         raw = self.labels[torch.from_numpy(np.asarray(index, np.int64))]

@@ -6,7 +6,7 @@
 
 The data: bench_streaming.py's (the ImageNet sample tiled ``--tile`` times as a class-sorted image
 folder, converted with ``--shuffle-seed 0``), on s3rver behind one proxy per node
-(tests/store_proxy.py), which adds ``--latency-ms`` to every request and counts that node's bytes.
+(fastload.testing.store_proxy), which adds ``--latency-ms`` to every request and counts that node's bytes.
 Two ``torchrun --nnodes 2 --node_rank 0/1 --nproc_per_node 2`` on a local rendezvous; each node's
 cache is limited to ``--cache`` of the dataset (a node's share is half of it: at 0.25 the share
 does not fit), train spec, per-rank batch 64 (global 256), a barrier per step as DDP's all-reduce.
@@ -22,7 +22,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import time
 from pathlib import Path
 

@@ -5,7 +5,7 @@
     .venv/bin/python scripts/bench_remote.py [--tile 20] [--cifar-tile 5] [--latency-ms 20] [--workers 2]
                                              [--store s3rver|moto|http]
 
-The store: s3rver (an S3-protocol server, npm) on 127.0.0.1 behind tests/store_proxy.py, which
+The store: s3rver (an S3-protocol server, npm) on 127.0.0.1 behind fastload.testing.store_proxy, which
 adds ``--latency-ms`` to every request and counts the bytes it relays; ``--store moto`` for moto's
 server (it copies a whole object to answer each range request: its cold figures are moto's, not
 the loader's), ``--store http`` for a static HTTP server with range requests. Workloads: the ImageNet sample tiled ``--tile``

@@ -11,7 +11,7 @@ so sorted by class, as image-folder sources are. Each system converts it with it
 (fastload: ``convert --format beton --shuffle-seed 0``, and as sorted for ``fastload-sorted``;
 litdata: ``optimize``; Mosaic: ``MDSWriter``; each peer also with 16 MB chunks or shards, which
 its docs advise for a small cache), the result is uploaded to s3rver (an S3-protocol
-server; moto copies a whole object to answer a range request) behind tests/store_proxy.py, which
+server; moto copies a whole object to answer a range request) behind fastload.testing.store_proxy, which
 adds ``--latency-ms`` to every request and counts the bytes it relays.
 
 Each system then reads it in a fresh process from an empty cache limited to each fraction of

@@ -2,7 +2,7 @@
 
     .venv/bin/python scripts/fuzz.py --minutes 5 [--seed N] [--corpus DIR]
 
-Cases are Hypothesis-generated structured mutations of small real datasets (``tests/fuzzing.py``
+Cases are Hypothesis-generated structured mutations of small real datasets (``fastload.testing.fuzzing``
 says which), each loaded by every backend in a worker subprocess. Prints the cases run, the
 outcomes per backend, and every failing case (crash, hang, unnamed exception, silently different
 data), shrunk by Hypothesis to its simplest form; exits 1 if any failed.

@@ -114,7 +114,9 @@ def main(argv=None) -> dict:
         if rank == 0:
             print(f"epoch {epoch + 1}/{args.epochs}  loss {loss.item():.3f}  held-out acc {acc:.3f}  "
                   f"{time.perf_counter() - t0:.0f}s", flush=True)
+            print(f"  data: {train.stats().verdict}", flush=True)  # is the loop waiting for data?
     result = {"backend": args.backend, "accuracy": acc, "seconds": time.perf_counter() - t0, "epochs": args.epochs,
+              "data": train.stats().to_dict(),
               "train_images": args.train_images, "holdout": args.holdout, "world_size": train.world_size}
     if rank == 0:
         print(json.dumps(result))

@@ -59,6 +59,41 @@ def _after_fork_in_child() -> None:
 os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
+class StoreMeter:
+    """What reading cost in store time, summed over a loader's processes (its forked DataLoader
+    workers share these counters): bytes downloaded, and the seconds during which at least one
+    reader waited for bytes (a union of intervals, not a sum over threads)."""
+
+    def __init__(self):
+        import multiprocessing as mp
+        self._v = mp.RawArray("d", 4)  # bytes, seconds waited, readers waiting now, since when
+        self._lock = mp.Lock()  # in shared memory: a fork while a thread holds it cannot orphan it
+
+    def add_bytes(self, n: int) -> None:
+        with self._lock:
+            self._v[0] += n
+
+    @contextlib.contextmanager
+    def waiting(self):
+        with self._lock:
+            if self._v[2] == 0:
+                self._v[3] = time.monotonic()
+            self._v[2] += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._v[2] -= 1
+                if self._v[2] == 0:
+                    self._v[1] += time.monotonic() - self._v[3]
+
+    def read(self) -> tuple[int, float]:
+        """(bytes downloaded, seconds readers waited), so far."""
+        with self._lock:
+            waiting = time.monotonic() - self._v[3] if self._v[2] else 0.0
+            return int(self._v[0]), self._v[1] + waiting
+
+
 class CacheFull(DatasetError):
     """cache_limit leaves no room for the unit needed now."""
 
@@ -124,6 +159,7 @@ class UnitCache:
         _INSTANCES.add(self)
         self.consumer: CacheConsumer = _NoConsumer()
         self.bytes_fetched = 0  # this process's downloads (units and sample ranges), for the benchmarks
+        self.meter = StoreMeter()  # the loader's processes' downloads and waits (FastLoader.stats)
         self.loose: set[int] = set()  # units not present that this process wrote samples into
         self._make_files()
 
@@ -254,6 +290,7 @@ class UnitCache:
     def _count(self, n: int) -> None:
         with self._count_lock:
             self.bytes_fetched += n
+        self.meter.add_bytes(n)
 
     def _write(self, path: str, offset: int, data: bytes) -> None:
         local = self._local[path]

@@ -49,6 +49,9 @@ class LocalSchedule:
     def advance(self, batches: int) -> None:
         pass
 
+    def store_counters(self) -> tuple[int, float]:
+        return 0, 0.0
+
 
 class NodeSchedule:
     """The schedule of ``split`` (a :class:`RemoteSplit`) for one rank of a loader."""
@@ -129,6 +132,10 @@ class NodeSchedule:
     def advance(self, batches: int) -> None:
         """This rank has taken ``batches`` batches since :meth:`begin_epoch`."""
         self.split.advance(batches * self.batch_size * self._ranks)
+
+    def store_counters(self) -> tuple[int, float]:
+        """(bytes downloaded, seconds reading waited on the store) so far, by this loader's processes."""
+        return self.split.cache.meter.read()
 
     def _node_head(self, epoch: int, batch: int) -> tuple[np.ndarray, int]:
         """This node's samples of an epoch's first batches from ``batch`` on (a shard-aware order's

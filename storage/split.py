@@ -63,6 +63,14 @@ class RemoteSplit:
             return
         cache = self.cache
         absent = {u for u in self._units_of(todo).tolist() if not cache.present(u)}
+        if absent:
+            with cache.meter.waiting():  # the batch waits on the store (FastLoader.stats)
+                self._make_present(todo, absent)
+        self.ready[todo] = True
+        self._all_ready = bool(self.ready.all())
+
+    def _make_present(self, todo: np.ndarray, absent: set[int]) -> None:
+        cache = self.cache
         unit_bytes = sum(cache.units[u].size for u in absent)
         in_absent = np.isin(self.unit_first[todo], list(absent)) if absent else np.zeros(len(todo), bool)
         whole = unit_bytes <= WAIT_FOR_UNITS * max(1, int(self.size[todo[in_absent]].sum()))
@@ -77,8 +85,6 @@ class RemoteSplit:
                 cache.trim()
             else:
                 list(self._pool("units").map(cache.fetch, sorted(absent)))
-        self.ready[todo] = True
-        self._all_ready = bool(self.ready.all())
 
     def heal(self, i: int) -> bool:
         """Sample ``i`` failed its check as read from the cache: fetch it again from the store.

@@ -23,7 +23,7 @@ def report(labelled_colors, tmp_path_factory):
     lines = []
     rep = run_bench([str(labelled_colors["beton"]), str(labelled_colors["tfrecord"])], split="train",
                     spec="imagenet:train", batch_size=16, batches=24, repeats=3, workers=2, json_out=out / "b.json",
-                    plot=out / "b.png", progress=False, echo=lines.append)
+                    plot=out / "b.png", progress=False, echo=lines.append, step_ms=5)
     return rep, out, "\n".join(lines)
 
 
@@ -46,6 +46,12 @@ def test_report_schema_and_table(report):
             ips["median"] / next(x for x in rep["results"] if x["backend"] == "reference")["images_per_s"]["median"])
         assert r["backend"] in table
     assert "decode limit" in table and "stage ms/img" in table
+    for r in rep["results"]:  # --step-ms 5: would a model of 3,200 img/s be fed? each backend's loop says
+        c = r["consume"]
+        assert c["step_ms"] == 5 and c["model_images_per_s"] == pytest.approx(16 / 0.005)
+        assert 0 <= c["wait_fraction"] <= 1 and c["images_per_s"] > 0 and c["fed"] == (c["wait_fraction"] < 0.10)
+        assert c["verdict"].startswith("input-bound" if not c["fed"] else "compute-bound")
+        assert f"a model of 3,200 img/s (a 5 ms step), {r['backend']}: " in table
 
 
 def test_stage_costs_add_up_to_the_full_pipeline(report):

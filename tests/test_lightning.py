@@ -41,7 +41,8 @@ class TinyNet(pl.LightningModule):
 
 
 def _trainer(root, **kw):
-    return pl.Trainer(max_epochs=1, accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+    kw.setdefault("logger", False)
+    return pl.Trainer(max_epochs=1, accelerator="cpu", devices=1, enable_progress_bar=False,
                       enable_model_summary=False, num_sanity_val_steps=0, default_root_dir=root, **kw)
 
 
@@ -56,8 +57,13 @@ def test_fit_one_epoch_and_resume_mid_epoch(cifar_dirs, tmp_path):
     ckpt = pl.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=10, save_top_k=-1,
                                         filename="{step}")
     full = TinyNet()
-    _trainer(tmp_path, callbacks=[ckpt]).fit(full, datamodule=dm)
+    logger = pl.loggers.CSVLogger(tmp_path / "logs", name="run")
+    _trainer(tmp_path, callbacks=[ckpt], logger=logger).fit(full, datamodule=dm)
     assert len(full.seen) == 25 and full.val_batches == 7  # 400 test images, batches of 64
+    # the loader's figures, where Lightning users look: the trainer's logger
+    import csv
+    rows = [r for r in csv.DictReader(open(logger.log_dir + "/metrics.csv")) if r.get("data/wait_fraction")]
+    assert len(rows) == 1 and 0 <= float(rows[0]["data/wait_fraction"]) <= 1 and float(rows[0]["data/img_per_s"]) > 0
     seen = sorted(i for idx, _ in full.seen for i in idx)
     assert seen == list(range(1600))  # every training sample exactly once in the epoch
 

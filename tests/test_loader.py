@@ -314,6 +314,11 @@ def test_torchrun_two_processes_gloo(labelled_colors, tmp_path):
         labels = ranks[0][epoch]["labels"] + ranks[1][epoch]["labels"]
         assert sorted(labels) == sorted(labelled_colors["labels"].tolist())
     assert ranks[0]["epoch0"]["order"] != ranks[0]["epoch1"]["order"]
+    # the slowest rank is named on every rank (FastLoader.stats gathers the ranks' wait at the epoch's end)
+    for d in ranks:
+        s = d["stats"]
+        assert len(s["rank_wait_fractions"]) == 2 and s["slowest_rank"] == 1, s
+        assert s["verdict"].startswith("input-bound on rank 1: it waited for data"), s["verdict"]
 
 
 # --------------------------------------------------------------------------- other schemas and presets
