@@ -98,10 +98,14 @@ def convert(source, out, format: str = "tfrecord", splits: list[str] | None = No
     if empty:
         raise ConversionError(f"split(s) {empty} of source {source!r} hold no rows: nothing to convert "
                               "(choose other splits with --split)")
+    if out.exists() and not out.is_dir():
+        raise ConversionError(f"{out} is a file, not a directory: give out= a directory (new or a dataset's)",
+                              cli=f"{out} is a file, not a directory: give --out a directory (new or a dataset's)")
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise ConversionError(f"cannot create {out} ({e.strerror}): choose a writable --out") from None
+        raise ConversionError(f"cannot create {out} ({e.strerror}): choose a writable out=",
+                              cli=f"cannot create {out} ({e.strerror}): choose a writable --out") from None
     # a full disk anywhere below (a shard's bookkeeping, the lock file, the assembly) is the same one line
     with full_disk_reported(out), OutputLock(out):
         replacing = (out / MANIFEST).exists()
@@ -153,8 +157,8 @@ def _may_be_parquet(source) -> bool:
 
 
 def _already_complete(out: Path) -> ConversionError:
-    return ConversionError(f"{out} already holds a complete dataset ({MANIFEST} exists); pass overwrite=True "
-                           "(--overwrite) to replace it")
+    held = f"{out} already holds a complete dataset ({MANIFEST} exists)"
+    return ConversionError(f"{held}; pass overwrite=True to replace it", cli=f"{held}; add --overwrite to replace it")
 
 
 def _first_images(ds, schema: Schema, n: int = 16) -> list[bytes]:

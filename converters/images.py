@@ -35,6 +35,13 @@ class CorruptImageError(ValueError):
     """An image that does not decode; names split and index."""
 
 
+def _reason(e: Exception) -> str:
+    """PIL's error, without the addresses of its objects (``<_io.BytesIO object at 0x7f...>``):
+    the same image gives the same words in every run and every manifest."""
+    import re
+    return f"{type(e).__name__}: " + re.sub(r"<([\w.]+) object at 0x[0-9a-f]+>", r"the \1 data", str(e))
+
+
 RAW_MAX_SIDE = 64
 CODEC_CHOICES = ("auto", "jpeg", "raw")
 STATS_MIN_IMAGES, STATS_MAX_EVERY = 500, 8
@@ -174,7 +181,7 @@ def prepare_image(raw: bytes, max_side: int | None, quality: int, codec: str = "
         progressive = bool(im.info.get("progressive") or im.info.get("progression"))
         orientation = im.getexif().get(_ORIENTATION, 1)
     except Exception as e:  # PIL raises many types for bad data
-        raise CorruptImageError(f"image does not decode ({type(e).__name__}: {e})") from None
+        raise CorruptImageError(f"image does not decode ({_reason(e)})") from None
     too_big = max_side is not None and max(im.size) > max_side
     if (fmt == "JPEG" and im.mode == "RGB" and not progressive
             and orientation in (1, None) and not too_big and im.size[0] * im.size[1] <= max_pixels):
@@ -193,7 +200,7 @@ def prepare_image(raw: bytes, max_side: int | None, quality: int, codec: str = "
     try:
         im.load()  # full decode: a truncated or garbled file fails here, not in training
     except Exception as e:
-        raise CorruptImageError(f"image does not decode ({type(e).__name__}: {e})") from None
+        raise CorruptImageError(f"image does not decode ({_reason(e)})") from None
     if orientation not in (1, None):
         im = ImageOps.exif_transpose(im)  # what datasets' Image feature shows users
     im = to_8bit(im)

@@ -22,7 +22,12 @@ _MADV_DONTNEED, _MADV_PAGEOUT = 4, 21  # PAGEOUT: Linux >= 5.4
 
 
 class ConversionError(RuntimeError):
-    """The conversion stopped; nothing final was written."""
+    """The conversion stopped; nothing final was written. ``cli``: the same message in the
+    command line's words (its flags, not convert()'s arguments), where they differ."""
+
+    def __init__(self, message: str, cli: str | None = None):
+        super().__init__(message)
+        self.cli = cli or message
 
 
 def die_with_parent() -> None:

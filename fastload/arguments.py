@@ -43,12 +43,16 @@ def check_loader_arguments(*, batch_size, num_workers, seed, order, repeated_aug
 def resolve_device(device) -> torch.device:
     if device in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
+    allowed = "allowed 'cpu', 'cuda', 'cuda:N' or 'auto'"
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):  # torch's own message lists every device type it knows
+        raise ValueError(f"device={device!r} is invalid: {allowed}") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError(f"device={str(device)!r} was asked for but CUDA is not available "
                            f"(torch {torch.__version__}, CUDA build: {torch.version.cuda}); use device='cpu'")
     if dev.type not in ("cpu", "cuda"):
-        raise ValueError(f"device={str(device)!r} is invalid: allowed 'cpu', 'cuda', 'cuda:N' or 'auto'")
+        raise ValueError(f"device={str(device)!r} is invalid: {allowed}")
     return dev
 
 

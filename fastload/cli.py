@@ -78,7 +78,9 @@ def convert(source, fmt, out, splits, workers, engine, address, max_side, jpeg_q
                 jpeg_quality=jpeg_quality, skip_corrupt=skip_corrupt, label=label, shard_size=shard_size,
                 preset=preset, overwrite=overwrite, image_codec=image_codec, phases=phases, max_pixels=max_pixels,
                 shuffle_seed=shuffle_seed, engine=engine, address=address)
-    except (ConversionError, CorruptImageError, SchemaError, ValueError) as e:
+    except ConversionError as e:
+        _fail(e.cli)
+    except (CorruptImageError, SchemaError, ValueError) as e:
         _fail(str(e))
     except OSError as e:  # the environment, not a bug: a read-only or vanished path
         _fail(f"cannot write {e.filename or out} ({e.strerror}): check that --out is on a writable disk "
@@ -110,7 +112,8 @@ def verify(directory, cache_dir, no_decode, max_pixels):
         for p in problems:
             click.echo(f"FAIL {p}", err=True)
         sys.exit(1)
-    click.echo(f"OK {directory}")
+    from fastload.verification import checked
+    click.echo(f"OK {directory}: {checked(directory, decode_images=not no_decode, cache_dir=cache_dir)}")
 
 
 @main.command()

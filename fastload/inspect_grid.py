@@ -14,6 +14,9 @@ def inspect_grid(directory, split="train", spec=None, backend="auto", out="grid.
     import torch
     from PIL import Image, ImageDraw
     from .loader import FastLoader
+    out = Path(out)
+    if not out.parent.is_dir():  # said before anything is loaded
+        raise ValueError(f"{out.parent} does not exist: create it, or give --out a path in an existing folder")
     loader = FastLoader(directory, split, batch_size=n, spec=spec, backend=backend, seed=seed,
                         drop_last=False, num_workers=2, cache_dir=cache_dir)
     images, labels = next(iter(loader))
@@ -38,8 +41,10 @@ def inspect_grid(directory, split="train", spec=None, backend="auto", out="grid.
         x, y = (i % cols) * tw, (i // cols) * (th + TILE_LABEL_HEIGHT)
         grid.paste(Image.fromarray(tile), (x, y))
         draw.text((x + 3, y + th + 3), captions[i][: max(8, tw // 6)], fill="black")
-    out = Path(out)
-    grid.save(out)
+    try:
+        grid.save(out)
+    except OSError as e:
+        raise ValueError(f"cannot write {out} ({e.strerror or e}): give --out a writable .png path") from None
     return out
 
 

@@ -38,9 +38,10 @@ class FastLoader:
     ``spec``: a :class:`PreprocessSpec`, a preset name (``'imagenet'``, ``'cifar10:eval'``), or
     None for the dataset's preset (train variant for the split named ``train``, eval otherwise).
     ``distributed``: 'auto' shards by rank when a process group or torchrun environment exists.
-    ``order``: 'auto' (default) is 'random', a global permutation, except where this node's share of
-    a remote dataset outgrows its cache: then 'shards', a shard-aware order (each rank reads its own
-    units, a window at a time, pipelines/orders.py), with a warning. ``loader.order`` says which;
+    ``order``: 'auto' (default) reads splits other than 'train' in order ('sequential', as torchvision and
+    timm evaluate); for 'train' it is 'random', a global permutation, or where this node's share of a remote
+    dataset outgrows its cache 'shards' (each rank reads its own units, a window at a time, pipelines/orders.py),
+    with a warning. ``loader.order`` says which;
     under 'shards', ``loader.order_quality`` gives its distinct labels per batch against a global
     order's, and a warning says when rows sorted by class make it mix poorly.
     A checkpoint resumes on another number of ranks with the same global batch size.
@@ -86,11 +87,10 @@ class FastLoader:
                                f"fastload does not have ({sorted(PRESETS)}): pass spec=...")
         self.spec: PreprocessSpec = resolve_spec(spec, self.manifest.preset, train=split == "train")
         self.device = resolve_device(device)
-        self.batch_size = batch_size
-        self.seed = int(seed)
+        self.batch_size, self.seed, self.epochs = batch_size, int(seed), epochs
+        order = "sequential" if order == "auto" and split != "train" else order  # evaluation reads in order
         self.shuffle = order != "sequential"
         self.drop_last = (split == "train") if drop_last is None else bool(drop_last)
-        self.epochs = epochs
         self.num_workers = num_workers if num_workers is not None else max(1, (os.cpu_count() or 1))
         self.rank, self.world_size = distributed_rank_world(distributed)
         self.repeats = repeated_augmentation

@@ -94,9 +94,14 @@ class PreprocessSpec:
     # ----------------------------------------------------------------- presets
     @classmethod
     def preset(cls, name: str, train: bool = True) -> "PreprocessSpec":
-        if name not in PRESETS:
-            raise ValueError(f"preset={name!r} is unknown: allowed {sorted(PRESETS)}")
-        return PRESETS[name](train)
+        """A preset by name: ``'imagenet'`` (``train`` picks the variant) or ``'imagenet:eval'`` /
+        ``'imagenet:train'``, as ``FastLoader(spec=...)`` and the CLI's ``--spec`` take it."""
+        base, _, variant = name.partition(":") if isinstance(name, str) else (name, "", "")
+        if variant not in ("", "train", "eval"):
+            _fail("spec", name, "'<preset>', '<preset>:train' or '<preset>:eval'")
+        if base not in PRESETS:
+            raise ValueError(f"preset={base!r} is unknown: allowed {sorted(PRESETS)}")
+        return PRESETS[base](train if not variant else variant == "train")
 
     # ----------------------------------------------------------------- serialization
     def to_dict(self) -> dict:
@@ -224,8 +229,5 @@ def resolve_spec(spec: "PreprocessSpec | str | None", preset: str, train: bool) 
     if isinstance(spec, PreprocessSpec):
         return spec
     if isinstance(spec, str):
-        name, _, variant = spec.partition(":")
-        if variant not in ("", "train", "eval"):
-            _fail("spec", spec, "'<preset>', '<preset>:train' or '<preset>:eval'")
-        return PreprocessSpec.preset(name, train=train if not variant else variant == "train")
+        return PreprocessSpec.preset(spec, train=train)  # the one preset grammar
     _fail("spec", spec, "a PreprocessSpec, a preset name or None")

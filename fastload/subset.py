@@ -30,6 +30,11 @@ def select_samples(reader, indices=None, classes=None) -> np.ndarray:
                              "sequence of sample indices or a boolean mask")
     if classes is not None:
         wanted = np.unique(np.asarray(list(classes) if not np.isscalar(classes) else [classes], np.int64))
+        num_classes = reader.manifest.num_classes
+        bad = wanted[(wanted < 0) | (wanted >= num_classes)]
+        if len(bad):
+            raise ValueError(f"classes {bad[:5].tolist()} are not class ids of {reader.manifest.name}: allowed "
+                             f"0..{num_classes - 1}")
         labels = reader.labels[chosen]
         hit = np.isin(labels, wanted)
         chosen = chosen[hit.any(axis=1) if hit.ndim == 2 else hit]

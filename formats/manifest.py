@@ -138,7 +138,7 @@ class Manifest:
     def split(self, name: str) -> SplitInfo:
         splits = self.data["splits"]
         if name not in splits:
-            raise DatasetError(f"split {name!r} is not in {self.root}: it has {sorted(splits)}")
+            raise DatasetError(f"split {name!r} is not in {self.name}: it has {sorted(splits)}")
         s = splits[name]
         return SplitInfo(name=name, num_examples=int(s["num_examples"]), files=s["files"],
                          stats=s.get("stats") or {}, skipped=s.get("skipped", []),

@@ -242,8 +242,8 @@ class SplitReader:
     def sample_error(self, i: int, problem: str) -> SampleDecodeError:
         data = self.data_files[int(self.records[i]["file"])]
         return SampleDecodeError(f"split {self.split!r} sample {i} (in {data}) does not decode: {problem}. "
-                                 f"Run `fastload verify {self.manifest.name}`; reconvert with --skip-corrupt "
-                                 "to leave such images out")
+                                 f"Run `fastload verify {self.manifest.name}`: a damaged copy is copied or fetched "
+                                 "again; an image bad in the source is left out by converting with --skip-corrupt")
 
     @property
     def crcs(self) -> np.ndarray | None:

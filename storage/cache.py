@@ -43,6 +43,7 @@ from fastload.formats.units import Unit, UnitTable
 from fastload.formats.writing import atomic_write_bytes
 
 from .location import Store, StoreError, cache_name
+from .meter import StoreMeter
 
 CACHE_ENV = "FASTLOAD_CACHE_DIR"
 log = logging.getLogger("fastload.cache")  # fetches and evictions, at DEBUG
@@ -57,41 +58,6 @@ def _after_fork_in_child() -> None:
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
-
-
-class StoreMeter:
-    """What reading cost in store time, summed over a loader's processes (its forked DataLoader
-    workers share these counters): bytes downloaded, and the seconds during which at least one
-    reader waited for bytes (a union of intervals, not a sum over threads)."""
-
-    def __init__(self):
-        import multiprocessing as mp
-        self._v = mp.RawArray("d", 4)  # bytes, seconds waited, readers waiting now, since when
-        self._lock = mp.Lock()  # in shared memory: a fork while a thread holds it cannot orphan it
-
-    def add_bytes(self, n: int) -> None:
-        with self._lock:
-            self._v[0] += n
-
-    @contextlib.contextmanager
-    def waiting(self):
-        with self._lock:
-            if self._v[2] == 0:
-                self._v[3] = time.monotonic()
-            self._v[2] += 1
-        try:
-            yield
-        finally:
-            with self._lock:
-                self._v[2] -= 1
-                if self._v[2] == 0:
-                    self._v[1] += time.monotonic() - self._v[3]
-
-    def read(self) -> tuple[int, float]:
-        """(bytes downloaded, seconds readers waited), so far."""
-        with self._lock:
-            waiting = time.monotonic() - self._v[3] if self._v[2] else 0.0
-            return int(self._v[0]), self._v[1] + waiting
 
 
 class CacheFull(DatasetError):

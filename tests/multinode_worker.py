@@ -17,7 +17,7 @@ if os.environ.get("FASTLOAD_CACHE_LOG"):
 
 url, out, limit = sys.argv[1], sys.argv[2], int(sys.argv[3])
 dist.init_process_group("gloo")
-loader = FastLoader(url, "validation", batch_size=8, backend="reference", num_workers=0, spec="imagenet:eval",
+loader = FastLoader(url, "train", batch_size=8, backend="reference", num_workers=0, spec="imagenet:eval",
                     columns=("index",), drop_last=False, cache_limit=limit or None)
 seen = []
 for _, _, index in loader:

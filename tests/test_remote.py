@@ -71,6 +71,15 @@ def same(a, b) -> bool:
 
 
 @pytest.fixture(scope="module")
+def train_source(tmp_path_factory):
+    """The ImageNet sample as a 'train' split (loaders shuffle train; they read other splits in order)."""
+    import datasets
+    path = tmp_path_factory.mktemp("train-source") / "src"
+    datasets.DatasetDict({"train": datasets.load_dataset(str(IMAGENET), split="validation")}).save_to_disk(str(path))
+    return path
+
+
+@pytest.fixture(scope="module")
 def local_batches(imagenet_dirs):
     return {(fmt, backend): batches(FastLoader(imagenet_dirs[fmt], backend=backend, **KW))
             for fmt, backend in (("beton", "ffcv"), ("tfrecord", "reference"), ("tfrecord", "dali"))}
@@ -247,13 +256,13 @@ def _shard_puts(store) -> list[str]:
 
 
 @pytest.mark.parametrize("fits", [True, False])
-def test_two_nodes_of_two_ranks_under_torchrun(s3, store, tmp_path, fits):
+def test_two_nodes_of_two_ranks_under_torchrun(s3, store, train_source, tmp_path, fits):
     """Two `torchrun --nnodes 2 --node_rank 0/1 --nproc_per_node 2` on a local rendezvous, each
     node its own cache and its own view of the store (a proxy each, to count its bytes)."""
     from fastload import convert
     from fastload.testing.store_proxy import free_port
     local = tmp_path / "data"
-    convert(str(IMAGENET), local, format="tfrecord", workers=2, shard_size=5, progress=False, shuffle_seed=0)
+    convert(str(train_source), local, format="tfrecord", workers=2, shard_size=5, progress=False, shuffle_seed=0)
     url = upload(local, f"{s3}/multi")
     shards = {f.name: f.stat().st_size for f in local.glob("*.tfrecord")}
     dataset = sum(shards.values())

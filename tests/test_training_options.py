@@ -160,8 +160,11 @@ def test_subset_and_column_errors(labelled_colors):
         FastLoader(path, "train", indices=[0, 120, -1])
     with pytest.raises(ValueError, match=r"boolean mask of shape \(5,\): allowed shape \(120,\)"):
         FastLoader(path, "train", indices=np.ones(5, bool))
-    with pytest.raises(ValueError, match="select no sample"):
+    with pytest.raises(ValueError, match=r"classes \[10000\] are not class ids of .*: allowed 0\.\.63"):
         FastLoader(path, "train", classes=[10_000])
+    missing = sorted(set(range(64)) - set(labelled_colors["labels"].tolist()))[:1]  # a class id with no sample
+    with pytest.raises(ValueError, match="select no sample"):
+        FastLoader(path, "train", classes=missing)
     with pytest.raises(ValueError, match=r"columns=\['colour'\] is invalid \(\['colour'\] not stored\): allowed "
                                          r"any of \['index', 'source_index'\]"):
         FastLoader(path, "train", columns=["colour"])
