@@ -14,7 +14,7 @@ demo: $(STAMP)
 	$(VENV)/bin/fastload demo
 
 test: $(STAMP)
-	$(PY) -m pytest
+	$(PY) -m pytest --durations=15
 
 bench: $(STAMP)
 	$(PY) scripts/bench_peers.py

@@ -38,7 +38,7 @@ def run(path, backend, name, workers, bs, epochs, repeats):
     torch.set_num_threads(workers)
     spec = PreprocessSpec.preset("imagenet", train=True).replace(**configs()[name])
     loader = FastLoader(path, "validation", batch_size=bs, spec=spec, backend=backend, num_workers=workers,
-                        drop_last=False, distributed=False)
+                        drop_last=False, distributed=False, order="random")
     timed_epochs(lambda: iter(loader), 2)  # warm-up
     return statistics.median(n / dt for dt, n in (timed_epochs(lambda: iter(loader), epochs)
                                                   for _ in range(repeats)))
