@@ -52,6 +52,7 @@ class Upload:
     def __init__(self, url: str, staging: Path | None = None):
         self.url = url.rstrip("/")
         self.store = Store(self.url)
+        self.store.check_writable()  # a missing bucket or a refused write: said before converting
         if self.store.exists(MANIFEST):
             raise ConversionError(f"{self.url} already holds a complete dataset ({MANIFEST} exists). Object storage has "
                                   "no atomic replace, so fastload does not overwrite there: remove that prefix first, "

@@ -68,7 +68,7 @@ def open_store(store: Store, cache_dir: Path | None = None, cache_limit: int | N
     try:
         raw = store.read(MANIFEST)
     except StoreError as e:
-        if "does not exist" in str(e):
+        if e.kind == "missing":
             raise DatasetError(f"{url} has no {MANIFEST}, so it is not a complete fastload dataset (a conversion "
                                "to it may be running or was interrupted: rerun the same `fastload convert`)") from None
         raise

@@ -30,7 +30,13 @@ MAX_BACKOFF_S = 8.0
 
 
 class StoreError(DatasetError):
-    """A store that failed (after retries), or refused a request; names the URL and what failed."""
+    """A store that failed (after retries), or refused a request; names the URL and what failed.
+    ``kind``: 'missing' (no such object), 'bucket' (no such bucket, or an invalid name), 'refused',
+    or 'failed' (retries spent), for callers that say more."""
+
+    def __init__(self, message: str, kind: str = "failed"):
+        super().__init__(message)
+        self.kind = kind
 
 
 def is_url(location) -> bool:
@@ -48,6 +54,25 @@ def cache_name(url: str) -> str:
     and unique by a hash of the whole URL."""
     slug = re.sub(r"[^A-Za-z0-9._-]+", "_", url.split("://", 1)[-1]).strip("_")[-80:]
     return f"{slug}-{hashlib.sha256(url.encode()).hexdigest()[:12]}"
+
+
+# S3's bucket naming rules (which S3-compatible stores follow): checked before any request, since a
+# store may answer a malformed name with "does not exist" (moto does) or only when writing
+_S3_BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
+
+
+def check_bucket(url: str) -> None:
+    """An ``s3://`` URL's bucket name is one S3 accepts, or one StoreError naming the rule."""
+    if url.split("://", 1)[0].lower() != "s3":
+        return
+    bucket = url.split("://", 1)[1].split("/", 1)[0]
+    if (not _S3_BUCKET.fullmatch(bucket) or ".." in bucket or re.fullmatch(r"[0-9.]+", bucket)):
+        raise StoreError(f"{url}: {bucket!r} is not a valid S3 bucket name (3 to 63 lowercase letters, digits, dots "
+                         "and hyphens, starting and ending with a letter or digit): check the URL", "bucket")
+
+
+def bucket_of(url: str) -> str:
+    return url.split("://", 1)[1].split("/", 1)[0]
 
 
 def scheme_of(url: str) -> str:
@@ -110,6 +135,7 @@ class Store:
     def __init__(self, url: str, retries: int = RETRIES, timeout: float = TIMEOUT_S):
         self.url = url.rstrip("/")
         self.scheme = scheme_of(url)
+        check_bucket(self.url)
         self.retries, self.timeout = retries, timeout
         self._fs, self._root, self._pid = None, None, None
         self.fs  # a missing extra or a malformed URL fails here, not at the first read
@@ -141,8 +167,12 @@ class Store:
                 if not _transient(e) and not isinstance(e, (FileNotFoundError, PermissionError, OSError)):
                     raise
                 if not _transient(e):
-                    kind = "does not exist" if isinstance(e, FileNotFoundError) else f"was refused ({e})"
-                    raise StoreError(f"{self.url_of(relative)} {kind} ({what})") from None
+                    if isinstance(e, FileNotFoundError) and "bucket" in str(e).lower():
+                        raise StoreError(f"{self.url_of(relative)}: the bucket {bucket_of(self.url)!r} does not "
+                                         f"exist ({what}): create it, or check the URL", "bucket") from None
+                    missing = isinstance(e, FileNotFoundError)
+                    raise StoreError(f"{self.url_of(relative)} {'does not exist' if missing else f'was refused ({e})'} "
+                                     f"({what})", "missing" if missing else "refused") from None
                 if attempt == self.retries:
                     raise StoreError(f"{self.url_of(relative)}: {what} failed {self.retries + 1} times; the "
                                      f"last: {type(e).__name__}: {str(e)[:300]}") from None
@@ -174,6 +204,15 @@ class Store:
             raise StoreError(f"{self.url}: {self.scheme}:// locations are read-only for fastload: write the dataset "
                              "to s3://, gs://, hf:// or a path, and serve it from there")
         self._retry("uploading", relative, lambda: self.fs.put_file(str(local), self.key(relative)))
+
+    def check_writable(self) -> None:
+        """Write and remove a small object under the prefix: a missing bucket or a refused write is
+        said now, not after a conversion of hours (one StoreError naming the cause)."""
+        import tempfile
+        probe = f".fastload-write-check-{os.getpid()}"
+        with tempfile.NamedTemporaryFile(prefix="fastload-") as f:
+            self.put(Path(f.name), probe)
+        self.remove(probe)
 
     def remove(self, relative: str) -> None:
         self._retry("removing", relative, lambda: self.fs.rm_file(self.key(relative)))

@@ -21,7 +21,7 @@ from conftest import IMAGENET, ROOT, torchrun
 from fastload.testing.store_proxy import StoreServers
 
 from fastload import FastLoader
-from fastload.formats.manifest import MANIFEST, Manifest
+from fastload.formats.manifest import MANIFEST, DatasetError, Manifest
 from fastload.storage import location, open_dataset
 
 pytestmark = pytest.mark.slow
@@ -212,6 +212,9 @@ def test_convert_to_s3_writes_the_local_conversions_bytes_manifest_last(s3, stor
     files = lambda m: {f["path"]: f["sha256"] for s in m.split_names for f in m.split(s).files}  # noqa: E731
     assert files(remote) == files(local)
     puts = [e[1].rsplit("/", 1)[-1] for e in store.log() if e[0] == "PUT" and e[3] == 200]
+    assert puts[0].startswith(".fastload-write-check-")  # the prefix proved writable before converting
+    assert [e[0] for e in store.log() if puts[0] in e[1]] == ["PUT", "DELETE"]
+    puts = puts[1:]
     assert puts[-1] == MANIFEST and set(puts) == set(files(local)) | {MANIFEST}
     assert not any((tmp_path / "cache" / "convert").glob("*/*")), "the staging copy was left behind"
     loaded = FastLoader(f"{s3}/{fmt}", cache_dir=tmp_path / "read", **KW)
@@ -304,3 +307,24 @@ def test_two_nodes_of_two_ranks_under_torchrun(s3, store, train_source, tmp_path
 
 
 # (storage/heap.py): page faults while it repeats
+
+def test_a_bucket_that_does_not_exist_or_a_malformed_one_is_said_before_converting(s3, store, tmp_path, monkeypatch):
+    """Before any image is converted (a conversion of ImageNet takes tens of minutes), one line that
+    names the real cause; reading names it too."""
+    from fastload import convert
+    monkeypatch.setenv("FASTLOAD_CACHE_DIR", str(tmp_path / "cache"))
+    store.clear_log()
+    with pytest.raises(DatasetError, match=r"s3://no-such-bucket-7/x/\S+: the bucket 'no-such-bucket-7' does not "
+                                           r"exist \(uploading\): create it, or check the URL$"):
+        convert(str(IMAGENET), "s3://no-such-bucket-7/x", format="tfrecord", workers=1, progress=False)
+    assert not any((tmp_path / "cache").rglob("*.tfrecord")), "it converted first"
+    with pytest.raises(DatasetError, match=r"^s3://fl/x: 'fl' is not a valid S3 bucket name \(3 to 63"):
+        convert(str(IMAGENET), "s3://fl/x", format="tfrecord", workers=1, progress=False)
+    assert not any(e for e in store.log() if "/fl/" in e[1])  # refused before any request
+    with pytest.raises(DatasetError, match=r"the bucket 'no-such-bucket-7' does not exist \(reading the file\)"):
+        FastLoader("s3://no-such-bucket-7/x", cache_dir=tmp_path / "read")
+    r = subprocess.run([sys.executable, "-m", "fastload.cli", "convert", str(IMAGENET), "--format", "tfrecord",
+                        "--out", "s3://no-such-bucket-7/x"], capture_output=True, text=True,
+                       env={**os.environ, **store.env()})
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip() and "%|" not in ln]
+    assert r.returncode == 2 and len(lines) == 1 and "does not exist" in lines[0] and "Traceback" not in r.stderr, lines
