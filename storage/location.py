@@ -32,7 +32,7 @@ MAX_BACKOFF_S = 8.0
 class StoreError(DatasetError):
     """A store that failed (after retries), or refused a request; names the URL and what failed.
     ``kind``: 'missing' (no such object), 'bucket' (no such bucket, or an invalid name), 'refused',
-    or 'failed' (retries spent), for callers that say more."""
+    'unreachable' (no connection), or 'failed' (retries spent), for callers that say more."""
 
     def __init__(self, message: str, kind: str = "failed"):
         super().__init__(message)
@@ -127,6 +127,13 @@ def _transient(e: BaseException) -> bool:
     return any(type(e).__module__.startswith(m) for m in _CLIENT_MODULES)
 
 
+def _unreachable(e: BaseException) -> bool:
+    """A connection that could not be made (refused, no route, no DNS), as each client names it."""
+    names = ("EndpointConnectionError", "ConnectionRefusedError", "ClientConnectorError", "ConnectTimeout",
+             "ConnectTimeoutError", "NewConnectionError", "gaierror")
+    return any(n in type(x).__name__ for x in (e, e.__cause__, e.__context__) if x is not None for n in names)
+
+
 class Store:
     """A dataset location in object storage (``url``: the dataset's prefix). Paths given to its
     methods are the manifest's, relative to that prefix. A fork-safe handle: a child process
@@ -174,8 +181,14 @@ class Store:
                     raise StoreError(f"{self.url_of(relative)} {'does not exist' if missing else f'was refused ({e})'} "
                                      f"({what})", "missing" if missing else "refused") from None
                 if attempt == self.retries:
+                    last = f"{type(e).__name__}: {str(e)[:300]}"
+                    if _unreachable(e):
+                        endpoint = " and AWS_ENDPOINT_URL" if self.scheme == "s3" else ""
+                        raise StoreError(f"{self.url_of(relative)}: the store cannot be reached ({what}, "
+                                         f"{self.retries + 1} tries; the last: {last}): check the network{endpoint}",
+                                         "unreachable") from None
                     raise StoreError(f"{self.url_of(relative)}: {what} failed {self.retries + 1} times; the "
-                                     f"last: {type(e).__name__}: {str(e)[:300]}") from None
+                                     f"last: {last}") from None
                 time.sleep(min(delay, MAX_BACKOFF_S) * (0.5 + random.random()))
                 delay *= 2
 

@@ -498,3 +498,19 @@ def test_a_streaming_process_keeps_its_unit_buffers_faulted_in(mem, imagenet_dir
     url = mem.upload(imagenet_dirs["beton"], "b")  # and opening a remote dataset applies it (or leaves it alone)
     open_dataset(url, cache_dir=tmp_path / "cache")
     assert heap._kept != 0
+
+
+def test_a_store_that_cannot_be_reached_is_one_line_that_says_so(tmp_path, monkeypatch):
+    """No server at the endpoint (a closed port): one error naming the URL and the remedy, after
+    the retries, not a client's traceback."""
+    import socket
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setattr(location, "BACKOFF_S", 0.001)
+    for k, v in {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "x",
+                 "AWS_SECRET_ACCESS_KEY": "y", "AWS_DEFAULT_REGION": "us-east-1"}.items():
+        monkeypatch.setenv(k, v)
+    with pytest.raises(DatasetError, match=r"^s3://some-bucket/x/manifest.json: the store cannot be reached \(reading "
+                                           r"the file, 6 tries; the last: .*\): check the network and AWS_ENDPOINT_URL$"):
+        FastLoader("s3://some-bucket/x", cache_dir=tmp_path)
