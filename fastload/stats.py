@@ -94,7 +94,9 @@ class LoopMeter:
         """``batches`` (the loader's generator of ``expected`` ready batches), timed around each yield."""
         s = self.current = LoaderStats(epoch=epoch, cores=usable_cores(), **self.context)
         self.history = [*self.history[-99:], s]
-        self._start = (s, expected, cpu_seconds(), store_counters(), store_counters)
+        # what the epoch's end needs: its batch count, and the CPU and store readings at its start
+        self._expected, self._store_counters = expected, store_counters
+        self._cpu0, self._store0 = cpu_seconds(), store_counters()
         asked = time.perf_counter()
         for batch in batches:
             got = time.perf_counter()
@@ -109,9 +111,9 @@ class LoopMeter:
         self._finish(s, gather=True)
 
     def _finish(self, s: LoaderStats, gather: bool) -> None:
-        _, _, cpu0, (bytes0, store0), store_counters = self._start
-        s.cpu_s = cpu_seconds() - cpu0
-        store_bytes, store_s = store_counters()
+        bytes0, store0 = self._store0
+        s.cpu_s = cpu_seconds() - self._cpu0
+        store_bytes, store_s = self._store_counters()
         s.store_bytes, s.store_wait_s = store_bytes - bytes0, store_s - store0
         s.done = True
         # every rank ends its epoch here together (DDP's ranks take as many batches): one collective
@@ -122,7 +124,7 @@ class LoopMeter:
         s = self.current
         if s is None or s.done:
             return s
-        if s.batches >= self._start[1]:
+        if s.batches >= self._expected:
             # every batch handed out, and the loop will not ask again (Lightning stops at len(loader)):
             # the epoch is done; its last step, not seen, is taken as long as the others on average
             s.step_s += s.step_s / max(1, s.batches - 1)

@@ -65,7 +65,7 @@ def check_bucket(url: str) -> None:
     """An ``s3://`` URL's bucket name is one S3 accepts, or one StoreError naming the rule."""
     if url.split("://", 1)[0].lower() != "s3":
         return
-    bucket = url.split("://", 1)[1].split("/", 1)[0]
+    bucket = bucket_of(url)
     if (not _S3_BUCKET.fullmatch(bucket) or ".." in bucket or re.fullmatch(r"[0-9.]+", bucket)):
         raise StoreError(f"{url}: {bucket!r} is not a valid S3 bucket name (3 to 63 lowercase letters, digits, dots "
                          "and hyphens, starting and ending with a letter or digit): check the URL", "bucket")
