@@ -3,7 +3,7 @@ VENV  := .venv
 PY    := $(VENV)/bin/python
 STAMP := $(VENV)/.fastload-setup-done
 
-.PHONY: setup demo test bench bench-augment train-cifar clean
+.PHONY: setup demo test wheel bench bench-augment train-cifar clean
 
 setup: $(STAMP)
 
@@ -16,6 +16,10 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest --durations=15
 
+# the binary wheel, libjpeg-turbo inside (auditwheel), in wheelhouse/
+wheel: $(STAMP)
+	PY=$(PY) bash scripts/build_wheel.sh wheelhouse
+
 bench: $(STAMP)
 	$(PY) scripts/bench_peers.py
 
@@ -26,4 +30,4 @@ train-cifar: $(STAMP)
 	$(PY) scripts/train_cifar.py
 
 clean:
-	rm -rf $(VENV) .cache demo-out .pytest_cache
+	rm -rf $(VENV) .cache demo-out .pytest_cache build wheelhouse

@@ -10,7 +10,7 @@ __version__ = "0.1.0"
 from .spec import PreprocessSpec, ProgressiveResolution  # light: stdlib only
 
 __all__ = ["PreprocessSpec", "ProgressiveResolution", "FastLoader", "convert", "verify", "Manifest", "DatasetError",
-           "SampleDecodeError", "__version__"]
+           "SampleDecodeError", "BackendUnavailable", "__version__"]
 
 
 def __getattr__(name):  # PEP 562 lazy exports
@@ -29,4 +29,7 @@ def __getattr__(name):  # PEP 562 lazy exports
     if name == "SampleDecodeError":
         from .formats.errors import SampleDecodeError
         return SampleDecodeError
+    if name == "BackendUnavailable":
+        from .pipelines.errors import BackendUnavailable
+        return BackendUnavailable
     raise AttributeError(f"module 'fastload' has no attribute {name!r}")

@@ -15,7 +15,7 @@ def _is_int(v, lo: int | None = None) -> bool:
 
 
 def check_loader_arguments(*, batch_size, num_workers, seed, order, repeated_augmentation, batch_transform, backend,
-                           epochs, check_samples) -> None:
+                           epochs, check_samples, drop_last) -> None:
     if not _is_int(batch_size, 1):
         raise ValueError(f"batch_size={batch_size!r} is invalid: allowed an int >= 1")
     if num_workers is not None and not _is_int(num_workers, 0):
@@ -38,6 +38,9 @@ def check_loader_arguments(*, batch_size, num_workers, seed, order, repeated_aug
         raise ValueError(f"epochs={epochs!r} is invalid: allowed an int >= 1 (the job's epoch count), or None")
     if not isinstance(check_samples, bool):
         raise ValueError(f"check_samples={check_samples!r} is invalid: allowed True or False")
+    if drop_last is not None and not isinstance(drop_last, bool):
+        raise ValueError(f"drop_last={drop_last!r} is invalid: allowed True, False, or None (the train split's "
+                         "last partial batch only)")
 
 
 def resolve_device(device) -> torch.device:

@@ -86,7 +86,7 @@ def _measure_backend(directory, split, spec, entry, batch_size, batches, repeats
     import torch
     from .loader import FastLoader
     from .pipelines import registry
-    registry.register_backend(entry.name, entry.storages, entry.target)  # as registered in the parent
+    registry.register_backend(entry.name, entry.storages, entry.target, entry.requires, entry.extra)  # as in the parent
     backend = entry.name
     t0 = time.perf_counter()
     loader = FastLoader(directory, split, batch_size=batch_size, spec=spec, backend=backend, device=device,
@@ -114,7 +114,7 @@ def _measure_backend(directory, split, spec, entry, batch_size, batches, repeats
         cpu.append((_cpu_seconds() - c0) / n)
     del first
     stream.close()  # its epoch ends here: a live one would make every later epoch a second iterator's
-    stages = _stage_breakdown(loader)
+    stages = _stage_breakdown(loader, repeats)  # --repeats sets the stages' best-of too
     return {"backend": backend, "workers": workers, "batch_size": batch_size, "images_per_repeat": n,
             "images_per_s": {"median": statistics.median(rates), "min": min(rates), "max": max(rates),
                              "all": rates},
@@ -240,6 +240,11 @@ def run_bench(directories, split="train", spec=None, backend="all", batch_size=6
               step_ms / 1e3 if step_ms is not None else None)
     if backend != "all" and backend not in registry.backend_names():
         raise BenchError(f"backend={backend!r} is unknown: allowed 'all' or one of {registry.backend_names()}")
+    from .arguments import resolve_device
+    try:
+        resolve_device(device)  # a bad device fails here, not in every backend's process
+    except (ValueError, RuntimeError) as e:
+        raise BenchError(f"--device: {e}") from None
     readers = {}
     for d in directories:
         try:
@@ -268,6 +273,7 @@ def run_bench(directories, split="train", spec=None, backend="all", batch_size=6
                 runs.append(run_in_process(_measure_backend, d, split, spec, registry.entry(b), batch_size, batches,
                                            repeats, w, device, cache_dir, step_s))
             except RuntimeError as e:
+                bar.close()  # before the error's line, not around it
                 raise BenchError(f"backend {b!r} failed: {e}") from None
             bar.update(1)
     bar.close()

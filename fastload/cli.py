@@ -1,6 +1,7 @@
 """The ``fastload`` command line. Imports nothing heavy until a command runs (``--help`` is instant)."""
 from __future__ import annotations
 
+import contextlib
 import sys
 from typing import NoReturn
 
@@ -17,6 +18,23 @@ def _fail(message: str) -> NoReturn:
     sys.exit(2)
 
 
+@contextlib.contextmanager
+def _conversion_errors(out):
+    """A conversion's user errors (convert, demo), each one line."""
+    from fastload.converters.convert import ConversionError
+    from fastload.converters.images import CorruptImageError
+    from fastload.converters.sources import SchemaError
+    try:
+        yield
+    except ConversionError as e:
+        _fail(e.cli)
+    except (CorruptImageError, SchemaError, ValueError) as e:
+        _fail(str(e))
+    except OSError as e:  # the environment, not a bug: a read-only or vanished path
+        _fail(f"cannot write {e.filename or out} ({e.strerror}): check that --out is on a writable disk "
+              "with room, then rerun the same command (finished shards are kept)")
+
+
 def _cache_dir_option(command):
     """``--cache-dir`` for commands that read a dataset, which may be a URL (fastload.storage)."""
     return click.option("--cache-dir", default=None, type=click.Path(file_okay=False),
@@ -24,7 +42,25 @@ def _cache_dir_option(command):
                              "$FASTLOAD_CACHE_DIR, else ~/.cache/fastload).")(command)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class _OneLineErrors(click.Group):
+    """click's usage errors (a bad option value, a missing argument) as one line, like fastload's
+    own: `error: ...`, the command's --help named, exit code 2."""
+
+    def main(self, args=None, prog_name=None, **extra):
+        try:
+            code = super().main(args, prog_name, standalone_mode=False, **extra)
+        except click.UsageError as e:
+            where = e.ctx.command_path if e.ctx else "fastload"
+            _fail(f"{e.format_message()} (see {where} --help)")
+        except click.ClickException as e:
+            _fail(e.format_message())
+        except click.exceptions.Abort:
+            click.echo("Aborted!", err=True)
+            sys.exit(1)
+        sys.exit(code if isinstance(code, int) else 0)
+
+
+@click.group(cls=_OneLineErrors, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="fastload")
 def main():
     """fastload: HF image datasets -> FFCV .beton / DALI TFRecord, one spec, one loader."""
@@ -67,24 +103,15 @@ def main():
 def convert(source, fmt, out, splits, workers, engine, address, max_side, jpeg_quality, skip_corrupt, label,
             shard_size, preset, overwrite, max_pixels, image_codec, shuffle_seed):
     """Convert SOURCE (hub name, parquet folder, save_to_disk folder or image folder). Resumable."""
-    from fastload.converters.convert import ConversionError, convert as run
-    from fastload.converters.images import CorruptImageError
-    from fastload.converters.sources import SchemaError
+    from fastload.converters.convert import convert as run
     import time
     t0 = time.perf_counter()
     phases = []
-    try:
+    with _conversion_errors(out):
         m = run(source, out, format=fmt, splits=list(splits) or None, workers=workers, max_side=max_side,
                 jpeg_quality=jpeg_quality, skip_corrupt=skip_corrupt, label=label, shard_size=shard_size,
                 preset=preset, overwrite=overwrite, image_codec=image_codec, phases=phases, max_pixels=max_pixels,
                 shuffle_seed=shuffle_seed, engine=engine, address=address)
-    except ConversionError as e:
-        _fail(e.cli)
-    except (CorruptImageError, SchemaError, ValueError) as e:
-        _fail(str(e))
-    except OSError as e:  # the environment, not a bug: a read-only or vanished path
-        _fail(f"cannot write {e.filename or out} ({e.strerror}): check that --out is on a writable disk "
-              "with room, then rerun the same command (finished shards are kept)")
     dt = time.perf_counter() - t0
     total = sum(m.split(s).num_examples for s in m.split_names)
     for s in m.split_names:
@@ -125,7 +152,8 @@ def verify(directory, cache_dir, no_decode, max_pixels):
               type=click.Choice(["all", *backend_names()]))
 @click.option("--batch-size", default=64, show_default=True, type=click.IntRange(1))
 @click.option("--batches", default=None, type=click.IntRange(1), help="Batches per repeat (default: one epoch).")
-@click.option("--repeats", default=3, show_default=True, type=click.IntRange(1))
+@click.option("--repeats", default=3, show_default=True, type=click.IntRange(1),
+              help="Timed runs of each backend, and of each stage (the median and the best are reported).")
 @click.option("--workers", default=None, type=click.IntRange(1), help="Worker threads/processes (default: cores).")
 @click.option("--sweep-workers", is_flag=True, help="Try 1..cores workers and report the best.")
 @click.option("--device", default="cpu", show_default=True)
@@ -163,10 +191,11 @@ def inspect(directory, cache_dir, split, spec, backend, out, n, seed):
     """Write a grid of augmented samples with their class names, to check a pipeline by eye."""
     from fastload.inspect_grid import inspect_grid
     from fastload.formats.manifest import DatasetError
+    from fastload.pipelines.errors import BackendUnavailable
     try:
         path = inspect_grid(directory, split=split, spec=_load_spec(spec), backend=backend, out=out, n=n, seed=seed,
                             cache_dir=cache_dir)
-    except (DatasetError, ValueError) as e:
+    except (DatasetError, ValueError, BackendUnavailable) as e:
         _fail(str(e))
     click.echo(f"wrote {path}")
 
@@ -178,7 +207,8 @@ def inspect(directory, cache_dir, split, spec, backend, out, n, seed):
 def demo(source, out, workers):
     """Convert a sample to both formats, load it through both backends, print a throughput table."""
     from fastload.demo import run_demo
-    run_demo(source=source, out=out, workers=workers)
+    with _conversion_errors(out):
+        run_demo(source=source, out=out, workers=workers)
 
 
 def _load_spec(text):

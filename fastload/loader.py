@@ -77,7 +77,7 @@ class FastLoader:
                  epochs: int | None = None):
         check_loader_arguments(batch_size=batch_size, num_workers=num_workers, seed=seed, order=order,
                                repeated_augmentation=repeated_augmentation, batch_transform=batch_transform,
-                               backend=backend, epochs=epochs, check_samples=check_samples)
+                               backend=backend, epochs=epochs, check_samples=check_samples, drop_last=drop_last)
         self.manifest = open_dataset(path, cache_dir=cache_dir, cache_limit=cache_limit)
         self.split = split
         self.reader = SplitReader(self.manifest, split, max_pixels=max_pixels)

@@ -40,6 +40,7 @@ class DALIRegions(DALIEngine):
     """``normalize`` fused, in fastload's kernel."""
 
     def __init__(self, reader, spec, options: BackendOptions):
+        native.require("backend='dali' on the CPU")  # before DALI builds anything
         self.kernel = KernelOutput.of(spec, options.normalize if self.fuses_normalization else None)
         super().__init__(reader, spec, options)
         self.workers = PartWorkers(options.num_workers, "fastload-dali")

@@ -5,13 +5,22 @@ the same decoder by symbol name (``native_numba.py``).
 Pixels are PIL's: libjpeg's accurate DCT with fancy upsampling, bit-exact with
 ``Image.open(...).convert('RGB')`` on the stored RGB baseline JPEGs, whether the whole image
 or a region is decoded (tests/test_kernels.py checks both on real photos).
+
+Where the C library cannot load (a source install without libjpeg's headers), the whole-image
+calls below fall back to PIL, whose pixels are the same; region decoding needs the library.
+PIL's check is weaker: it accepts JPEGs that libjpeg only warns about, which the ffcv and DALI
+backends then refuse as they read them (``fastload verify`` lists them).
 """
 from __future__ import annotations
 
 import ctypes
+import functools
+import io
 import threading
+import warnings
 
 import numpy as np
+from PIL import Image
 
 from . import native
 
@@ -22,7 +31,7 @@ class JPEGDecodeError(ValueError):
     """A stored JPEG that libjpeg refuses or warns about (corrupt or truncated data)."""
 
 
-_LIB = native.LIB  # signatures: native.SIGNATURES
+_LIB = native.LIB  # signatures: native.SIGNATURES; None where the library cannot load
 
 
 def jpeg_problem(jpeg: bytes) -> str | None:
@@ -30,9 +39,36 @@ def jpeg_problem(jpeg: bytes) -> str | None:
     refuse), or None when it decodes cleanly. Reads all its entropy-coded data, as a full decode
     does, at about 60% of a decode's cost (scaled to 1/8: tests/test_kernels.py checks that it
     flags exactly the files a full decode refuses)."""
+    if _LIB is None:
+        _warn_pil_check()
+        return _pil_problem(jpeg)
     message = ctypes.create_string_buffer(MESSAGE_LEN)
     if _LIB.fl_jpeg_check(jpeg, len(jpeg), message, MESSAGE_LEN):
         return message.value.decode(errors="replace") or "undecodable JPEG"
+    return None
+
+
+@functools.cache
+def _warn_pil_check() -> None:
+    warnings.warn(f"fastload's C helpers {native.PROBLEM}: JPEGs are checked by PIL, which accepts some that libjpeg "
+                  "only warns about and the ffcv and DALI backends then refuse (fastload verify lists them); "
+                  f"for libjpeg's check, {native.REMEDY}", RuntimeWarning, stacklevel=3)
+
+
+def _pil_decode(jpeg) -> np.ndarray:
+    """PIL's decode (the fallback), HWC uint8; JPEGDecodeError where PIL refuses it."""
+    try:
+        with Image.open(io.BytesIO(jpeg)) as im:
+            return np.asarray(im.convert("RGB"))
+    except Exception as e:  # PIL raises many types for bad data
+        raise JPEGDecodeError(f"{type(e).__name__}: {e}" if str(e) else type(e).__name__) from None
+
+
+def _pil_problem(jpeg) -> str | None:
+    try:
+        _pil_decode(jpeg)
+    except JPEGDecodeError as e:
+        return str(e)
     return None
 
 
@@ -40,6 +76,7 @@ class RegionDecoder:
     """Decodes regions into a scratch buffer of its own; one per thread (not thread-safe)."""
 
     def __init__(self):
+        native.require("decoding a region of a JPEG")
         self.scratch = np.empty(0, np.uint8)
         self.col0 = ctypes.c_int()
         self.message = ctypes.create_string_buffer(MESSAGE_LEN)
@@ -73,5 +110,11 @@ def thread_decoder() -> RegionDecoder:
 
 def decode_rgb(jpeg: np.ndarray, height: int, width: int) -> np.ndarray:
     """The whole image (its size from the records index), HWC uint8 (a copy)."""
+    if _LIB is None:  # PIL's decode: the same pixels
+        pixels = _pil_decode(jpeg)
+        if pixels.shape[:2] != (height, width):
+            raise JPEGDecodeError(f"the JPEG is {pixels.shape[1]}x{pixels.shape[0]} pixels, the records index "
+                                  f"says {width}x{height}")
+        return pixels
     region, _ = thread_decoder().decode(jpeg, height, width, 0, height, 0, width)
     return region.copy()

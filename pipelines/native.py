@@ -1,5 +1,6 @@
 """fastload's C helpers, one shared library (``fastload.pipelines._native``, built by pip from
-``_jpeg.c``, ``_samples.c`` and ``_resample.c``): found and loaded once here, and each function's signature
+``_jpeg.c``, ``_samples.c`` and ``_resample.c``; the binary wheel carries its libjpeg-turbo, see
+``scripts/build_wheel.sh``): found and loaded once here, and each function's signature
 declared once (:data:`SIGNATURES`), from which both bindings are made: ctypes (here; ``jpeg.py``,
 the DALI backend) and numba's by symbol name (``native_numba.py``, for the ffcv backend's
 compiled loop). Python never imports the library as a module, and this module imports no numba.
@@ -10,19 +11,19 @@ import ctypes
 import functools
 import importlib.util
 
+from .errors import BackendUnavailable
 from .sampling import PARAM_COLUMNS
 
 
-def _path() -> str:
-    spec = importlib.util.find_spec("fastload.pipelines._native")
-    if spec is None or not spec.origin:
-        raise ImportError("fastload's C helpers (fastload.pipelines._native) are not built: reinstall fastload "
-                          "with a C compiler and libjpeg headers (Debian: apt install libjpeg62-turbo-dev)")
-    return spec.origin
+class NativeUnavailable(BackendUnavailable):
+    """fastload's C library cannot load here: what needs it (the ffcv backend, DALI's CPU engine)
+    says so in one line; everything else (conversion, verify, the reference backend) goes on
+    without it (``jpeg.py`` and ``samples.py`` fall back to PIL and the crc32c package)."""
 
 
-LIBRARY_PATH = _path()
-LIB = ctypes.CDLL(LIBRARY_PATH)
+REMEDY = ("install fastload's binary wheel, which carries libjpeg-turbo (pip install --force-reinstall "
+          "--only-binary fastload fastload), or libjpeg-turbo's headers (apt install libjpeg-turbo8-dev on Ubuntu, "
+          "libjpeg62-turbo-dev on Debian; conda install -c conda-forge libjpeg-turbo) and reinstall from source")
 
 # Each exported function: (return type, argument types), in the C code's own order. Types:
 # i32/i64/u32/u64 integers, ptr an address (numpy's .ctypes.data, a buffer), void no value.
@@ -46,15 +47,37 @@ SIGNATURES = {
 }
 _CTYPES = {"i32": ctypes.c_int32, "i64": ctypes.c_int64, "u32": ctypes.c_uint32, "u64": ctypes.c_uint64,
            "ptr": ctypes.c_void_p, "void": None}
-for _name, (_returns, _arguments) in SIGNATURES.items():
-    _function = getattr(LIB, _name)
-    _function.restype, _function.argtypes = _CTYPES[_returns], [_CTYPES[a] for a in _arguments]
 
-# The C code reads geometry rows by position: its column order must be sampling.py's
-_C_COLUMNS = tuple(ctypes.string_at(LIB.fl_param_columns()).decode().split())
-if _C_COLUMNS != PARAM_COLUMNS:
-    raise ImportError(f"{LIBRARY_PATH} reads geometry rows as {_C_COLUMNS}, this fastload writes {PARAM_COLUMNS}: "
-                      "rebuild fastload (pip install -e .)")
+
+def _load() -> tuple[ctypes.CDLL | None, str, str]:
+    """(the library or None, its path, why it did not load)."""
+    spec = importlib.util.find_spec("fastload.pipelines._native")
+    if spec is None or not spec.origin:
+        return None, "", "were not built when fastload was installed (no C compiler or no libjpeg headers)"
+    try:
+        lib = ctypes.CDLL(spec.origin)
+    except OSError as e:  # e.g. libjpeg.so.62 missing: a source build on another machine
+        return None, spec.origin, f"cannot load ({e})"
+    for name, (returns, arguments) in SIGNATURES.items():
+        function = getattr(lib, name)
+        function.restype, function.argtypes = _CTYPES[returns], [_CTYPES[a] for a in arguments]
+    # The C code reads geometry rows by position: its column order must be sampling.py's
+    columns = tuple(ctypes.string_at(lib.fl_param_columns()).decode().split())
+    if columns != PARAM_COLUMNS:
+        return None, spec.origin, (f"read geometry rows as {columns}, this fastload writes {PARAM_COLUMNS} "
+                                   "(a stale build: reinstall fastload)")
+    return lib, spec.origin, ""
+
+
+LIB, LIBRARY_PATH, PROBLEM = _load()
+
+
+def require(user: str) -> ctypes.CDLL:
+    """The library, for ``user`` (what needs it, named in the error), or one line saying why not
+    and what to do."""
+    if LIB is None:
+        raise NativeUnavailable(f"{user} needs fastload's C helpers, which {PROBLEM}: {REMEDY}")
+    return LIB
 
 
 @functools.cache
@@ -62,6 +85,7 @@ def bind_for_numba() -> None:
     """Make the library's symbols visible to numba's JIT (``types.ExternalFunction`` by name: a
     ctypes pointer would stop numba from caching compiled code on disk)."""
     import llvmlite.binding
+    require("the ffcv backend")
     llvmlite.binding.load_library_permanently(LIBRARY_PATH)
 
 
@@ -71,7 +95,7 @@ RESAMPLE_PATHS = ("portable", "sse4.1", "avx2")
 def resample_path(at_most: str | None = None) -> str:
     """The horizontal resampling pass's code path in use (``_resample.c``), after capping it at
     ``at_most`` when given: tests compare every path the CPU has, bit for bit."""
-    return RESAMPLE_PATHS[LIB.fl_resample_level(-1 if at_most is None else RESAMPLE_PATHS.index(at_most))]
+    return RESAMPLE_PATHS[require("the C resampler").fl_resample_level(-1 if at_most is None else RESAMPLE_PATHS.index(at_most))]
 
 
 # _resample.c's codes: Pillow's filters (NEAREST is its affine scale, not a convolution) and padding

@@ -129,6 +129,13 @@ class ReferenceBackend(Backend):
 def _batches(loader):
     for batch in loader:
         if isinstance(batch, DatasetError):
-            raise batch
+            # not `raise batch`: the exception would hold this frame (its traceback) and the frame
+            # the exception (a local): a cycle that keeps the DataLoader, and its worker processes,
+            # until a garbage collection, which then stalls 5 s a worker shutting them down
+            error, batch = batch, None
+            try:
+                raise error
+            finally:
+                del error
         images, index = batch
         yield images, index.numpy()

@@ -6,10 +6,13 @@ ffcv, DALI or numba; a backend's module loads when it is first used.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from dataclasses import dataclass
 from typing import Callable
 
 from fastload.formats.manifest import STORAGE_NAMES, DatasetError
+
+from .errors import BackendUnavailable
 
 
 @dataclass(frozen=True)
@@ -17,27 +20,49 @@ class BackendEntry:
     name: str
     storages: tuple[str, ...]     # what it reads; the first backend listed for a storage is its default
     target: str | Callable        # a Backend subclass or factory (reader, spec, options), or its 'module:name'
+    requires: tuple[str, ...] = ()  # modules it imports, some only as it starts (DALI)...
+    extra: str | None = None      # ...and the pip extra that brings them
 
     def load(self) -> Callable:
+        """The backend's class or factory; BackendUnavailable (one line) where what it needs is
+        missing here: checked before anything is built."""
+        for module in self.requires:
+            try:
+                found = importlib.util.find_spec(module) is not None
+            except ImportError:  # a parent package missing
+                found = False
+            if not found:
+                raise BackendUnavailable(f"backend={self.name!r} needs {module}, which is not installed: "
+                                         f"pip install 'fastload[{self.extra}]'")
         if not isinstance(self.target, str):
             return self.target
         module, _, cls = self.target.partition(":")
-        return getattr(importlib.import_module(module), cls)
+        try:
+            return getattr(importlib.import_module(module), cls)
+        except BackendUnavailable:
+            raise
+        except ImportError as e:
+            if isinstance(e, ModuleNotFoundError) and (e.name or "").startswith("fastload"):
+                raise  # fastload's own module missing: a broken install, a bug to see whole
+            raise BackendUnavailable(f"backend={self.name!r} cannot load: {e}") from None
 
 
 _REGISTRY: dict[str, BackendEntry] = {}
 
 
-def register_backend(name: str, storages, target) -> None:
+def register_backend(name: str, storages, target, requires=(), extra: str | None = None) -> None:
     """Add (or replace) a backend: ``target`` is a :class:`~fastload.pipelines.base.Backend`
-    subclass, or a function ``(reader, spec, options) -> Backend``, or its 'module:name' path."""
+    subclass, or a function ``(reader, spec, options) -> Backend``, or its 'module:name' path;
+    ``requires``, modules it needs, and ``extra``, the pip extra that installs them (both named
+    in the error where one is missing)."""
     if name == "auto":
         raise ValueError("backend name 'auto' is reserved (it picks the storage's default)")
-    _REGISTRY[name] = BackendEntry(name, tuple(storages), target)
+    _REGISTRY[name] = BackendEntry(name, tuple(storages), target, tuple(requires), extra)
 
 
-register_backend("ffcv", ("beton",), "fastload.pipelines.ffcv:FFCVBackend")
-register_backend("dali", ("tfrecord",), "fastload.pipelines.dali:dali_backend")
+register_backend("ffcv", ("beton",), "fastload.pipelines.ffcv:FFCVBackend", requires=("numba",), extra="ffcv")
+register_backend("dali", ("tfrecord",), "fastload.pipelines.dali:dali_backend", requires=("nvidia.dali",),
+                 extra="dali")
 register_backend("reference", ("beton", "tfrecord"), "fastload.pipelines.reference:ReferenceBackend")
 
 

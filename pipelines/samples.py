@@ -10,8 +10,11 @@ checks" rows on 2 cores: see the README.
 from __future__ import annotations
 
 import ctypes
+import io
 
 import numpy as np
+from crc32c import crc32c
+from PIL import Image
 
 from . import native
 from .jpeg import MESSAGE_LEN
@@ -90,8 +93,33 @@ class SampleChecks:
         addresses, sizes = np.ascontiguousarray(addresses), np.ascontiguousarray(sizes)
         crcs = self.crcs[index]
         heights, widths = np.ascontiguousarray(self.heights[index]), np.ascontiguousarray(self.widths[index])
+        if native.LIB is None:
+            return _python_failure(self.reader, index, crcs, heights, widths, self.what, copy)
         message = ctypes.create_string_buffer(MESSAGE_LEN)
         k = native.LIB.fl_check_samples(addresses.ctypes.data, sizes.ctypes.data, crcs.ctypes.data,
                                         heights.ctypes.data, widths.ctypes.data, len(index), self.what, message,
                                         MESSAGE_LEN)
         return None if k < 0 else (int(index[k]), message.value.decode(errors="replace"))
+
+
+def _python_failure(reader, index, crcs, heights, widths, what, copy) -> tuple[int, str] | None:
+    """The checks without the C library (a source install without libjpeg's headers): the same
+    CRC32C (the crc32c package), and for a JPEG PIL's reading of its header (an RGB JPEG of the
+    records index's size); a file cut short is then left to the decoder, PIL's, to refuse."""
+    for k, i in enumerate(index):
+        data = copy if copy is not None else reader.stored(int(i))
+        if what & CHECK_CRC and (crc := crc32c(data)) != crcs[k]:
+            return int(i), (f"its bytes do not match their checksum (crc32c {crc:08x}, the records index says "
+                            f"{int(crcs[k]):08x}): the data file is damaged")
+        if what & CHECK_JPEG:
+            try:
+                with Image.open(io.BytesIO(data)) as im:
+                    kind, size = (im.format, im.mode), im.size
+            except Exception as e:  # PIL raises many types for bad data
+                return int(i), f"not a readable JPEG ({type(e).__name__})"
+            if kind != ("JPEG", "RGB"):
+                return int(i), f"a {kind[0]} image in mode {kind[1]}, not an RGB JPEG"
+            if size != (widths[k], heights[k]):
+                return int(i), (f"the JPEG is {size[0]}x{size[1]} pixels, the records index says "
+                                f"{widths[k]}x{heights[k]}")
+    return None

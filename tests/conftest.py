@@ -34,6 +34,16 @@ needs_shared = pytest.mark.skipif(not IMAGENET.exists() or not CIFAR10.exists(),
                                   reason="../shared/data is absent (outside CI): real-image tests need it")
 
 
+def stock_ffcv():
+    """ffcv itself, for the tests that cross-check fastload's files with its reader; skipped where
+    ``make setup`` could not install it (no root for its apt packages: the setup said so)."""
+    from fastload.formats.beton import import_ffcv
+    try:
+        return import_ffcv()
+    except ImportError as e:
+        pytest.skip(f"stock ffcv is not installed here: {e}")
+
+
 def jpeg_bytes(array: np.ndarray, quality: int = 95, **kw) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(array).save(buf, format="JPEG", quality=quality, **kw)

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import CIFAR10, cifar100_dataset, coco_dataset, jpeg_bytes, needs_shared, png_bytes, save_splits
+from conftest import CIFAR10, cifar100_dataset, coco_dataset, jpeg_bytes, needs_shared, png_bytes, save_splits, stock_ffcv
 from fastload import convert, verify
 from fastload.converters.convert import ConversionError
 from fastload.converters.images import CorruptImageError
@@ -71,8 +71,7 @@ def test_tfrecord_round_trip_through_dali_reader(imagenet_dirs, imagenet_source)
 
 @needs_shared
 def test_beton_round_trip_through_ffcv_reader_and_loader(imagenet_dirs, imagenet_source):
-    from fastload.formats.beton import import_ffcv
-    import_ffcv()
+    stock_ffcv()
     from ffcv.fields.basics import IntDecoder
     from ffcv.fields.rgb_image import CenterCropRGBImageDecoder
     from ffcv.loader import Loader, OrderOption
@@ -109,7 +108,7 @@ def test_beton_layout_constants_are_ffcvs():
     """fastload writes .beton files without importing ffcv: its copy of ffcv's file format must
     match the installed ffcv's, byte for byte."""
     from fastload.formats import beton
-    beton.import_ffcv()
+    stock_ffcv()
     from ffcv.fields import IntField, NDArrayField, RGBImageField
     from ffcv.fields.ndarray import NDArrayArgsType
     from ffcv.fields.rgb_image import IMAGE_MODES
@@ -177,8 +176,7 @@ def test_coco_multilabel_ids_survive(tmp_path):
         assert got == expected
         assert verify(tmp_path / fmt) == []
     # the .beton's own label field, read with ffcv's Loader: padded ids, -1 past the last
-    from fastload.formats.beton import import_ffcv
-    import_ffcv()
+    stock_ffcv()
     from ffcv.fields.ndarray import NDArrayDecoder
     from ffcv.loader import Loader, OrderOption
     loader = Loader(str(tmp_path / "beton" / "train.beton"), batch_size=12, num_workers=1,

@@ -92,13 +92,13 @@ def test_abandoned_epochs_leak_nothing(imagenet_dirs, backend):
     loader = FastLoader(imagenet_dirs[BACKEND_FORMAT[backend]], "validation", batch_size=32, backend=backend,
                         num_workers=2, spec="imagenet:train")
 
-    def abandon():
+    def abandon():  # no garbage collection between epochs: an abandoned epoch is freed as it is dropped
         for k, _ in enumerate(loader):
             if k == 1:
                 break
-        gc.collect()
 
     def rss_mb():  # current resident memory, not the peak, after glibc returns its free pages
+        gc.collect()
         ctypes.CDLL("libc.so.6").malloc_trim(0)
         return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
     for _ in range(6):  # allocators and DALI's memory pools settle first

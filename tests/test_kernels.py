@@ -216,3 +216,36 @@ def test_one_column_regions_at_the_edges_are_the_full_decodes(photos):
         for y0, x0 in ((0, 0), (h - 11, 0), (h - 11, w - 1), (h // 2, w - 1)):
             region, col0 = decoder.decode(jpeg, h, w, y0, y0 + 11, x0, x0 + 1)
             assert np.array_equal(region[:, x0 - col0:x0 - col0 + 1], full[y0:y0 + 11, x0:x0 + 1]), (i, y0, x0)
+
+
+def test_without_the_c_library_the_checks_fall_back_to_the_same_verdicts(photos, monkeypatch):
+    """Where the library cannot load (a source install without headers), samples are checked by
+    the crc32c package and PIL: the same sample fails, for the same reason, as in C."""
+    from fastload.pipelines import jpeg as jpeg_module
+    from fastload.pipelines.samples import SampleChecks
+    reader, jpegs = photos
+    checks = SampleChecks(reader)
+    wrong_size = SampleChecks(reader)
+    wrong_size.heights = wrong_size.heights + 1
+    cases = []
+    for i in range(0, len(jpegs), 40):
+        flipped = jpegs[i].copy()
+        flipped[len(flipped) // 2] ^= 0x10
+        cases += [(checks, i, jpegs[i]), (checks, i, flipped), (wrong_size, i, jpegs[i])]
+    in_c = [c._first_failure(np.array([i]), data) for c, i, data in cases]
+    monkeypatch.setattr(native, "LIB", None)
+    monkeypatch.setattr(jpeg_module, "_LIB", None)
+    in_python = [c._first_failure(np.array([i]), data) for c, i, data in cases]
+    assert [f is None for f in in_python] == [f is None for f in in_c] == [True, False, False] * (len(cases) // 3)
+    for c_failure, python_failure in zip(in_c, in_python):
+        if c_failure is not None:
+            assert python_failure[0] == c_failure[0]
+            assert python_failure[1].split(" (")[0] == c_failure[1].split(" (")[0]  # the same reason
+    # the converter's check and decode: PIL's, the same pixels; a JPEG cut short is refused, with a warning
+    whole = jpegs[0].tobytes()
+    with pytest.warns(RuntimeWarning, match="checked by PIL"):
+        assert jpeg_problem(whole) is None
+    assert jpeg_problem(whole[: len(whole) // 2]) is not None
+    assert np.array_equal(decode_rgb(jpegs[0], reader.heights[0], reader.widths[0]), np.asarray(reader.image(0)))
+    with pytest.raises(native.NativeUnavailable, match="C helpers.*pip install"):
+        jpeg_module.RegionDecoder()  # the ffcv and DALI-CPU backends' decoder

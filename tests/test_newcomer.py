@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-from conftest import jpeg_bytes, save_splits
+from conftest import ROOT, jpeg_bytes, save_splits
 from fastload import FastLoader, PreprocessSpec, convert
 from fastload.formats.errors import DatasetError
 from fastload.spec import resolve_spec
@@ -105,3 +106,104 @@ def test_a_remote_datasets_errors_name_its_url_not_the_cache(imagenet_dirs, tmp_
         url = mem.upload(imagenet_dirs["tfrecord"], "t")
         with pytest.raises(DatasetError, match=rf"split 'train' is not in {url}: it has \['validation'\]"):
             FastLoader(url, "train", cache_dir=tmp_path / "cache")
+
+
+def test_a_backend_whose_extra_is_missing_says_which_in_one_line(imagenet_dirs):
+    """A backend whose module needs an extra that is not installed (DALI imports nvidia.dali only
+    as its pipeline starts) fails as it is chosen, in one line naming the extra. (The C helpers
+    missing: tests/test_wheel.py.)"""
+    from fastload import BackendUnavailable
+    from fastload.pipelines import registry
+    registry.register_backend("needs-extra", ("tfrecord",), "fastload.pipelines.dali:dali_backend",
+                              requires=("nvidia.no_such_module",), extra="dali")
+    try:
+        with pytest.raises(BackendUnavailable, match=r"^backend='needs-extra' needs nvidia.no_such_module, which is "
+                                                     r"not installed: pip install 'fastload\[dali\]'$"):
+            FastLoader(imagenet_dirs["tfrecord"], "validation", batch_size=8, backend="needs-extra")
+    finally:
+        registry._REGISTRY.pop("needs-extra")
+
+
+def test_a_gcs_store_that_cannot_be_reached_is_one_line_within_the_store_timeout(monkeypatch):
+    """gcsfs retried each request 6 times with backoff up to 32 s under fastload's own retries,
+    printing a traceback each time: minutes of them. Now one line, within FASTLOAD_STORE_TIMEOUT
+    (fastload's own backoff shortened here; its 6 tries still run, against a closed port)."""
+    import time
+    from click.testing import CliRunner
+    from fastload.cli import main
+    from fastload.storage import location
+    from fastload.testing.store_proxy import free_port
+    pytest.importorskip("gcsfs")
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", f"http://127.0.0.1:{free_port()}")  # nothing listens there
+    monkeypatch.setattr(location, "BACKOFF_S", 0.01)
+    t0 = time.monotonic()
+    r = CliRunner().invoke(main, ["verify", "gs://fastload-no-such-bucket/ds"], prog_name="fastload")
+    assert time.monotonic() - t0 < location.TIMEOUT_S
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip() and "%|" not in ln]
+    assert r.exit_code == 1 and "Traceback" not in r.stderr and len(lines) == 1, r.stderr[-3000:]
+    assert lines[0].startswith("FAIL gs://fastload-no-such-bucket/ds/manifest.json: the store cannot be reached")
+    assert "6 tries" in lines[0] and "check the network" in lines[0]
+
+
+# --------------------------------------------------------------------------- the sweep
+LOADER_ERRORS = [  # (argument, a bad value, what the one line must say)
+    ("batch_size", 0, "batch_size=0 is invalid: allowed an int >= 1"),
+    ("num_workers", -1, "num_workers=-1 is invalid"),
+    ("seed", "x", "seed='x' is invalid"),
+    ("order", "foo", "order='foo' is invalid: allowed 'auto'"),
+    ("repeated_augmentation", 0, "repeated_augmentation=0 is invalid"),
+    ("batch_transform", 3, "batch_transform=3 is invalid: allowed a callable"),
+    ("backend", "x", "backend='x' is invalid: allowed 'auto' or one of"),
+    ("epochs", 0, "epochs=0 is invalid"),
+    ("check_samples", "yes", "check_samples='yes' is invalid: allowed True or False"),
+    ("drop_last", "x", "drop_last='x' is invalid: allowed True, False, or None"),
+    ("device", "tpu", "device='tpu' is invalid: allowed 'cpu', 'cuda'"),
+    ("distributed", "x", "distributed='x' is invalid"),
+    ("indices", [1000], "indices [1000] are outside split 'validation': allowed 0.."),
+    ("classes", [5000], "classes [5000] are not class ids"),
+    ("columns", ("nope",), "columns=['nope'] is invalid"),
+    ("spec", "nosuch", "preset='nosuch' is unknown: allowed"),
+    ("cache_limit", -1, "cache_limit=-1 is invalid"),
+    ("max_pixels", 0, "max_pixels=0 is invalid"),
+    ("cache_dir", 3, "cache_dir=3 is invalid"),
+    ("split", "nosuch", "split 'nosuch' is not in"),
+]
+
+
+@pytest.mark.parametrize("argument,value,says", LOADER_ERRORS, ids=[a for a, _, _ in LOADER_ERRORS])
+def test_every_bad_loader_argument_is_one_line_naming_what_is_allowed(imagenet_dirs, argument, value, says):
+    with pytest.raises((ValueError, TypeError, DatasetError)) as e:
+        FastLoader(imagenet_dirs["beton"], **{"split": "validation", argument: value})
+    assert says in str(e.value) and "\n" not in str(e.value), str(e.value)
+
+
+def test_every_cli_command_says_a_user_error_in_one_line(imagenet_dirs, tmp_path, monkeypatch):
+    """The sweep over the CLI's commands: click's own usage errors too (they were three lines: a
+    usage, a hint, the error), through the real entry point in this process."""
+    from click.testing import CliRunner
+    from fastload.cli import main
+    beton, sample = str(imagenet_dirs["beton"]), "fastload/sample/imagenet-sample"
+    cases = [
+        (["convert", sample, "--format", "nope", "--out", "x"], "Invalid value for '--format'"),
+        (["convert", sample, "--format", "beton", "--out", "x", "--workers", "0"], "'--workers': 0 is not in"),
+        (["convert"], "Missing argument 'SOURCE'. (see fastload convert --help)"),
+        (["nosuchcmd"], "No such command 'nosuchcmd'"),
+        (["convert", "/nonexistent", "--format", "beton", "--out", "x"], "could not be opened"),
+        (["convert", sample, "--format", "beton", "--out", beton], "add --overwrite to replace it"),
+        (["convert", sample, "--format", "beton", "--out", "x", "--split", "nosuch"], "not all in source"),
+        (["inspect", beton, "--split", "nosuch", "--out", "g.png"], "split 'nosuch' is not in"),
+        (["inspect", beton, "--split", "validation", "--spec", "nosuch", "--out", "g.png"], "preset='nosuch'"),
+        (["inspect", beton, "--split", "validation", "--backend", "dali", "--out", "g.png"], "needs a TFRecord"),
+        (["bench", beton, "--split", "validation", "--device", "tpu"], "device='tpu' is invalid"),
+        (["bench", "/nonexistent"], "does not exist"),
+        (["demo", "--source", "/nonexistent", "--out", str(tmp_path / "d")], "could not be opened"),
+    ]
+    (tmp_path / "fastload" / "sample").mkdir(parents=True)
+    (tmp_path / sample).symlink_to(ROOT / sample)
+    monkeypatch.chdir(tmp_path)
+    runner = CliRunner()
+    for args, says in cases:
+        r = runner.invoke(main, args, prog_name="fastload")
+        lines = [ln for ln in r.stderr.splitlines() if ln.strip() and "%|" not in ln]
+        assert r.exit_code == 2 and len(lines) == 1 and lines[0].startswith("error: "), (args, r.stderr, r.exception)
+        assert says in lines[0], (args, lines[0])

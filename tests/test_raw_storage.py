@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import BACKEND_FORMAT, CIFAR10, MEAN255, STD255, color_label, needs_shared, save_splits
+from conftest import BACKEND_FORMAT, CIFAR10, MEAN255, STD255, color_label, needs_shared, save_splits, stock_ffcv
 from fastload import FastLoader, Manifest, PreprocessSpec, convert
 from fastload.formats.manifest import FORMAT_VERSION, DatasetError
 from fastload.formats.writing import sha256_file
@@ -77,8 +77,7 @@ def test_train_crops_are_the_same_pixels_in_every_backend(png_cifar):
 
 @needs_shared
 def test_stock_ffcv_and_stock_dali_read_raw_storage(png_cifar):
-    from fastload.formats.beton import import_ffcv
-    import_ffcv()
+    stock_ffcv()
     from ffcv.fields.decoders import IntDecoder, SimpleRGBImageDecoder
     from ffcv.loader import Loader, OrderOption
     loader = Loader(str(png_cifar["beton"] / "train.beton"), batch_size=100, num_workers=1,

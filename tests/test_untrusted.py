@@ -3,10 +3,12 @@ image bytes, on real photos and CIFAR, in every backend. Each case ends in a nam
 (or the right data), never a crash, a read outside the dataset or silently wrong pixels."""
 from __future__ import annotations
 
+import gc
 import json
 import shutil
 import subprocess
 import sys
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -164,6 +166,28 @@ def test_records_dimensions_that_disagree_with_the_jpeg_fail_the_sample(imagenet
         with pytest.raises(SampleDecodeError, match=rf"sample 6 .* the JPEG is \d+x\d+ pixels, the records index "
                                                     rf"says {value}x\d+"):
             _epoch(d, backend)
+
+
+@needs_shared
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_loader_whose_sample_failed_is_freed_at_once(imagenet_dirs, tmp_path, backend):
+    """A user who catches SampleDecodeError and drops the loader gets its workers back at once:
+    nothing holds the loader in a reference cycle (the reference backend's DataLoader workers
+    took 5 s each to stop when a garbage collection found them)."""
+    d = _copy(imagenet_dirs[BACKEND_FORMAT[backend]], tmp_path)
+    _edit_records(d, "validation", lambda r: r["width"].__setitem__(6, 8))
+    gc.collect()
+    gc.disable()
+    try:
+        loader = FastLoader(d, "validation", batch_size=16, backend=backend, num_workers=2, spec="imagenet:eval")
+        with pytest.raises(SampleDecodeError):
+            for _ in loader:
+                pass
+        alive = weakref.ref(loader)
+        del loader
+        assert alive() is None  # freed by reference counting, not left to a collection
+    finally:
+        gc.enable()
 
 
 # --------------------------------------------------------------------------- per-sample integrity
