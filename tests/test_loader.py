@@ -385,7 +385,7 @@ def test_train_cifar_learns(tmp_path):
     normalization is right."""
     result = tmp_path / "r.json"
     r = subprocess.run([sys.executable, str(ROOT / "scripts" / "train_cifar.py"), "--backend", "dali", "--epochs", "2",
-                        "--train-images", "3000", "--holdout", "500", "--cache", str(tmp_path / "cache"),
+                        "--train-images", "2000", "--holdout", "500", "--cache", str(tmp_path / "cache"),
                         "--json", str(result)], capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     acc = json.loads(result.read_text())["accuracy"]

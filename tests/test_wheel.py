@@ -50,9 +50,22 @@ for c in cc gcc g++ c++ clang tcc; do p=$(command -v $c || true); [ -n "$p" ] &&
 """
 
 
-def _in_namespace(script: str, env: dict, timeout: int = 400) -> subprocess.CompletedProcess:
-    return subprocess.run(["unshare", "--mount", "--propagation", "private", "bash", "-c", HIDE + script],
-                          env={**os.environ, **env}, capture_output=True, text=True, timeout=timeout)
+class Job:
+    """A command started now and waited for by the test that reads it: the three installs of this
+    module (the development reference, the wheel, the source build) run side by side."""
+
+    def __init__(self, args: list[str], env: dict | None = None):
+        self.proc = subprocess.Popen(args, env={**os.environ, **(env or {})}, stdout=subprocess.PIPE,
+                                     stderr=subprocess.STDOUT, text=True)
+
+    def output(self, timeout: int = 400) -> str:
+        out, _ = self.proc.communicate(timeout=timeout)
+        assert self.proc.returncode == 0, out[-6000:]
+        return out
+
+
+def _in_namespace(script: str, env: dict) -> Job:
+    return Job(["unshare", "--mount", "--propagation", "private", "bash", "-c", HIDE + script], env)
 
 
 def _fresh_venv(path: Path) -> Path:
@@ -63,38 +76,48 @@ def _fresh_venv(path: Path) -> Path:
     return path / "bin" / "python"
 
 
-def _pip_install(python: Path, wheel: Path) -> str:
+def _pip_install(python: Path, wheel) -> str:
     return (f"{sys.executable} -m pip --python {python} install -q --no-deps --no-index {wheel} "
             "2>&1 | grep -v 'is ignored' || true\n")
 
 
 @pytest.fixture(scope="module")
-def wheels(tmp_path_factory):
-    """make wheel's wheel."""
+def runs(tmp_path_factory):
+    """make wheel's wheel, then three jobs at once: the development install's report (the
+    reference), the wheel's and a source build's, each in a namespace without the system's libjpeg."""
     out = tmp_path_factory.mktemp("wheelhouse")
     build = subprocess.run(["bash", str(ROOT / "scripts" / "build_wheel.sh"), str(out)], cwd=ROOT,
                            capture_output=True, text=True, env={**os.environ, "PY": sys.executable})
     assert build.returncode == 0, build.stdout + build.stderr
     assert "libjpeg" in build.stdout and "manylinux" in build.stdout, build.stdout
-    return next(out.glob("fastload-*manylinux*.whl"))
+    wheel = next(out.glob("fastload-*manylinux*.whl"))
+    dev, installed, source = (tmp_path_factory.mktemp(n) for n in ("dev", "wheel", "source"))
+
+    python = _fresh_venv(installed / "venv")
+    jobs = {"dev": Job([sys.executable, str(JOB), str(dev / "out"), str(dev / "report.json"), "--batches-only"]),
+            "wheel": _in_namespace(_pip_install(python, wheel) + f'"$PY" {JOB} {installed / "out"} '
+                                   f'{installed / "report.json"}\n', {"PY": str(python), "EMPTY": str(installed / "e")})}
+    # the source tree, built in the namespace: no compiler there, so the C library is left out
+    python = _fresh_venv(source / "venv")
+    shutil.copytree(ROOT, source / "src", ignore=shutil.ignore_patterns(
+        ".venv", ".git", "build", "*.so", "__pycache__", ".cache", "*.egg-info", "demo-out", "wheelhouse"))
+    jobs["source"] = _in_namespace(
+        f"cd {source / 'src'} && {sys.executable} -m pip wheel -q --no-deps --no-build-isolation -w {source / 'w'} . "
+        f"> {source / 'build.log'} 2>&1\n" + _pip_install(python, f"{source / 'w'}/fastload-*.whl")
+        + f'"$PY" {JOB} {source / "out"} {source / "report.json"}\n', {"PY": str(python), "EMPTY": str(source / "e")})
+    yield {"dev": dev, "wheel": installed, "source": source, "jobs": jobs}
+    for job in jobs.values():
+        job.proc.kill()
 
 
-@pytest.fixture(scope="module")
-def development(tmp_path_factory):
-    """The development install's report: the reference the wheel must equal."""
-    work = tmp_path_factory.mktemp("dev")
-    subprocess.run([sys.executable, str(JOB), str(work), str(work / "report.json"), "--batches-only"], check=True,
-                   timeout=300, capture_output=True)
-    return json.loads((work / "report.json").read_text())
+def _report(runs, name: str) -> dict:
+    runs["jobs"][name].output()
+    return json.loads((runs[name] / "report.json").read_text())
 
 
-def test_the_wheel_works_where_the_system_has_no_libjpeg_headers_or_compiler(wheels, development, tmp_path):
-    python = _fresh_venv(tmp_path / "venv")
-    p = _in_namespace(_pip_install(python, wheels) + f'"$PY" {JOB} {tmp_path / "out"} {tmp_path / "report.json"}\n',
-                      {"PY": str(python), "EMPTY": str(tmp_path / "empty")})
-    assert p.returncode == 0, p.stdout + p.stderr
-    report = json.loads((tmp_path / "report.json").read_text())
-    venv = str(tmp_path / "venv")
+def test_the_wheel_works_where_the_system_has_no_libjpeg_headers_or_compiler(runs):
+    report, development = _report(runs, "wheel"), _report(runs, "dev")
+    venv = str(runs["wheel"] / "venv")
     assert report["fastload"].startswith(venv)  # the wheel's fastload, not the development checkout
     assert report["native"].startswith(venv)
     # the only libjpeg in the process is the wheel's own copy (PIL's bundled one has its own name)
@@ -109,19 +132,8 @@ def test_the_wheel_works_where_the_system_has_no_libjpeg_headers_or_compiler(whe
     assert all("sha256" in b for b in report["batches"].values())
 
 
-def test_a_source_build_without_headers_converts_and_reads_with_the_reference_backend(wheels, development, tmp_path):
-    python = _fresh_venv(tmp_path / "venv")
-    build = tmp_path / "src"
-    # the source tree, built in the namespace: no compiler there, so the C library is left out
-    shutil.copytree(ROOT, build, ignore=shutil.ignore_patterns(".venv", ".git", "build", "*.so", "__pycache__",
-                                                                ".cache", "*.egg-info", "demo-out"))
-    script = (f"cd {build} && {sys.executable} -m pip wheel -q --no-deps --no-build-isolation -w {tmp_path / 'w'} . "
-              f"> {tmp_path / 'build.log'} 2>&1\n"
-              + _pip_install(python, f"{tmp_path / 'w'}/fastload-*.whl")
-              + f'"$PY" {JOB} {tmp_path / "out"} {tmp_path / "report.json"}\n')
-    p = _in_namespace(script, {"PY": str(python), "EMPTY": str(tmp_path / "empty")})
-    assert p.returncode == 0, p.stdout + p.stderr + (tmp_path / "build.log").read_text()[-3000:]
-    report = json.loads((tmp_path / "report.json").read_text())
+def test_a_source_build_without_headers_converts_and_reads_with_the_reference_backend(runs):
+    report, development = _report(runs, "source"), _report(runs, "dev")
     assert report["native"] is None and "not built" in report["native_problem"]
     for step in ("demo", "convert", "verify"):
         assert report[step]["rc"] == 0, (step, report[step]["output"])
