@@ -11,6 +11,8 @@ it) and ``manifest.json`` written, last.
 """
 from __future__ import annotations
 
+import contextlib
+
 import json
 import math
 import os
@@ -315,9 +317,11 @@ def _assemble(out: Path, format: str, schema: Schema, settings: dict, tasks, res
         files = []
         if format == "tfrecord":
             for t in split_tasks:
-                if Path(t.path).exists():  # (an uploaded shard is in the store, not here)
-                    fsync_file(Path(t.path))  # on disk before the manifest says the dataset is complete
-                    fsync_file(Path(t.path).with_suffix(".idx"))
+                for path in (Path(t.path), Path(t.path).with_suffix(".idx")):
+                    # on disk before the manifest says the dataset is complete; a shard uploaded
+                    # meanwhile (--out URL) was removed by its uploader, at any moment: the store has it
+                    with contextlib.suppress(FileNotFoundError):
+                        fsync_file(path)
                 files.append({**results[t]["file"], "role": "data"})
                 files.append({**results[t]["index"], "role": "dali_index", "for": results[t]["file"]["path"]})
             files.append(_write_records(out, split, staged))

@@ -32,8 +32,10 @@ MAX_BACKOFF_S = 8.0
 
 class StoreError(DatasetError):
     """A store that failed (after retries), or refused a request; names the URL and what failed.
-    ``kind``: 'missing' (no such object), 'bucket' (no such bucket, or an invalid name), 'refused',
-    'unreachable' (no connection), or 'failed' (retries spent), for callers that say more."""
+    ``kind``: 'missing' (no such object), 'bucket' (no such bucket, or an invalid name),
+    'credentials' (refused or absent), 'permission' (valid credentials without the right),
+    'refused' (either: the store did not say which), 'unreachable' (no connection), or 'failed'
+    (retries spent), for callers that say more."""
 
     def __init__(self, message: str, kind: str = "failed"):
         super().__init__(message)
@@ -158,6 +160,34 @@ def _unreachable(e: BaseException) -> bool:
     return any(n in type(x).__name__ for x in (e, e.__cause__, e.__context__) if x is not None for n in names)
 
 
+# the stores' words for credentials that are wrong, expired or absent, and for a right that is not granted
+_CREDENTIAL_CODES = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken", "InvalidToken",
+                     "TokenRefreshRequired", "InvalidClientTokenId", "AuthorizationHeaderMalformed",
+                     "NoCredentialsError", "PartialCredentialsError", "401"}
+_PERMISSION_CODES = {"AccessDenied", "AllAccessDisabled", "AccountProblem"}
+_CREDENTIALS_FROM = {"s3": "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE",
+                     "gs": "GOOGLE_APPLICATION_CREDENTIALS, or gcloud auth application-default login",
+                     "gcs": "GOOGLE_APPLICATION_CREDENTIALS, or gcloud auth application-default login",
+                     "hf": "HF_TOKEN, or huggingface-cli login"}
+
+
+def _refusal_code(e: BaseException) -> str | None:
+    """The store's own code for a refusal (S3's error code, or botocore's class name for missing
+    credentials), from the exception or what it was raised from."""
+    for x in (e, e.__cause__, e.__context__):
+        if x is None:
+            continue
+        if type(x).__name__ in ("NoCredentialsError", "PartialCredentialsError"):
+            return type(x).__name__
+        response = getattr(x, "response", None)
+        if isinstance(response, dict) and response.get("Error", {}).get("Code"):
+            return str(response["Error"]["Code"])
+        status = getattr(x, "code", None) or getattr(x, "status", None)
+        if status in (401, 403):
+            return str(status)
+    return None
+
+
 class Store:
     """A dataset location in object storage (``url``: the dataset's prefix). Paths given to its
     methods are the manifest's, relative to that prefix. A fork-safe handle: a child process
@@ -195,6 +225,9 @@ class Store:
             try:
                 return call()
             except Exception as e:
+                code = _refusal_code(e)
+                if code in _CREDENTIAL_CODES or code in _PERMISSION_CODES or code == "403":
+                    raise self._refused(relative, what, code, e) from None
                 if not _transient(e) and not isinstance(e, (FileNotFoundError, PermissionError, OSError)):
                     raise
                 if not _transient(e):
@@ -215,6 +248,33 @@ class Store:
                                      f"last: {last}") from None
                 time.sleep(min(delay, MAX_BACKOFF_S) * (0.5 + random.random()))
                 delay *= 2
+
+    def _refused(self, relative: str, what: str, code: str, e: BaseException) -> StoreError:
+        """One line for a refusal, by its cause: credentials the store does not accept (or none), a
+        right the credentials lack, or (a bare 403, as a HEAD request gets) one of the two."""
+        writing = what.startswith(("upload", "writ", "remov", "delet"))
+        url = self.url if writing else self.url_of(relative)  # a write is refused for the prefix
+        where = _CREDENTIALS_FROM.get(self.scheme, "the store's credentials")
+        if code == "403":  # no body to say why (a HEAD; a streamed GET's body is not parsed): ask a listing
+            code = self._listing_refusal(relative) or "AccessDenied"  # listed, or only the listing refused: the right
+        if code in _CREDENTIAL_CODES:
+            said = "no credentials were found" if "Credentials" in code else f"the store refused the credentials ({code})"
+            return StoreError(f"{url}: {said} ({what}): set {where}", "credentials")
+        right = "write under" if writing else "read"
+        if code in _PERMISSION_CODES:
+            return StoreError(f"{url}: the credentials have no permission to {right} it ({code}, {what}): grant it "
+                              f"to them for this prefix, or use credentials that have it ({where})", "permission")
+        return StoreError(f"{url}: the store refused the request (403, {what}): the credentials are wrong or have "
+                          f"no permission to {right} it; check {where}", "refused")
+
+    def _listing_refusal(self, relative: str) -> str | None:
+        """The code of a listing of the file's folder, a request whose refusal has a parsed body:
+        None where the listing is allowed."""
+        try:
+            self.fs.ls(self.key(relative).rsplit("/", 1)[0], refresh=True)
+        except Exception as e:
+            return _refusal_code(e)
+        return None
 
     def read(self, relative: str, start: int | None = None, end: int | None = None, size: int | None = None) -> bytes:
         """Bytes ``start..end`` of a file (all of it without them). A body of another length than
