@@ -2,6 +2,7 @@
 from a mid-epoch checkpoint that sees exactly the batches the uninterrupted run saw."""
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import subprocess
 import sys
@@ -105,10 +106,12 @@ def test_a_checkpoint_of_two_ddp_ranks_resumes_on_one_device(cifar_dirs, tmp_pat
     ranks = [json.loads((two / f"rank{k}.json").read_text()) for k in range(2)]
     assert [len(s) for s in ranks] == [50, 50]  # 1,600 training images, 32 a step
     consumed = [i for s in ranks for step in s[:3] for i in step]  # the checkpoint at step 3
-    r = _lightning_job(cifar_dirs["beton"], one, 32, two / "ckpt" / "step=3.ckpt")
+    with concurrent.futures.ThreadPoolExecutor(2) as both:  # the resume, and a refused one, side by side
+        resumed = both.submit(_lightning_job, cifar_dirs["beton"], one, 32, two / "ckpt" / "step=3.ckpt")
+        refused = both.submit(_lightning_job, cifar_dirs["beton"], tmp_path / "bad", 16, two / "ckpt" / "step=3.ckpt")
+        r, bad = resumed.result(), refused.result()
     assert r.returncode == 0, r.stderr[-3000:]
     rest = json.loads((one / "rank0.json").read_text())
     assert all(len(step) == 32 for step in rest) and len(rest) == 47
     assert sorted(consumed + [i for step in rest for i in step]) == list(range(1600))
-    r = _lightning_job(cifar_dirs["beton"], tmp_path / "bad", 16, two / "ckpt" / "step=3.ckpt")
-    assert r.returncode != 0 and "global batch size is 16 x 2 ranks, this loader's 16 x 1" in r.stderr
+    assert bad.returncode != 0 and "global batch size is 16 x 2 ranks, this loader's 16 x 1" in bad.stderr
