@@ -86,7 +86,7 @@ def _measure_backend(directory, split, spec, entry, batch_size, batches, repeats
     import torch
     from .loader import FastLoader
     from .pipelines import registry
-    registry.register_backend(entry.name, entry.storages, entry.target, entry.requires, entry.extra)  # as in the parent
+    registry.register_backend(**vars(entry))  # as registered in the parent
     backend = entry.name
     t0 = time.perf_counter()
     loader = FastLoader(directory, split, batch_size=batch_size, spec=spec, backend=backend, device=device,

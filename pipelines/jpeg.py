@@ -55,6 +55,11 @@ def _warn_pil_check() -> None:
                   f"for libjpeg's check, {native.REMEDY}", RuntimeWarning, stacklevel=3)
 
 
+def size_disagrees(width: int, height: int, index_width: int, index_height: int) -> str:
+    """The fallbacks' words for a JPEG whose frame is not the records index's size (``_samples.c``'s)."""
+    return f"the JPEG is {width}x{height} pixels, the records index says {index_width}x{index_height}"
+
+
 def _pil_decode(jpeg) -> np.ndarray:
     """PIL's decode (the fallback), HWC uint8; JPEGDecodeError where PIL refuses it."""
     try:
@@ -113,8 +118,7 @@ def decode_rgb(jpeg: np.ndarray, height: int, width: int) -> np.ndarray:
     if _LIB is None:  # PIL's decode: the same pixels
         pixels = _pil_decode(jpeg)
         if pixels.shape[:2] != (height, width):
-            raise JPEGDecodeError(f"the JPEG is {pixels.shape[1]}x{pixels.shape[0]} pixels, the records index "
-                                  f"says {width}x{height}")
+            raise JPEGDecodeError(size_disagrees(pixels.shape[1], pixels.shape[0], width, height))
         return pixels
     region, _ = thread_decoder().decode(jpeg, height, width, 0, height, 0, width)
     return region.copy()

@@ -17,7 +17,7 @@ from crc32c import crc32c
 from PIL import Image
 
 from . import native
-from .jpeg import MESSAGE_LEN
+from .jpeg import MESSAGE_LEN, size_disagrees
 
 
 CHECK_CRC, CHECK_JPEG = 1, 2  # _samples.c's flags
@@ -120,6 +120,5 @@ def _python_failure(reader, index, crcs, heights, widths, what, copy) -> tuple[i
             if kind != ("JPEG", "RGB"):
                 return int(i), f"a {kind[0]} image in mode {kind[1]}, not an RGB JPEG"
             if size != (widths[k], heights[k]):
-                return int(i), (f"the JPEG is {size[0]}x{size[1]} pixels, the records index says "
-                                f"{widths[k]}x{heights[k]}")
+                return int(i), size_disagrees(*size, widths[k], heights[k])
     return None

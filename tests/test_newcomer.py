@@ -18,9 +18,11 @@ from fastload.spec import resolve_spec
 FASTLOAD = [sys.executable, "-m", "fastload.cli"]
 
 
-def one_line_error(r: subprocess.CompletedProcess, *needles: str) -> str:
+def one_line_error(r, *needles: str) -> str:
+    """The one `error: ...` line of a CLI run (a CompletedProcess, or click's in-process Result)."""
+    code = r.returncode if isinstance(r, subprocess.CompletedProcess) else r.exit_code
     lines = [ln for ln in r.stderr.splitlines() if ln.strip() and "%|" not in ln]
-    assert r.returncode == 2 and "Traceback" not in r.stderr, (r.returncode, r.stderr[-2000:])
+    assert code == 2 and "Traceback" not in r.stderr, (code, r.stderr[-2000:])
     assert len(lines) == 1 and lines[0].startswith("error: "), lines
     for needle in needles:
         assert needle in lines[0], (needle, lines[0])
@@ -203,7 +205,4 @@ def test_every_cli_command_says_a_user_error_in_one_line(imagenet_dirs, tmp_path
     monkeypatch.chdir(tmp_path)
     runner = CliRunner()
     for args, says in cases:
-        r = runner.invoke(main, args, prog_name="fastload")
-        lines = [ln for ln in r.stderr.splitlines() if ln.strip() and "%|" not in ln]
-        assert r.exit_code == 2 and len(lines) == 1 and lines[0].startswith("error: "), (args, r.stderr, r.exception)
-        assert says in lines[0], (args, lines[0])
+        one_line_error(runner.invoke(main, args, prog_name="fastload"), says)
