@@ -34,10 +34,13 @@ from .jobs import (PARTIAL, ConversionError, OutputLock, SourcePages, check_free
 from .progress import Phase, PhaseBars
 from .publish import InPlace, output_for
 from .shards import IMAGE_FEATURES, ShardTask, record_shard, shard_done, shard_name
-from .source_rows import ArrowSource, DatasetRows, ParquetSource, ParquetSplit, parquet_source
+from .source_rows import ArrowSource, DatasetRows, ParquetSource, ParquetSplit, parquet_source, write_order_of
 from .sources import Schema, detect_schema, guess_preset, open_source, source_fingerprint
 
 SHARD_MAX, SHARDS_MIN = 1024, 8  # default shard size: at most SHARD_MAX images, at least SHARDS_MIN shards a split
+# rows are written in a seeded random order unless asked to keep the source's (shuffle_seed=None):
+# most sources large enough to stream (image folders, many hub datasets) are sorted by class
+DEFAULT_SHUFFLE_SEED = 0
 
 
 # --------------------------------------------------------------------------- main side
@@ -46,7 +49,8 @@ def convert(source, out, format: str = "tfrecord", splits: list[str] | None = No
             label: str | None = None, shard_size: int | None = None, preset: str | None = None,
             overwrite: bool = False, progress: bool = True, image_codec: str = "auto",
             phases: list[Phase] | None = None, max_pixels: int = DEFAULT_MAX_PIXELS,
-            shuffle_seed: int | None = None, engine: str = "local", address: str | None = None) -> Manifest:
+            shuffle_seed: int | None = DEFAULT_SHUFFLE_SEED, engine: str = "local",
+            address: str | None = None) -> Manifest:
     """Convert ``source`` into the dataset directory ``out``; returns its manifest.
 
     ``image_codec``: 'auto' (raw pixels for small images, see ``converters/images.py``), 'jpeg'
@@ -54,8 +58,11 @@ def convert(source, out, format: str = "tfrecord", splits: list[str] | None = No
     ``phases``, when given, receives a :class:`Phase` (images, seconds) per progress bar shown,
     for a summary. ``max_pixels``: the decompression-bomb guard; a larger source image is refused
     by name, or with ``max_side`` a JPEG is decoded at a reduced size and stored downscaled.
-    ``shuffle_seed``: write each split's samples in a seeded random order (for sources sorted by
-    class, read shard-aware later). ``engine``: 'local' (``workers`` processes, default: every
+    ``shuffle_seed``: each split's samples are written in a seeded random order (so that a source
+    sorted by class, such as an image folder, reads shard-aware as varied as a global shuffle; the
+    seed is in the manifest, ``source_index`` keeps the source row); None keeps the source's order
+    (``--keep-order``). A parquet source on the Ray engine permutes its row groups (parquet is
+    read a row group at a time) and interleaves each shard's at random. ``engine``: 'local' (``workers`` processes, default: every
     usable core) or 'ray' (a task per shard on the Ray cluster at ``address``; see
     ``engines.py``). The output is the same for either engine and any worker count.
     """
@@ -92,10 +99,6 @@ def convert(source, out, format: str = "tfrecord", splits: list[str] | None = No
     data, rows_source = _open_for(engine, source, splits)
     first = next(iter(data.values()))
     schema = detect_schema(first.features, label)
-    if isinstance(rows_source, ParquetSource) and shuffle_seed is not None:
-        raise ConversionError("--shuffle-seed gathers rows from anywhere in a split, which parquet cannot read by "
-                              "row: convert a parquet source with the local engine, or save it with datasets' "
-                              "save_to_disk on a shared disk first")
     empty = [s for s, d in data.items() if len(d) == 0]
     if empty:
         raise ConversionError(f"split(s) {empty} of source {source!r} hold no rows: nothing to convert "
@@ -196,6 +199,7 @@ def _convert_locked(source, out, data, schema, codecs, *, format, workers, max_s
     settings = {"format": format, "source": str(source) if isinstance(source, (str, os.PathLike)) else "<in-memory>",
                 "splits": list(data), "max_side": max_side, "jpeg_quality": int(jpeg_quality), "image_codecs": codecs,
                 "max_pixels": max_pixels, "shuffle_seed": shuffle_seed,
+                "write_order": write_order_of(isinstance(rows_source, ParquetSource), shuffle_seed),
                 "skip_corrupt": bool(skip_corrupt), "label": schema.target,
                 "sizes": {s: len(d) for s, d in data.items()},
                 "stats_every": {s: stats_every(len(d), codecs[s]) for s, d in data.items()},
@@ -345,6 +349,7 @@ def _assemble(out: Path, format: str, schema: Schema, settings: dict, tasks, res
             "source": {"name": settings["source"], "image_column": schema.image_column},
             "encoding": {"jpeg_quality": settings["jpeg_quality"], "max_side": settings["max_side"],
                          "max_pixels": settings["max_pixels"]},
+            "write_order": settings["write_order"],
             "preset": preset, "labels": schema.to_manifest(), "splits": splits_meta}
     manifest = Manifest(out, data)
     manifest.write()

@@ -5,11 +5,13 @@ A :class:`Rows` yields ``(indices, batch)`` pairs for a shard's rows ``start..st
 
 - :class:`DatasetRows`: a ``datasets`` split, memory-mapped (what the local engine's workers
   inherit, and what a Ray task opens itself for a ``save_to_disk`` folder on a shared disk);
-  with ``shuffle_seed``, its rows in a seeded random order.
+  with ``shuffle_seed`` (the default), its rows in a seeded random permutation.
 - :class:`ParquetRows`: parquet files read where they lie (a local or shared disk, ``hf://``,
   ``s3://``, ``gs://``), only the row groups a shard needs: what a Ray task reads, so that no
   image passes through the driver. Resolved on the driver by :func:`parquet_source` from the
-  files' footers alone.
+  files' footers alone. Parquet is read a row group at a time, so its seeded order permutes the
+  row groups, and a shard's rows are its row groups' rows interleaved at random (a row-level
+  permutation would read every row group once per shard).
 
 Both give a shard the same rows: ``datasets`` itself formats a parquet split's rows as
 ``table.to_pydict()`` of the table cast to its features, which is what ``ParquetRows`` returns.
@@ -24,6 +26,8 @@ from typing import Iterator, Protocol, Sequence
 import numpy as np
 
 BATCH = 256  # rows formatted at a time
+INTERLEAVED_BATCH = 32  # rows read at a time from each of a shard's row groups, when they are interleaved
+READ_BUFFER = 4 << 20  # parquet read through a buffer of this size: pages held, not whole column chunks
 
 
 class Rows(Protocol):
@@ -32,11 +36,18 @@ class Rows(Protocol):
 
 
 def write_order(n: int, seed: int | None) -> np.ndarray | None:
-    """The source rows in the order they are written: as they are, or (``shuffle_seed``) a seeded
-    permutation, so that shards of a class-sorted source (an image folder) each hold a mix of
-    classes and a shard-aware shuffle draws batches as varied as a global one (pipelines/orders.py).
-    ``source_index`` keeps each sample's row in the source."""
+    """The source rows (or row groups) in the order they are written: as they are (``seed`` None,
+    ``--keep-order``), or a seeded permutation, so that shards of a class-sorted source (an image
+    folder) each hold a mix of classes and a shard-aware shuffle draws batches as varied as a
+    global one (pipelines/orders.py). ``source_index`` keeps each sample's row in the source."""
     return None if seed is None else np.random.default_rng([int(seed), n]).permutation(n)
+
+
+def write_order_of(parquet_on_ray: bool, seed: int | None) -> dict:
+    """The manifest's ``write_order``: whether and how the rows were shuffled as written."""
+    if seed is None:
+        return {"shuffled": False, "seed": None, "by": None}
+    return {"shuffled": True, "seed": int(seed), "by": "row group" if parquet_on_ray else "row"}
 
 
 class DatasetRows:
@@ -92,44 +103,93 @@ def _open(url: str):
     return fsspec.open(url, "rb").open()
 
 
-class ParquetRows:
-    """Rows of a :class:`ParquetSplit`, read row group by row group (memory: one batch)."""
+@dataclass(frozen=True)
+class _Piece:
+    """Rows ``lo..hi`` of one row group, and the split's index of the group's first row."""
+    url: str
+    group: int
+    first: int
+    lo: int
+    hi: int
 
-    def __init__(self, split: ParquetSplit, image_column: str):
+
+class ParquetRows:
+    """Rows of a :class:`ParquetSplit`, read row group by row group (memory: a batch per row group
+    being read), in the source's order or (``shuffle_seed``) its row groups permuted."""
+
+    def __init__(self, split: ParquetSplit, image_column: str, shuffle_seed: int | None = None):
         import datasets
-        self.split = split
+        self.split, self.seed = split, shuffle_seed
         features = datasets.Features(split.features)
         features[image_column] = datasets.Image(decode=False)
         self.schema = features.arrow_schema
+        # (url, row group, the split's index of its first row, rows), in write order
+        groups, first = [], 0
+        for ref in split.files:
+            for g, n in enumerate(ref.row_groups):
+                groups.append((ref.url, g, first, n))
+                first += n
+        order = write_order(len(groups), shuffle_seed)
+        self.groups = groups if order is None else [groups[i] for i in order.tolist()]
+
+    def _pieces(self, start: int, stop: int) -> list[_Piece]:
+        """The parts of row groups that positions ``start..stop`` of the write order cover."""
+        pieces, at = [], 0
+        for url, g, first, n in self.groups:
+            lo, hi = max(start, at) - at, min(stop, at + n) - at
+            if lo < hi:
+                pieces.append(_Piece(url, g, first, lo, hi))
+            at += n
+            if at >= stop:
+                break
+        return pieces
 
     def batches(self, start, stop):
+        pieces = self._pieces(start, stop)
+        if self.seed is None or len(pieces) < 2:
+            for piece in pieces:
+                yield from self._read(piece, BATCH)
+            return
+        # a shard's row groups interleaved at random (seeded by the shard): each row group's
+        # rows in order, so each is read once, as a stream
+        streams = [_RowStream(self._read(p, INTERLEAVED_BATCH)) for p in pieces]
+        take = np.random.default_rng([int(self.seed), start, stop]).permutation(
+            np.repeat(np.arange(len(pieces)), [p.hi - p.lo for p in pieces]))
+        for offset in range(0, len(take), BATCH):
+            rows = [streams[k].next() for k in take[offset:offset + BATCH].tolist()]
+            yield [i for i, _ in rows], {c: [r[c] for _, r in rows] for c in rows[0][1]}
+
+    def _read(self, piece: _Piece, batch_size: int):
+        """(indices, columns) of ``piece``'s rows, ``batch_size`` at a time."""
         import pyarrow as pa
         import pyarrow.parquet as pq
         from datasets.table import table_cast
-        first = 0  # the split's index of the current file's first row
-        for ref in self.split.files:
-            lo, hi = max(start, first) - first, min(stop, first + ref.rows) - first
-            if lo < hi:
-                groups, at, group_first = [], 0, None
-                for g, n in enumerate(ref.row_groups):
-                    if at + n > lo and at < hi:
-                        groups.append(g)
-                        group_first = at if group_first is None else group_first
-                    at += n
-                with _open(ref.url) as raw:
-                    at = group_first
-                    for batch in pq.ParquetFile(raw).iter_batches(batch_size=BATCH, row_groups=groups,
-                                                                  use_threads=False):
-                        s, e = max(lo, at), min(hi, at + batch.num_rows)
-                        if s < e:
-                            table = table_cast(pa.Table.from_batches([batch.slice(s - at, e - s)]), self.schema)
-                            yield range(first + s, first + e), table.to_pydict()
-                        at += batch.num_rows
-                        if at >= hi:
-                            break
-            first += ref.rows
-            if first >= stop:
-                return
+        with _open(piece.url) as raw:
+            at = 0
+            for batch in pq.ParquetFile(raw, buffer_size=READ_BUFFER).iter_batches(
+                    batch_size=batch_size, row_groups=[piece.group], use_threads=False):
+                s, e = max(piece.lo, at), min(piece.hi, at + batch.num_rows)
+                if s < e:
+                    table = table_cast(pa.Table.from_batches([batch.slice(s - at, e - s)]), self.schema)
+                    yield range(piece.first + s, piece.first + e), table.to_pydict()
+                at += batch.num_rows
+                if at >= piece.hi:
+                    break
+
+
+class _RowStream:
+    """One row at a time, ``(index, {column: value})``, from a stream of (indices, columns) batches."""
+
+    def __init__(self, batches):
+        self.batches, self.indices, self.columns, self.at = batches, [], {}, 0
+
+    def next(self) -> tuple[int, dict]:
+        while self.at >= len(self.indices):
+            self.indices, self.columns = next(self.batches)
+            self.at = 0
+        i = self.at
+        self.at += 1
+        return self.indices[i], {c: v[i] for c, v in self.columns.items()}
 
 
 class ParquetSource:
@@ -139,7 +199,7 @@ class ParquetSource:
         self.splits = splits
 
     def rows(self, split: str, image_column: str, shuffle_seed=None) -> ParquetRows:
-        return ParquetRows(self.splits[split], image_column)
+        return ParquetRows(self.splits[split], image_column, shuffle_seed)
 
     def release(self) -> None:
         pass  # nothing mapped: a batch at a time is read

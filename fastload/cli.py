@@ -98,13 +98,18 @@ def main():
               help="How images are stored: auto = raw RGB pixels for small images (longer side <= 64 px), the "
                    "pixels every backend would decode (lossless); JPEG otherwise.")
 @click.option("--shuffle-seed", type=int, default=None,
-              help="Write samples in a seeded random order (for sources sorted by class, such as image folders: "
-                   "shard-aware loading then mixes classes as a global shuffle does).")
+              help="Seed of the random order samples are written in (default: 0; recorded in the manifest). A "
+                   "source sorted by class (an image folder) then streams shard-aware as varied as a global shuffle.")
+@click.option("--keep-order", is_flag=True,
+              help="Write samples in the source's order instead of a seeded random one.")
 def convert(source, fmt, out, splits, workers, engine, address, max_side, jpeg_quality, skip_corrupt, label,
-            shard_size, preset, overwrite, max_pixels, image_codec, shuffle_seed):
+            shard_size, preset, overwrite, max_pixels, image_codec, shuffle_seed, keep_order):
     """Convert SOURCE (hub name, parquet folder, save_to_disk folder or image folder). Resumable."""
-    from fastload.converters.convert import convert as run
+    from fastload.converters.convert import DEFAULT_SHUFFLE_SEED, convert as run
     import time
+    if keep_order and shuffle_seed is not None:
+        raise click.UsageError("--keep-order and --shuffle-seed contradict each other: give one")
+    shuffle_seed = None if keep_order else DEFAULT_SHUFFLE_SEED if shuffle_seed is None else shuffle_seed
     t0 = time.perf_counter()
     phases = []
     with _conversion_errors(out):

@@ -22,7 +22,7 @@ from .pipelines import registry
 from .pipelines.orders import shard_order_quality
 from .spec import PRESETS, PreprocessSpec, resolve_spec
 from .stats import LoaderStats, LoopMeter
-from .storage import open_dataset
+from .storage import heap, open_dataset
 from .storage.schedule import DEFAULT_WINDOW_UNITS, schedule_for
 from .subset import select_samples, subset_digest
 
@@ -79,6 +79,7 @@ class FastLoader:
                                repeated_augmentation=repeated_augmentation, batch_transform=batch_transform,
                                backend=backend, epochs=epochs, check_samples=check_samples, drop_last=drop_last)
         self.manifest = open_dataset(path, cache_dir=cache_dir, cache_limit=cache_limit)
+        heap.fix_thresholds()  # memory flat epoch after epoch (storage/heap.py); a stream's own policy kept
         self.split = split
         self.reader = SplitReader(self.manifest, split, max_pixels=max_pixels)
         weakref.finalize(self, self.reader.close)  # a loader dropped mid-epoch stops its downloads

@@ -1,8 +1,13 @@
 """A dataset's units of transfer, numbered once for every reader of it.
 
-A *unit* is a whole file (a TFRecord shard, a records index) or one chunk of a large one (a run
-of .beton pages: ``chunk_size`` / ``chunk_sha256`` in the manifest, format version 4). Units are
-numbered across the whole dataset, split by split, file by file in manifest order, each file
+A *unit* is a whole file (a records index; any file before format version 3), one chunk of a
+.beton (``chunk_size`` / ``chunk_sha256`` in the manifest, version 4), or, from version 3 on, a
+piece of a data file: each sample then carries its own CRC32C, so a unit needs no checksum of its
+own and its size is the reader's choice. A split's data is cut into at least ``MIN_UNITS`` units
+(of ``MIN_UNIT_BYTES`` at least): a cache that holds a quarter of any dataset then holds enough
+units for a shuffle window and the next one (8 TFRecord shards, or one small .beton, are too few
+units for that: a window of one unit and no room ahead cost 1.2-1.3x the bytes per epoch). Units
+are numbered across the whole dataset, split by split, file by file in manifest order, each file
 once. The shard-aware order groups samples by unit and a remote cache fetches, marks and evicts
 units, both by these numbers; within one split they increase with the file and the offset, so
 an order that ranks units is the same whichever split is read.
@@ -15,6 +20,10 @@ import numpy as np
 
 from .versions import CHECKSUM_FROM_VERSION
 
+MIN_UNITS = 64              # data units a split is cut into at least (from format version 3)
+MIN_UNIT_BYTES = 4 << 20    # but none smaller: a request has a cost, and a sample that straddles two
+                            # units is read by range beside them (about one sample per unit)
+
 
 @dataclass(frozen=True)
 class Unit:
@@ -22,7 +31,7 @@ class Unit:
     path: str        # the manifest's path of the file it is part of
     start: int       # byte range in that file
     end: int
-    sha256: str | None
+    sha256: str | None  # of the unit (an index file, a .beton chunk before version 3), else of its file
     evictable: bool  # data; an index file stays once fetched
     # a data unit from format version 3 on: every sample in it has a CRC32C, which every backend
     # checks as it reads (a remote dataset's always), so its sha256 would be a second pass
@@ -43,14 +52,20 @@ class UnitTable:
         self.chunk_size: dict[str, int] = {}
         self.sizes: dict[str, int] = {}
         for split in data["splits"].values():
+            data_bytes = sum(int(f["size"]) for f in split["files"] if f["role"] == "data")
+            piece = max(MIN_UNIT_BYTES, -(-data_bytes // MIN_UNITS))
             for f in split["files"]:
                 if f["path"] in self.first_unit:
                     continue
                 path, size, chunk = f["path"], int(f["size"]), f.get("chunk_size")
-                hashes = f.get("chunk_sha256") if chunk else [f.get("sha256")]
-                chunk = int(chunk) if chunk else max(size, 1)
-                self.first_unit[path], self.chunk_size[path], self.sizes[path] = len(self.units), chunk, size
                 is_data = f["role"] == "data"
+                if is_data and sample_crcs:  # pieces of the reader's size, each sample checked as read
+                    chunk = min(int(chunk) if chunk else max(size, 1), piece)
+                    hashes = [f.get("sha256")] * max(1, -(-size // chunk))
+                else:
+                    hashes = f.get("chunk_sha256") if chunk else [f.get("sha256")]
+                    chunk = int(chunk) if chunk else max(size, 1)
+                self.first_unit[path], self.chunk_size[path], self.sizes[path] = len(self.units), chunk, size
                 for k, h in enumerate(hashes):
                     self.units.append(Unit(len(self.units), path, k * chunk, min(size, (k + 1) * chunk),
                                            h if isinstance(h, str) else None, is_data, is_data and sample_crcs))

@@ -85,8 +85,8 @@ def shard_order_quality(mine: np.ndarray, labels: np.ndarray, units: np.ndarray,
                         name: str) -> dict:
     """Distinct labels per batch of a rank's shard-aware order ``mine`` (positions of the selected
     samples, whose ``labels`` and ``units`` are given) and of a global permutation's. Rows sorted
-    by class (an image folder converted without --shuffle-seed) put a class or two in each unit and
-    so in each batch: said, with the remedy."""
+    by class (an image folder converted with --keep-order, or before conversions shuffled by default) put a class or
+    two in each unit and so in each batch: said, with the remedy."""
     permuted = np.random.default_rng(seed).permutation(len(labels))[:len(mine)]
     q = {"labels_per_batch": order_quality(mine, labels, units, batch_size)["labels_per_batch"],
          "global_labels_per_batch": order_quality(permuted, labels, units, batch_size)["labels_per_batch"]}
@@ -94,6 +94,6 @@ def shard_order_quality(mine: np.ndarray, labels: np.ndarray, units: np.ndarray,
         import warnings
         warnings.warn(f"{name}: order='shards' gives {q['labels_per_batch']:.1f} distinct labels a batch, a global "
                       f"order {q['global_labels_per_batch']:.1f}: its rows are sorted by class. Convert it again "
-                      "with --shuffle-seed 0 (rows written in a seeded random order), or pass order='random'",
+                      "without --keep-order (rows are written in a seeded random order), or pass order='random'",
                       RuntimeWarning)
     return q

@@ -5,7 +5,7 @@
     .venv/bin/python scripts/bench_multinode.py [--tile 20] [--cache 0.25] [--latency-ms 20] [--epochs 2]
 
 The data: bench_streaming.py's (the ImageNet sample tiled ``--tile`` times as a class-sorted image
-folder, converted with ``--shuffle-seed 0``), on s3rver behind one proxy per node
+folder, converted with the defaults: a seeded random write order), on s3rver behind one proxy per node
 (fastload.testing.store_proxy), which adds ``--latency-ms`` to every request and counts that node's bytes.
 Two ``torchrun --nnodes 2 --node_rank 0/1 --nproc_per_node 2`` on a local rendezvous; each node's
 cache is limited to ``--cache`` of the dataset (a node's share is half of it: at 0.25 the share

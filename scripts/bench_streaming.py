@@ -8,7 +8,7 @@
 
 The data: the ImageNet sample tiled ``--tile`` times as an image folder (train/<class>/<file>),
 so sorted by class, as image-folder sources are. Each system converts it with its own writer
-(fastload: ``convert --format beton --shuffle-seed 0``, and as sorted for ``fastload-sorted``;
+(fastload: ``convert --format beton`` (its rows in a seeded random order), and ``--keep-order`` for ``fastload-sorted``;
 litdata: ``optimize``; Mosaic: ``MDSWriter``; each peer also with 16 MB chunks or shards, which
 its docs advise for a small cache), the result is uploaded to s3rver (an S3-protocol
 server; moto copies a whole object to answer a range request) behind fastload.testing.store_proxy, which

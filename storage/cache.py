@@ -9,7 +9,8 @@ The unit of transfer is a *unit* (formats/units.py: a whole file, or one chunk o
 unit is fetched whole, checked (an index file, or any file before the per-sample checksums,
 against the manifest's sha256; a data unit by its length, its samples' CRC32Cs being checked as
 they are read), written in place, and only then marked present: a marker file
-``.units/<unit>-<sha256>``, created by an atomic rename. Nothing else records state: a process
+``.units/<unit>-<sha256>-<start>``, created by an atomic rename. Markers of another unit layout (a
+fastload that cut the files otherwise) are dropped with their bytes when the cache is opened. Nothing else records state: a process
 killed mid-fetch leaves a unit without a marker (fetched again by whoever needs it next) and a
 lock that the kernel releases with it.
 
@@ -127,7 +128,14 @@ class UnitCache:
         self.bytes_fetched = 0  # this process's downloads (units and sample ranges), for the benchmarks
         self.meter = StoreMeter()  # the loader's processes' downloads and waits (FastLoader.stats)
         self.loose: set[int] = set()  # units not present that this process wrote samples into
+        # room a prefetch leaves free: the files that stay, and up to a unit (an eighth of the
+        # limit at most) for what its plan does not count (samples read by range, a unit another
+        # rank reserved). A prefetch that fills the cache to its limit makes the next fetch evict
+        # a unit it fetched ahead, which is fetched again later (1.2-1.4x the bytes an epoch)
+        self.slack = sum(u.size for u in self.units if not u.evictable) + min(
+            max((u.size for u in self.units if u.evictable), default=0), (cache_limit or 0) // 8)
         self._make_files()
+        self._drop_other_layouts()
 
     def attach(self, consumer: CacheConsumer) -> None:
         """The reader whose order steers eviction, and who hears of it."""
@@ -155,9 +163,35 @@ class UnitCache:
             finally:
                 os.close(fd)
 
+    def _drop_other_layouts(self) -> None:
+        """Markers that name no unit of this table were written by a fastload that cut the files
+        into other units: the bytes they mark are no unit's here, and would hold room that nothing
+        can evict. Dropped, with every byte no present unit holds."""
+        stale = [e.path for e in os.scandir(self.root / ".units")
+                 if "tmp" not in e.name and self._unit_of_marker(e.name) is None]
+        if not stale:
+            return
+        log.info("%s: dropping %d units of another layout", self.root, len(stale))
+        for path in stale:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+        for unit in self.units:
+            if unit.evictable and not self.present(unit.index):
+                with self._unit_lock(unit.index, wait=False) as free:
+                    if free:  # (not one that a rank of this layout is fetching now)
+                        self._punch(unit)
+
     # ------------------------------------------------------------------ units
     def _marker(self, u: Unit) -> Path:
-        return self.root / ".units" / f"{u.index}-{u.sha256[:32]}"
+        return self.root / ".units" / f"{u.index}-{u.sha256[:32]}-{u.start}"
+
+    def _unit_of_marker(self, name: str) -> int | None:
+        """The unit whose marker is named ``name``, if any."""
+        head = name.split("-", 1)[0]
+        if not head.isdigit() or int(head) >= len(self.units):
+            return None
+        u = int(head)
+        return u if name == self._marker(self.units[u]).name else None
 
     def present(self, u: int) -> bool:
         if self._present[u]:
@@ -376,7 +410,7 @@ class UnitCache:
         ``busy``; False when none can go."""
         with self._evict_lock:
             present = [u for e in os.scandir(self.root / ".units")
-                       if (u := _unit_of_marker(e.name, len(self.units))) is not None
+                       if (u := self._unit_of_marker(e.name)) is not None
                        and u != exclude and u not in busy and self.units[u].evictable]
             present.sort(key=self._use_of, reverse=True)
             for u in present:
@@ -465,9 +499,3 @@ def _lock_file(fd: int, wait: bool) -> bool:
             threading.Event().wait(0.005)
 
 
-def _unit_of_marker(name: str, count: int) -> int | None:
-    head = name.split("-", 1)[0]
-    if not head.isdigit() or "tmp" in name:
-        return None
-    u = int(head)
-    return u if u < count else None

@@ -145,4 +145,4 @@ class Prefetcher:
             return True
         _, _, last, sizes = span  # sorted by first use: spans 0..k start no later than k
         still = last[:k + 1] >= self._position - self._lag
-        return int(sizes[:k + 1][still].sum()) <= self.cache.cache_budget()
+        return int(sizes[:k + 1][still].sum()) <= self.cache.cache_budget() - self.cache.slack

@@ -85,18 +85,22 @@ class NodeSchedule:
         return "shards"
 
     def window_units(self, units: np.ndarray) -> int:
-        """Units per shuffle window, for samples in ``units``. A node's cache holds, for each of
-        its ranks, the units its other ranks may still read (:meth:`lag`), the window being read
-        and the next one arriving; the room left after the lag is split between those two windows
-        (at least one unit). Sized on the units that hold samples (an index file is a unit too),
-        and rounded down to a power of two, so that nodes whose disks have about the same room
-        agree without a cache_limit (give every node the same one to be sure)."""
+        """Units per shuffle window, for samples in ``units``. A node's cache holds the files that
+        stay (index files), and for each of its ranks the units its other ranks may still read
+        (:meth:`lag`), a unit of slack (the backend's read-ahead, the next epoch's first units
+        arriving at an epoch's end), the window being read and the next one arriving; the room
+        left is split between those two windows (at least one unit). A cache with no slack
+        evicts units before their last use and fetches them again (1.2-1.4x the bytes an epoch,
+        measured in scripts/bench_shuffle.py). Sized on the units that hold samples, and rounded
+        down to a power of two, so that nodes whose disks have about the same room agree without
+        a cache_limit (give every node the same one to be sure)."""
         cache, local = self.split.cache, self.local_ranks
         used = np.unique(units)
         unit = max(1, sum(cache.units[u].size for u in used.tolist()) // max(1, len(used)))
         per_unit = max(1, len(units) // max(1, len(used)))
         lag_units = -(-self.lag(local) // local // per_unit) + 1  # per rank; +1: a window's edge
-        fits = int(cache.cache_budget() // (unit * local)) - lag_units
+        staying = sum(u.size for u in cache.units if not u.evictable)
+        fits = int((cache.cache_budget() - staying) // (unit * local)) - lag_units - 1
         fits = max(1, fits // 2)
         return 1 << (fits.bit_length() - 1)
 

@@ -79,7 +79,7 @@ class RemoteSplit:
             list(self._pool("units").map(self._wait_for, sorted(coming)))
             absent -= {u for u in coming if cache.present(u)}
         if absent:
-            missing = np.isin(self.unit_first[todo], list(absent)) | np.isin(self.unit_last[todo], list(absent))
+            missing = self._touches(todo, absent)
             if self.crcs is not None:
                 list(self._pool("samples").map(self._fetch_sample, np.unique(todo[missing]).tolist()))
                 cache.trim()
@@ -126,15 +126,26 @@ class RemoteSplit:
 
     def evicted(self, u: int) -> None:
         self._all_ready = False
-        self.ready[(self.unit_first == u) | (self.unit_last == u)] = False
+        self.ready[(self.unit_first <= u) & (self.unit_last >= u)] = False
 
     def next_use(self, u: int) -> float:
         return self.prefetch.next_use(u)
 
     # ------------------------------------------------------------------ helpers
     def _units_of(self, samples: np.ndarray) -> np.ndarray:
-        """The units holding ``samples`` (a sample may straddle two)."""
-        return np.unique(np.concatenate([self.unit_first[samples], self.unit_last[samples]]))
+        """The units holding ``samples`` (a sample may straddle two, or more when it is larger than a unit)."""
+        first, last = self.unit_first[samples], self.unit_last[samples]
+        wide = np.flatnonzero(last - first > 1)
+        between = [np.arange(first[k] + 1, last[k]) for k in wide.tolist()]
+        return np.unique(np.concatenate([first, last, *between]))
+
+    def _touches(self, samples: np.ndarray, units: set[int]) -> np.ndarray:
+        """Which of ``samples`` have bytes in one of ``units``."""
+        listed = list(units)
+        hit = np.isin(self.unit_first[samples], listed) | np.isin(self.unit_last[samples], listed)
+        for k in np.flatnonzero(self.unit_last[samples] - self.unit_first[samples] > 1).tolist():
+            hit[k] = hit[k] or any(u in units for u in range(self.unit_first[samples[k]], self.unit_last[samples[k]]))
+        return hit
 
     def _wait_for(self, u: int) -> None:
         """Unit ``u``, which another fetches: present once its lock is free (or fetched here if

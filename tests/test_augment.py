@@ -327,7 +327,7 @@ def test_mixing_multilabel_batches(tmp_path):
     from conftest import coco_dataset, save_splits
     from fastload import convert
     ds = coco_dataset(12)
-    convert(str(save_splits(tmp_path / "src", train=ds)), tmp_path / "out", format="tfrecord", progress=False)
+    convert(str(save_splits(tmp_path / "src", train=ds)), tmp_path / "out", format="tfrecord", progress=False, shuffle_seed=None)
     spec = PreprocessSpec.preset("coco", train=True).replace(mixup=Mixup(mixup_alpha=1.0))
     loader = FastLoader(tmp_path / "out", "train", batch_size=6, spec=spec, backend="reference", num_workers=0,
                         order="sequential", drop_last=True)

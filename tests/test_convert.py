@@ -147,14 +147,14 @@ def test_cifar100_keeps_both_labels(tmp_path):
     ds = cifar100_dataset(20)
     src = save_splits(tmp_path / "src", train=ds)
     for fmt in ("tfrecord", "beton"):
-        m = convert(str(src), tmp_path / fmt, format=fmt, progress=False)
+        m = convert(str(src), tmp_path / fmt, format=fmt, progress=False, shuffle_seed=None)
         r = SplitReader(m, "train")
         assert m.labels["target"] == "fine_label" and m.preset == "cifar100"
         assert r.labels.tolist() == ds["fine_label"]
         assert np.asarray(r.records["coarse_label"]).tolist() == ds["coarse_label"]
         assert m.labels["columns"]["coarse_label"]["num_classes"] == 20
         assert verify(tmp_path / fmt) == []
-    coarse = convert(str(src), tmp_path / "coarse", format="tfrecord", label="coarse_label", progress=False)
+    coarse = convert(str(src), tmp_path / "coarse", format="tfrecord", label="coarse_label", progress=False, shuffle_seed=None)
     assert SplitReader(coarse, "train").labels.tolist() == ds["coarse_label"]
     from fastload.formats import tfrecord
     tm = Manifest.read(tmp_path / "tfrecord")
@@ -168,7 +168,7 @@ def test_coco_multilabel_ids_survive(tmp_path):
     src = save_splits(tmp_path / "src", train=ds)
     expected = [sorted(set(o["category"])) for o in ds["objects"]]
     for fmt in ("tfrecord", "beton"):
-        m = convert(str(src), tmp_path / fmt, format=fmt, progress=False)
+        m = convert(str(src), tmp_path / fmt, format=fmt, progress=False, shuffle_seed=None)
         assert m.multi_label and m.num_classes == 80 and m.preset == "coco"
         assert m.class_names[:2] == ["category_0", "category_1"]
         r = SplitReader(m, "train")
@@ -238,7 +238,7 @@ def test_gray_cmyk_png_and_exif_become_upright_rgb_jpegs(tmp_path):
                rotated.getvalue(), progressive, png_bytes(Image.fromarray(rgb).convert("RGBA"))]
     ds = _image_dataset(sources)
     src = save_splits(tmp_path / "src", train=ds)
-    m = convert(str(src), tmp_path / "out", format="tfrecord", progress=False, image_codec="jpeg")  # (auto: raw)
+    m = convert(str(src), tmp_path / "out", format="tfrecord", progress=False, shuffle_seed=None, image_codec="jpeg")  # (auto: raw)
     r = SplitReader(m, "train")
     assert r.stored(0).tobytes() == sources[0]  # RGB baseline JPEG: byte for byte
     assert m.split("train").stats and m.data["splits"]["train"]["passthrough_jpegs"] == 1
@@ -383,7 +383,7 @@ def test_corrupt_image_stops_with_split_and_index_and_skip_lists_it(tmp_path):
     m = convert(str(src), tmp_path / "skipped", format="beton", skip_corrupt=True, progress=False)
     assert m.split("train").num_examples == 3
     assert [s["index"] for s in m.split("train").skipped] == [2]
-    assert SplitReader(m, "train").records["source_index"].tolist() == [0, 1, 3]
+    assert sorted(SplitReader(m, "train").records["source_index"].tolist()) == [0, 1, 3]
     assert verify(tmp_path / "skipped") == []
 
 
@@ -421,8 +421,12 @@ def test_kill9_midway_then_rerun_resumes(tmp_path, fmt):
     assert verify(out) == []
     m = Manifest.read(out)
     import datasets
-    labels = datasets.load_dataset(str(CIFAR10), split="test")["label"]
-    assert SplitReader(m, "test").labels.tolist() == labels
+    labels = np.asarray(datasets.load_dataset(str(CIFAR10), split="test")["label"])
+    reader = SplitReader(m, "test")  # (written in a seeded random order: the source is sorted by label)
+    source_index = np.asarray(reader.records["source_index"])
+    assert sorted(source_index.tolist()) == list(range(10000)) and not np.array_equal(source_index, np.arange(10000))
+    assert np.array_equal(labels[source_index], reader.labels)
+    assert m.data["write_order"] == {"shuffled": True, "seed": 0, "by": "row"}
     assert not (out / ".partial").exists()
     assert kept  # finished shards were not redone: their records were reused (checked by the message)
     # each phase had a bar, and the summary line repeats what the bars showed: the images that
@@ -604,7 +608,7 @@ def test_small_jpegs_stored_raw_are_what_datasets_shows(tmp_path):
     sources = [jpeg_bytes(rgb), rotated.getvalue(), cmyk.getvalue(), jpeg_bytes(rgb[..., 0]),
                jpeg_bytes(rgb, progressive=True)]
     src = save_splits(tmp_path / "src", train=_image_dataset(sources))
-    m = convert(str(src), tmp_path / "out", format="tfrecord", progress=False)
+    m = convert(str(src), tmp_path / "out", format="tfrecord", progress=False, shuffle_seed=None)
     assert m.split("train").image_codec == "raw"
     r = SplitReader(m, "train")
     for i, b in enumerate(sources):
@@ -612,4 +616,4 @@ def test_small_jpegs_stored_raw_are_what_datasets_shows(tmp_path):
         assert np.array_equal(np.asarray(r.image(i)), shown), i
     bad = save_splits(tmp_path / "bad", train=_image_dataset([sources[0], sources[0][:len(sources[0]) // 2]]))
     with pytest.raises(CorruptImageError, match="index 1"):
-        convert(str(bad), tmp_path / "bad-out", format="tfrecord", progress=False)
+        convert(str(bad), tmp_path / "bad-out", format="tfrecord", progress=False, shuffle_seed=None)

@@ -326,7 +326,7 @@ def test_torchrun_two_processes_gloo(labelled_colors, tmp_path):
 def test_coco_multilabel_batches(tmp_path, backend):
     ds = coco_dataset(12)
     src = save_splits(tmp_path / "src", train=ds)
-    convert(str(src), tmp_path / "out", format="tfrecord", progress=False)
+    convert(str(src), tmp_path / "out", format="tfrecord", progress=False, shuffle_seed=None)
     loader = FastLoader(tmp_path / "out", "train", batch_size=5, backend=backend, num_workers=1, order="sequential",
                         drop_last=False)
     assert loader.spec == PreprocessSpec.preset("coco", train=True)

@@ -188,6 +188,8 @@ def test_every_cli_command_says_a_user_error_in_one_line(imagenet_dirs, tmp_path
     cases = [
         (["convert", sample, "--format", "nope", "--out", "x"], "Invalid value for '--format'"),
         (["convert", sample, "--format", "beton", "--out", "x", "--workers", "0"], "'--workers': 0 is not in"),
+        (["convert", sample, "--format", "beton", "--out", "x", "--keep-order", "--shuffle-seed", "3"],
+         "--keep-order and --shuffle-seed contradict each other: give one"),
         (["convert"], "Missing argument 'SOURCE'. (see fastload convert --help)"),
         (["nosuchcmd"], "No such command 'nosuchcmd'"),
         (["convert", "/nonexistent", "--format", "beton", "--out", "x"], "could not be opened"),

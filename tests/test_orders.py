@@ -120,22 +120,25 @@ def test_elastic_resume_refuses_another_global_batch_by_name(imagenet_dirs, monk
         two.load_state_dict(state)
 
 
-def test_class_sorted_source_shuffled_at_conversion_mixes_classes_in_shard_aware_batches(tmp_path):
-    """An image-folder-like source (sorted by class) in one-class shards: a shard-aware order
-    draws ~2 classes a batch; written in a seeded random order (--shuffle-seed), as many as a
-    global permutation."""
+def test_a_class_sorted_source_converted_with_the_defaults_streams_as_varied_as_a_global_shuffle(tmp_path):
+    """An image-folder-like source (sorted by class): kept in its order (--keep-order), its
+    shards hold a class or two and a shard-aware order draws ~2 classes a batch; converted with
+    the defaults (a seeded random write order), then streamed from a store with a cache of a
+    quarter of its bytes (the loader then reads shard-aware), as many as a global permutation."""
     import datasets
     from conftest import CIFAR10
     from fastload import convert
+    from fastload.testing.memory_store import memory_store
     if not CIFAR10.exists():
         pytest.skip("../shared/data is absent")
     ds = datasets.load_dataset(str(CIFAR10), split="test").sort("label").select(range(0, 10000, 10))
     src = tmp_path / "sorted"
     datasets.DatasetDict({"train": ds}).save_to_disk(str(src))
     quality = {}
-    for name, seed in (("as is", None), ("shuffled", 0)):
-        m = convert(str(src), tmp_path / name, format="tfrecord", workers=2, shard_size=100, progress=False,
-                    shuffle_seed=seed)
+    for name, seed in (("as is", None), ("defaults", 0)):
+        kw = {"shuffle_seed": None} if seed is None else {}
+        m = convert(str(src), tmp_path / name, format="tfrecord", workers=2, shard_size=100, progress=False, **kw)
+        assert m.data["write_order"] == {"shuffled": seed is not None, "seed": seed, "by": None if seed is None else "row"}
         loader = FastLoader(tmp_path / name, "train", batch_size=50, backend="reference", num_workers=0)
         reader = loader.reader
         labels, units = reader.labels, reader.units
@@ -148,14 +151,20 @@ def test_class_sorted_source_shuffled_at_conversion_mixes_classes_in_shard_aware
         assert np.array_equal(src_labels[np.asarray(reader.records["source_index"])], labels)
         assert m.split("train").num_examples == 1000
     assert quality["as is", "shards"] < 0.5 * quality["as is", "random"]
-    assert quality["shuffled", "shards"] >= 0.9 * quality["shuffled", "random"]
+    assert quality["defaults", "shards"] >= 0.9 * quality["defaults", "random"]
     # a loader that reads the sorted rows shard-aware says so, with the remedy; the shuffled, not
     with pytest.warns(RuntimeWarning, match=r"order='shards' gives \S+ distinct labels a batch, a global order "
-                                            r"\S+: its rows are sorted by class\. Convert it again with --shuffle-seed"):
+                                            r"\S+: its rows are sorted by class\. Convert it again without --keep-order"):
         sorted_ = FastLoader(tmp_path / "as is", "train", batch_size=50, backend="reference", order="shards")
     assert sorted_.order_quality["labels_per_batch"] < 0.9 * sorted_.order_quality["global_labels_per_batch"]
     import warnings
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        mixed = FastLoader(tmp_path / "shuffled", "train", batch_size=50, backend="reference", order="shards")
+    with memory_store() as store:
+        url = store.upload(tmp_path / "defaults", "d")
+        quarter = sum(f.stat().st_size for f in (tmp_path / "defaults").iterdir()) // 4
+        with warnings.catch_warnings(record=True) as said:
+            warnings.simplefilter("always")
+            mixed = FastLoader(url, "train", batch_size=50, backend="reference", cache_dir=tmp_path / "cache",
+                               cache_limit=quarter)
+        assert mixed.order == "shards" and [str(w.message) for w in said if "outgrows its cache" in str(w.message)]
+        assert not [w for w in said if "distinct labels" in str(w.message)]
     assert mixed.order_quality["labels_per_batch"] >= 0.9 * mixed.order_quality["global_labels_per_batch"]

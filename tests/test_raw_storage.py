@@ -41,7 +41,7 @@ def png_cifar(tmp_path_factory):
     out = {"pixels": pixels, "labels": np.array(ds["label"]), "source": src}
     for fmt in ("beton", "tfrecord"):
         out[fmt] = root / fmt
-        convert(str(src), out[fmt], format=fmt, workers=2, progress=False)
+        convert(str(src), out[fmt], format=fmt, workers=2, progress=False, shuffle_seed=None)
     return out
 
 
@@ -111,12 +111,12 @@ def test_stock_ffcv_and_stock_dali_read_raw_storage(png_cifar):
 
 @needs_shared
 def test_codec_choice_and_jpeg_override(png_cifar, imagenet_dirs, tmp_path):
-    jpeg = convert(str(png_cifar["source"]), tmp_path / "jpeg", format="tfrecord", progress=False,
+    jpeg = convert(str(png_cifar["source"]), tmp_path / "jpeg", format="tfrecord", progress=False, shuffle_seed=None,
                    image_codec="jpeg")
     assert jpeg.split("train").image_codec == "jpeg"  # the old, lossy storage on request
     assert Manifest.read(imagenet_dirs["tfrecord"]).split("validation").image_codec == "jpeg"  # photos: JPEG
     with pytest.raises(ValueError, match="image_codec='png' is invalid: allowed"):
-        convert(str(png_cifar["source"]), tmp_path / "x", image_codec="png", progress=False)
+        convert(str(png_cifar["source"]), tmp_path / "x", image_codec="png", progress=False, shuffle_seed=None)
 
 
 def test_raw_storage_of_larger_images_resamples_like_the_reference(labelled_colors, tmp_path):
@@ -129,7 +129,7 @@ def test_raw_storage_of_larger_images_resamples_like_the_reference(labelled_colo
     for fmt, backend in (("beton", "ffcv"), ("tfrecord", "dali"), ("tfrecord", "reference")):
         out = tmp_path / fmt
         if not (out / "manifest.json").exists():
-            convert(str(src), out, format=fmt, progress=False, image_codec="raw", preset="imagenet")
+            convert(str(src), out, format=fmt, progress=False, shuffle_seed=None, image_codec="raw", preset="imagenet")
         loader = FastLoader(out, "train", batch_size=40, backend=backend, spec="imagenet:train", num_workers=1,
                             drop_last=False)
         x, y = next(iter(loader))

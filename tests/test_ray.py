@@ -78,6 +78,12 @@ def _files(m: Manifest) -> dict:
     return {f["path"]: f["sha256"] for s in m.split_names for f in m.split(s).files}
 
 
+# Ray reads parquet where it lies, a row group at a time: its seeded write order permutes row
+# groups (the local engine, through datasets' Arrow copy, rows). In the source's order (--keep-order)
+# the two engines write the same files.
+KEEP = {"cifar": {"shuffle_seed": None}, "imagenet": {}}
+
+
 @pytest.fixture(scope="module")
 def local(sources, tmp_path_factory):
     """Each source converted by the local engine: what the Ray engine must write."""
@@ -85,30 +91,60 @@ def local(sources, tmp_path_factory):
     out = {}
     for name, fmt in (("cifar", "tfrecord"), ("imagenet", "beton"), ("imagenet", "tfrecord")):
         out[name, fmt] = convert(str(sources[name]), root / f"{name}-{fmt}", format=fmt, workers=2, shard_size=100,
-                                 progress=False)
+                                 progress=False, **KEEP[name])
     return out
+
+
+@pytest.fixture(scope="module")
+def shuffled_parquet(cluster, sources, tmp_path_factory):
+    """The parquet source converted by the Ray engine with the defaults: its row groups permuted."""
+    out = tmp_path_factory.mktemp("ray-parquet") / "out"
+    return convert(str(sources["cifar"]), out, format="tfrecord", engine="ray", shard_size=150, progress=False)
 
 
 # (imagenet -> tfrecord: the s3 test below compares those files)
 @pytest.mark.parametrize("name,fmt", [("cifar", "tfrecord"), ("imagenet", "beton")])
 def test_ray_engine_writes_the_local_engines_dataset(cluster, sources, local, tmp_path, name, fmt):
-    m = convert(str(sources[name]), tmp_path / "out", format=fmt, engine="ray", shard_size=100, progress=False)
+    m = convert(str(sources[name]), tmp_path / "out", format=fmt, engine="ray", shard_size=100, progress=False,
+                **KEEP[name])
     assert _files(m) == _files(local[name, fmt])  # every data file, index and records: the same sha256
     assert verify(tmp_path / "out") == []
     assert [p.name for p in (tmp_path / "out").glob(".*")] == []  # no lock, staging or temporary file left
 
 
-def test_ray_cli_one_progress_bar_and_the_summary(cluster, sources, local, tmp_path):
+def test_a_parquet_source_on_ray_is_written_with_its_row_groups_permuted(shuffled_parquet, sources):
+    """Every source row once, each with its own label; the row groups (200 rows) in a seeded
+    random order and a shard's row groups interleaved (150-row shards: every other one spans two)."""
+    import datasets
+    m = shuffled_parquet
+    assert m.data["write_order"] == {"shuffled": True, "seed": 0, "by": "row group"}
+    reader = SplitReader(m, "train")
+    source_index = np.asarray(reader.records["source_index"])
+    assert sorted(source_index.tolist()) == list(range(3000))
+    src = datasets.load_dataset(str(sources["cifar"]), split="train")
+    assert np.array_equal(np.asarray(src["label"])[source_index], reader.labels)
+    starts = np.cumsum([0] + ([200] * 7 + [100]) * 2)[:-1]  # each file's row groups: 1,500 rows, 200 a group
+    groups = np.searchsorted(starts, source_index, side="right") - 1
+    assert not np.array_equal(np.unique(groups[:400]), [0, 1])  # not the first row groups first
+    shards = [groups[k:k + 150] for k in range(0, 3000, 150)]
+    spanning = [g for g in shards if len(np.unique(g)) > 1]
+    assert len(spanning) >= 8, [len(np.unique(g)) for g in shards]  # 150-row shards over 200-row groups
+    # interleaved, not one row group after the other
+    assert all(np.sum(np.diff(g) != 0) > 2 * len(np.unique(g)) for g in spanning)
+    assert verify(m.root) == []
+
+
+def test_ray_cli_one_progress_bar_and_the_summary(cluster, sources, shuffled_parquet, tmp_path):
     out = tmp_path / "out"
     r = subprocess.run([*FASTLOAD, "convert", str(sources["cifar"]), "--format", "tfrecord", "--out", str(out),
-                        "--engine", "ray", "--address", cluster.address, "--shard-size", "100"],
+                        "--engine", "ray", "--address", cluster.address, "--shard-size", "150"],
                        capture_output=True, text=True, cwd=ROOT, timeout=180)
     assert r.returncode == 0, r.stderr[-2000:]
     bars = [line for line in r.stderr.replace("\r", "\n").splitlines() if line.startswith("convert: 100%")]
     assert bars and bars[-1].split("|")[2].strip().startswith("3000/3000"), r.stderr[-1000:]
     assert "; convert 3000 images in" in r.stdout and "wrote" in r.stdout
-    assert "ray: 30 tasks on 2 nodes" in r.stdout, r.stdout  # both nodes read their rows where they lie
-    assert _files(Manifest.read(out)) == _files(local["cifar", "tfrecord"])
+    assert "ray: 20 tasks on 2 nodes" in r.stdout, r.stdout  # both nodes read their rows where they lie
+    assert _files(Manifest.read(out)) == _files(shuffled_parquet)  # the same seeded order, run after run
 
 
 def _done_shards(out: Path) -> int:
@@ -126,7 +162,7 @@ def test_a_node_killed_mid_run_changes_nothing(cluster, sources, local, tmp_path
     def run():
         try:
             result["m"] = convert(str(sources["cifar"]), out, format="tfrecord", engine="ray", shard_size=100,
-                                  progress=False)
+                                  progress=False, **KEEP["cifar"])
         except BaseException as e:  # noqa: BLE001 (raised again below)
             error.append(e)
     thread = threading.Thread(target=run)
@@ -142,10 +178,10 @@ def test_a_node_killed_mid_run_changes_nothing(cluster, sources, local, tmp_path
     assert verify(out, decode_images=False) == []  # the same sha256s as the local engine: decoded there
 
 
-def test_driver_killed_then_the_same_command_resumes(cluster, sources, local, tmp_path):
+def test_driver_killed_then_the_same_command_resumes(cluster, sources, shuffled_parquet, tmp_path):
     out = tmp_path / "out"
     cmd = [*FASTLOAD, "convert", str(sources["cifar"]), "--format", "tfrecord", "--out", str(out),
-           "--engine", "ray", "--address", cluster.address, "--shard-size", "100"]
+           "--engine", "ray", "--address", cluster.address, "--shard-size", "150"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT, start_new_session=True)
     deadline = time.time() + 120
     while time.time() < deadline and _done_shards(out) < 4:
@@ -153,13 +189,13 @@ def test_driver_killed_then_the_same_command_resumes(cluster, sources, local, tm
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     before = _done_shards(out)
-    assert 4 <= before < 30, "the kill must land mid-run"
+    assert 4 <= before < 20, "the kill must land mid-run"
     r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=180)
     assert r.returncode == 0, r.stderr[-2000:]
     kept = int(r.stdout.split("resuming: ")[1].split(" of ")[0])
     assert kept >= before  # the shards recorded before the kill were not written again
-    assert _files(Manifest.read(out)) == _files(local["cifar", "tfrecord"])
-    assert verify(out, decode_images=False) == []  # the same sha256s as the local engine: decoded there
+    assert _files(Manifest.read(out)) == _files(shuffled_parquet)
+    assert verify(out, decode_images=False) == []  # the same sha256s as a run without a kill: decoded there
 
 
 def test_a_task_on_a_corrupt_image_fails_as_the_local_engine_does(cluster, tmp_path):
@@ -179,14 +215,10 @@ def test_a_task_on_a_corrupt_image_fails_as_the_local_engine_does(cluster, tmp_p
     assert [s["index"] for s in m.split("train").skipped] == [17]
     local = convert(str(src), tmp_path / "local", format="tfrecord", shard_size=8, skip_corrupt=True, progress=False)
     assert _files(m) == _files(local)
-    assert SplitReader(m, "train").records["source_index"].tolist() == [i for i in range(30) if i != 17]
+    assert sorted(SplitReader(m, "train").records["source_index"].tolist()) == [i for i in range(30) if i != 17]
 
 
 def test_ray_refuses_what_it_cannot_do_by_name(cluster, sources, tmp_path):
-    from fastload.converters.jobs import ConversionError
-    with pytest.raises(ConversionError, match="--shuffle-seed.*parquet"):
-        convert(str(sources["cifar"]), tmp_path / "a", format="tfrecord", engine="ray", shuffle_seed=0,
-                progress=False)
     with pytest.raises(ValueError, match="address=.*engine='ray'"):
         convert(str(sources["cifar"]), tmp_path / "b", format="tfrecord", address="auto", progress=False)
     r = subprocess.run([*FASTLOAD, "convert", str(sources["cifar"]), "--format", "tfrecord", "--out",

@@ -139,7 +139,7 @@ def test_cifar100_coarse_label_and_source_index(tmp_path):
     src = save_splits(tmp_path / "src", train=ds)
     for fmt, backend in (("beton", "ffcv"), ("tfrecord", "dali")):
         out = tmp_path / fmt
-        convert(str(src), out, format=fmt, workers=1, progress=False)
+        convert(str(src), out, format=fmt, workers=1, progress=False, shuffle_seed=None)
         loader = FastLoader(out, "train", batch_size=16, backend=backend, num_workers=1, drop_last=False,
                             columns=("index", "source_index", "coarse_label"))
         rows = [b for b in loader]
