@@ -56,6 +56,21 @@ def cifar_png_source(cache: Path, tile: int) -> Path:
     return out
 
 
+def cifar_parquet_source(cache: Path, tile: int, files: int = 8) -> Path:
+    """The PNG rows of :func:`cifar_png_source` as ``files`` parquet files in the hub's layout
+    (``data/train-0000k-of-0000n.parquet``, row groups of 100 rows as ``datasets`` writes images)."""
+    import datasets
+    out = cache / f"cifar-parquet-x{tile}"
+    if not (out / ".complete").exists():
+        ds = datasets.load_from_disk(str(cifar_png_source(cache, tile)))["train"]
+        (out / "data").mkdir(parents=True, exist_ok=True)
+        for k in range(files):
+            ds.shard(files, k, contiguous=True).to_parquet(
+                str(out / "data" / f"train-{k:05d}-of-{files:05d}.parquet"), batch_size=100)
+        (out / ".complete").touch()
+    return out
+
+
 def cifar_jpeg_folder(cache: Path, tile: int) -> Path:
     """The CIFAR sample's JPEGs as files in class folders, tiled (copies: each a file of its own)."""
     import datasets
@@ -260,6 +275,9 @@ def _count(source: Path) -> int:
     import datasets
     if (source / "dataset_dict.json").exists():
         return len(datasets.load_from_disk(str(source))["train"])
+    if (source / "data").is_dir():
+        import pyarrow.parquet as pq
+        return sum(pq.ParquetFile(f).metadata.num_rows for f in (source / "data").glob("*.parquet"))
     return sum(1 for _ in source.rglob("*.jpg"))
 
 
@@ -272,8 +290,10 @@ def main():
     ap.add_argument("--no-ray", action="store_true", help="leave the Ray engine out")
     ap.add_argument("--memory", help="comma-separated sizes: convert that many CIFAR images (the sample "
                                      "repeated) and report peak RSS, instead of the comparison")
-    ap.add_argument("--memory-source", choices=["png", "jpeg-folder"], default="jpeg-folder",
-                    help="--memory's source: PNGs saved with save_to_disk, or JPEG files in class folders")
+    ap.add_argument("--memory-source", choices=["png", "parquet", "jpeg-folder"], default="jpeg-folder",
+                    help="--memory's source: PNGs saved with save_to_disk, the same rows in 8 parquet files (as "
+                         "the hub stores them: the local engine opens them through datasets' cache, the Ray "
+                         "engine reads them where they lie), or JPEG files in class folders")
     ap.add_argument("--ray-overhead", action="store_true", help="Ray's per-task round trip and tasks/s, then exit")
     ap.add_argument("--json", help="write the results here")
     args = ap.parse_args()
@@ -302,6 +322,8 @@ def _memory(args, cache, cluster, results):
     for n in [int(v) for v in args.memory.split(",")]:
         if args.memory_source == "png":
             source, formats = cifar_png_source(cache, -(-n // 10_000)), ("tfrecord", "beton")
+        elif args.memory_source == "parquet":
+            source, formats = cifar_parquet_source(cache, -(-n // 10_000)), ("tfrecord",)
         else:
             source, formats = linked_jpeg_folder(cache, n), ("tfrecord",)
         rows = _count(source)
