@@ -79,7 +79,6 @@ class FastLoader:
                                repeated_augmentation=repeated_augmentation, batch_transform=batch_transform,
                                backend=backend, epochs=epochs, check_samples=check_samples, drop_last=drop_last)
         self.manifest = open_dataset(path, cache_dir=cache_dir, cache_limit=cache_limit)
-        heap.fix_thresholds()  # memory flat epoch after epoch (storage/heap.py); a stream's own policy kept
         self.split = split
         self.reader = SplitReader(self.manifest, split, max_pixels=max_pixels)
         weakref.finalize(self, self.reader.close)  # a loader dropped mid-epoch stops its downloads
@@ -326,6 +325,7 @@ class FastLoader:
         yield from self.meter.metered(self._batches(batches, epoch, start, batch_threads, threads), epoch,
                                       self.schedule.store_counters, len(self) - start)
         self.epoch, self._batches_done = epoch + 1, 0  # a completed pass moves on, as ffcv's Loader does
+        heap.release_free_pages()  # an epoch's freed heap back to the system (storage/heap.py)
 
     def _batches(self, batches, epoch, start, batch_threads, threads):
         from fastload.pipelines.sampling import augment_rng

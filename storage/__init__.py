@@ -7,7 +7,7 @@
   order the reader will use (``schedule_epoch`` / ``advance``);
 - ``schedule.py``: what a node's ranks tell the prefetch each epoch, and the shard-aware order's
   window when a node's share outgrows its cache;
-- ``heap.py``: the heap policy of a process that reads a dataset (flat over epochs) or streams one;
+- ``heap.py``: the heap policy of a process that reads a dataset (free pages returned each epoch) or streams one;
 - ``dataset.py``: :func:`open_dataset`, the one entry.
 
 It builds on ``fastload.formats`` (the contract: what the bytes mean), whose readers know only

@@ -1,14 +1,13 @@
 """The process-wide heap policy of a process that reads a dataset (glibc only).
 
-Any loader: glibc raises its mmap threshold to the size of every mmapped block freed (up to
-32 MB), so after the first epochs a backend's image buffers and batches come from the heap, whose
-free space its threads' arenas keep and fragment: RSS grew by every epoch, without bound (the DALI
-backend 0.3-0.5 MB an epoch, the reference backend's main process swung between 560 and 830 MB).
-:func:`fix_thresholds` fixes the mmap threshold at 512 KiB (and the trim threshold at 128 MiB):
-RSS stays flat over 80 epochs in every backend (tests/test_faults.py). Measured on 200 ImageNet
-photos, train spec, 2 threads, median of 3: DALI 1,323 img/s against 1,357 (-2.5%), ffcv 1,579
-against 1,550, reference 523 against 566 (-7.6%: its batches are mapped afresh). glibc's default
-(128 KiB) cost DALI 11%; 1 MiB and above still grew.
+Any loader: at each epoch's end, :func:`release_free_pages` returns the heap's free pages to the
+system (``malloc_trim``). glibc raises its mmap threshold to the size of every mmapped block
+freed (up to 32 MB), so after the first epochs a backend's buffers and batches come from the
+heap, and its arenas keep what is freed: the reference backend's main process swung between 370
+and 890 MB over 80 epochs, 309 MB flat with the trim. Fixing the mmap threshold (512 KiB) kept
+every backend flat, the DALI backend too, but every larger tensor of the training step was then
+mapped afresh: a CPU training test ran 12 s -> 20 s, so it is not done. DALI's threads' arenas
+still drift by about 0.1 MB an epoch (+15 MB over 200 epochs, +22 MB without the trim).
 
 A process that streams a dataset, besides:
 
@@ -29,11 +28,9 @@ import threading
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
 _MMAP_THRESHOLD_MAX = 32 << 20  # glibc's ceiling for it on 64-bit
-_MMAP = 512 << 10  # a loader's blocks from this size are mapped, and unmapped when freed
-_TRIM = 128 << 20  # freed heap kept for reuse by any loader
 _lock = threading.Lock()
 _kept: int | None = 0  # the largest unit the heap is set for so far (None: left alone)
-_fixed = False         # fix_thresholds applied (or left alone)
+_trim = None           # glibc's malloc_trim, once looked up (False: none)
 
 
 def user_tuned_malloc() -> bool:
@@ -49,17 +46,14 @@ def _mallopt():
     return mallopt
 
 
-def fix_thresholds() -> None:
-    """The heap of a process that runs a loader: glibc's thresholds fixed (see above), once, unless
-    a streaming policy (below) or the user's own malloc settings are in place."""
-    global _fixed
-    with _lock:
-        if _fixed or _kept != 0:
-            return
-        _fixed = True
-        if not user_tuned_malloc() and (mallopt := _mallopt()) is not None:
-            mallopt(_M_MMAP_THRESHOLD, _MMAP)
-            mallopt(_M_TRIM_THRESHOLD, _TRIM)
+def release_free_pages() -> None:
+    """The heap's free pages, in every arena, back to the system: glibc only, not under the user's
+    own malloc settings, nor in a streaming process (its heap is kept for the next units, below)."""
+    global _trim
+    if _trim is None:
+        _trim = False if user_tuned_malloc() else getattr(ctypes.CDLL(None), "malloc_trim", False)
+    if _trim and not _kept:
+        _trim(0)
 
 
 def keep_unit_buffers_on_the_heap(unit_bytes: int, fetchers: int) -> None:
