@@ -132,8 +132,9 @@ class UnitCache:
         # limit at most) for what its plan does not count (samples read by range, a unit another
         # rank reserved). A prefetch that fills the cache to its limit makes the next fetch evict
         # a unit it fetched ahead, which is fetched again later (1.2-1.4x the bytes an epoch)
-        self.slack = sum(u.size for u in self.units if not u.evictable) + min(
-            max((u.size for u in self.units if u.evictable), default=0), (cache_limit or 0) // 8)
+        self.staying = sum(u.size for u in self.units if not u.evictable)  # index files, kept once fetched
+        self.slack = self.staying + min(max((u.size for u in self.units if u.evictable), default=0),
+                                        (cache_limit or 0) // 8)
         self._make_files()
         self._drop_other_layouts()
 

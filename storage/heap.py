@@ -39,13 +39,6 @@ def user_tuned_malloc() -> bool:
             or any(k.startswith("MALLOC_") and k.endswith("_") for k in os.environ))
 
 
-def _mallopt():
-    mallopt = getattr(ctypes.CDLL(None), "mallopt", None)
-    if mallopt is not None:
-        mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    return mallopt
-
-
 def release_free_pages() -> None:
     """The heap's free pages, in every arena, back to the system: glibc only, not under the user's
     own malloc settings, nor in a streaming process (its heap is kept for the next units, below)."""
@@ -65,9 +58,10 @@ def keep_unit_buffers_on_the_heap(unit_bytes: int, fetchers: int) -> None:
         first, _kept = _kept == 0, None  # left alone unless both settings below take
         if user_tuned_malloc():
             return
-        mallopt = _mallopt()
+        mallopt = getattr(ctypes.CDLL(None), "mallopt", None)
         if mallopt is None:
             return
+        mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
         # the trim threshold alone would also stop glibc's own raising of the mmap one: both, or neither
         if (not first or mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_MAX)) and mallopt(
                 _M_TRIM_THRESHOLD, min(2 * fetchers * unit_bytes + (64 << 20), 1 << 30)):

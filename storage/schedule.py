@@ -99,8 +99,7 @@ class NodeSchedule:
         unit = max(1, sum(cache.units[u].size for u in used.tolist()) // max(1, len(used)))
         per_unit = max(1, len(units) // max(1, len(used)))
         lag_units = -(-self.lag(local) // local // per_unit) + 1  # per rank; +1: a window's edge
-        staying = sum(u.size for u in cache.units if not u.evictable)
-        fits = int((cache.cache_budget() - staying) // (unit * local)) - lag_units - 1
+        fits = int((cache.cache_budget() - cache.staying) // (unit * local)) - lag_units - 1
         fits = max(1, fits // 2)
         return 1 << (fits.bit_length() - 1)
 

@@ -140,12 +140,10 @@ class RemoteSplit:
         return np.unique(np.concatenate([first, last, *between]))
 
     def _touches(self, samples: np.ndarray, units: set[int]) -> np.ndarray:
-        """Which of ``samples`` have bytes in one of ``units``."""
-        listed = list(units)
-        hit = np.isin(self.unit_first[samples], listed) | np.isin(self.unit_last[samples], listed)
-        for k in np.flatnonzero(self.unit_last[samples] - self.unit_first[samples] > 1).tolist():
-            hit[k] = hit[k] or any(u in units for u in range(self.unit_first[samples[k]], self.unit_last[samples[k]]))
-        return hit
+        """Which of ``samples`` have bytes in one of ``units`` (one in their span first..last)."""
+        listed = np.sort(np.fromiter(units, np.int64, len(units)))
+        return (np.searchsorted(listed, self.unit_last[samples], "right")
+                > np.searchsorted(listed, self.unit_first[samples], "left"))
 
     def _wait_for(self, u: int) -> None:
         """Unit ``u``, which another fetches: present once its lock is free (or fetched here if
