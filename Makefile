@@ -13,8 +13,12 @@ $(STAMP): scripts/setup.sh pyproject.toml constraints.txt pipelines/_native.c pi
 demo: $(STAMP)
 	$(VENV)/bin/fastload demo
 
+# two parts: the suite on JOBS processes (a test file to a process: its module fixtures built
+# once), then the tests that measure the machine's cores or time, alone; both always run
+JOBS ?= 2
 test: $(STAMP)
-	$(PY) -m pytest --durations=15
+	@rc=0; $(PY) -m pytest -n $(JOBS) --dist loadfile -m "not serial" --durations=15 || rc=1; \
+	$(PY) -m pytest -m serial --durations=5 || rc=1; exit $$rc
 
 # the binary wheel, libjpeg-turbo inside (auditwheel), in wheelhouse/
 wheel: $(STAMP)

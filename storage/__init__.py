@@ -1,7 +1,7 @@
 """Where a dataset's bytes come from: the storage layer, beneath the readers.
 
 - ``location.py``: local paths and URLs, and :class:`Store`, the one client of object storage
-  (retries, timeouts, one named error);
+  (retries, timeouts, one named error); ``obstore_reads.py``: its ``s3://`` reads through obstore;
 - ``cache.py``: the node-local unit cache shared by a node's ranks (locks, markers, eviction);
 - ``split.py`` and ``prefetch.py``: one split read through that cache, and its prefetch in the
   order the reader will use (``schedule_epoch`` / ``advance``);

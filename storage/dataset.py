@@ -66,7 +66,7 @@ def open_store(store: Store, cache_dir: Path | None = None, cache_limit: int | N
     node-local cache: what :func:`open_dataset` does for a URL."""
     url = store.url
     try:
-        raw = store.read(MANIFEST)
+        raw = bytes(store.read(MANIFEST))
     except StoreError as e:
         if e.kind == "missing":
             raise DatasetError(f"{url} has no {MANIFEST}, so it is not a complete fastload dataset (a conversion "

@@ -2,10 +2,11 @@
 
 URLs go through fsspec's filesystems (s3fs, gcsfs, huggingface_hub's ``HfFileSystem``, aiohttp
 for http(s)), each with its store's standard credential chain (``AWS_ENDPOINT_URL`` and friends
-for an S3-compatible store). :class:`Store` is the one place fastload talks to a store: whole
-files or byte ranges read, files written, each call retried with backoff on what a store or a
-network does transiently (5xx, a reset connection, a truncated body, a stall past the timeout),
-then one :class:`StoreError` naming the URL and what failed.
+for an S3-compatible store); an ``s3://`` dataset's reads go through obstore where it is
+installed (obstore_reads.py: the same store, less CPU per GB). :class:`Store` is the one place
+fastload talks to a store: whole files or byte ranges read, files written, each call retried with
+backoff on what a store or a network does transiently (5xx, a reset connection, a truncated body,
+a stall past the timeout), then one :class:`StoreError` naming the URL and what failed.
 """
 from __future__ import annotations
 
@@ -18,6 +19,8 @@ import time
 from pathlib import Path
 
 from fastload.formats.errors import DatasetError
+
+from . import obstore_reads
 
 # scheme -> (the module fsspec needs for it, the fastload extra that installs it)
 SCHEMES = {"s3": ("s3fs", "s3"), "gs": ("gcsfs", "gcs"), "gcs": ("gcsfs", "gcs"),
@@ -86,17 +89,17 @@ def scheme_of(url: str) -> str:
     return scheme
 
 
-def _storage_options(scheme: str) -> dict:
+def _storage_options(scheme: str, timeout: float) -> dict:
     """Per-store settings: fastload's own retries are the policy (the clients' off, so a fault is
     retried once per try, not multiplied), with a timeout that turns a stall into an error."""
     if scheme == "s3":
-        return {"config_kwargs": {"retries": {"max_attempts": 1}, "connect_timeout": TIMEOUT_S,
-                                  "read_timeout": TIMEOUT_S}}
+        return {"config_kwargs": {"retries": {"max_attempts": 1}, "connect_timeout": timeout,
+                                  "read_timeout": timeout}}
     if scheme in ("http", "https"):
         import aiohttp
-        return {"client_kwargs": {"timeout": aiohttp.ClientTimeout(sock_connect=TIMEOUT_S, sock_read=TIMEOUT_S)}}
+        return {"client_kwargs": {"timeout": aiohttp.ClientTimeout(sock_connect=timeout, sock_read=timeout)}}
     if scheme in ("gs", "gcs"):
-        return {"timeout": TIMEOUT_S}
+        return {"timeout": timeout}
     return {}
 
 
@@ -121,7 +124,7 @@ def _gcsfs_tried_once() -> None:
     GCSFileSystem._request = retry.retry_request(retries=1)(request.__wrapped__)
 
 
-def _filesystem(url: str):
+def _filesystem(url: str, timeout: float):
     scheme = scheme_of(url)
     module, extra = SCHEMES[scheme]
     try:
@@ -132,7 +135,7 @@ def _filesystem(url: str):
     if module == "gcsfs":
         _gcsfs_tried_once()
     import fsspec
-    fs, root = fsspec.core.url_to_fs(url, skip_instance_cache=True, **_storage_options(scheme))
+    fs, root = fsspec.core.url_to_fs(url, skip_instance_cache=True, **_storage_options(scheme, timeout))
     return fs, root.rstrip("/")
 
 
@@ -177,6 +180,8 @@ def _refusal_code(e: BaseException) -> str | None:
     for x in (e, e.__cause__, e.__context__):
         if x is None:
             continue
+        if isinstance(x, obstore_reads.Refusal):
+            return x.code
         if type(x).__name__ in ("NoCredentialsError", "PartialCredentialsError"):
             return type(x).__name__
         response = getattr(x, "response", None)
@@ -193,23 +198,33 @@ class Store:
     methods are the manifest's, relative to that prefix. A fork-safe handle: a child process
     (a DataLoader worker) makes its own client on first use."""
 
-    def __init__(self, url: str, retries: int = RETRIES, timeout: float = TIMEOUT_S):
+    def __init__(self, url: str, retries: int = RETRIES, timeout: float | None = None):
         self.url = url.rstrip("/")
         self.scheme = scheme_of(url)
         check_bucket(self.url)
-        self.retries, self.timeout = retries, timeout
-        self._fs, self._root, self._pid = None, None, None
+        self.retries, self.timeout = retries, TIMEOUT_S if timeout is None else timeout
+        self._fs, self._root, self._pid, self._reads = None, None, None, None
         self.fs  # a missing extra or a malformed URL fails here, not at the first read
 
     def __getstate__(self):
-        return {**self.__dict__, "_fs": None, "_pid": None}
+        return {**self.__dict__, "_fs": None, "_pid": None, "_reads": None}
 
     @property
     def fs(self):
         if self._fs is None or self._pid != os.getpid():
-            self._fs, self._root = _filesystem(self.url)
+            self._fs, self._root = _filesystem(self.url, self.timeout)
             self._pid = os.getpid()
+            self._reads = False  # decided at this process's first read
         return self._fs
+
+    @property
+    def client(self) -> str:
+        """What reads this store's bytes in this process: 'obstore' or 'fsspec'."""
+        self.fs
+        if self._reads is False:
+            self._reads = (obstore_reads.S3Reads.for_bucket(bucket_of(self.url), self.timeout)
+                           if self.scheme == "s3" else None)
+        return "obstore" if self._reads else "fsspec"
 
     def key(self, relative: str) -> str:
         self.fs
@@ -276,13 +291,17 @@ class Store:
             return _refusal_code(e)
         return None
 
-    def read(self, relative: str, start: int | None = None, end: int | None = None, size: int | None = None) -> bytes:
-        """Bytes ``start..end`` of a file (all of it without them). A body of another length than
+    def read(self, relative: str, start: int | None = None, end: int | None = None, size: int | None = None):
+        """Bytes ``start..end`` of a file (all of it without them), as a buffer (``bytes``, or
+        obstore's ``Bytes``: ``len()`` and the buffer protocol). A body of another length than
         asked (``size`` for a whole file) is a truncated transfer: retried like any fault."""
         want = end - start if start is not None and end is not None else size
 
         def call():
-            data = self.fs.cat_file(self.key(relative), start=start, end=end)
+            if self.client == "obstore":
+                data = self._reads.get(self.key(relative).split("/", 1)[1], start, end)
+            else:
+                data = self.fs.cat_file(self.key(relative), start=start, end=end)
             if want is not None and len(data) != want:
                 raise OSError(f"truncated body: {len(data)} of {want} bytes")
             return data

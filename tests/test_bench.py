@@ -16,6 +16,8 @@ from fastload.inspect_grid import inspect_grid
 
 FASTLOAD = [sys.executable, "-m", "fastload.cli"]
 
+pytestmark = pytest.mark.serial  # measures the cores and times of this machine: runs alone (Makefile)
+
 
 @pytest.fixture(scope="module")
 def report(labelled_colors, tmp_path_factory):

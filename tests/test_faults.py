@@ -113,6 +113,7 @@ def test_abandoned_epochs_leak_nothing(imagenet_dirs, backend):
 
 
 @needs_shared
+@pytest.mark.serial  # RSS to the MB: alone, with no neighbour's load shifting what is in flight
 def test_many_short_epochs_keep_memory_and_threads_flat(imagenet_dirs):
     """45 epochs of 2 batches, each backend in a fresh process as a job runs them: after the first
     15 (pools and caches settle), threads stay the same and, in the ffcv and reference backends,

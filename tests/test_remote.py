@@ -147,6 +147,30 @@ print(json.dumps({"rank": rank, "samples": n}))
 """
 
 
+# --------------------------------------------------------------------------- the client
+def _read_in_child(url: str, start: int, end: int) -> tuple[str, str]:
+    import hashlib
+    from fastload.storage.location import Store as S
+    st = S(url)
+    return st.client, hashlib.sha256(st.read("blob", start, end)).hexdigest()
+
+
+def test_reads_go_through_obstore_and_a_forked_child_reads_through_fsspec(s3):
+    """obstore's runtime does not survive a fork (a forked child's first request hangs): a process
+    forked from one that read through obstore reads through fsspec, the same bytes; a spawned
+    process reads through obstore again."""
+    import hashlib
+    import multiprocessing
+    blob = os.urandom(3 << 20)
+    _fs().pipe(f"{s3[len('s3://'):]}/d/blob", blob)
+    st = location.Store(f"{s3}/d")
+    assert st.client == "obstore" and bytes(st.read("blob", 5, 1 << 20)) == blob[5:1 << 20]
+    want = hashlib.sha256(blob[7:3 << 20]).hexdigest()
+    for method, client in (("fork", "fsspec"), ("spawn", "obstore")):
+        with multiprocessing.get_context(method).Pool(1) as pool:  # its exit kills a hung child
+            assert pool.apply_async(_read_in_child, (f"{s3}/d", 7, 3 << 20)).get(timeout=30) == (client, want), method
+
+
 # --------------------------------------------------------------------------- faults
 @pytest.mark.parametrize("kind", ["500", "reset", "truncate", "flip"])
 def test_store_faults_are_retried_and_change_nothing(s3, store, imagenet_dirs, local_batches, tmp_path, kind):
@@ -155,6 +179,7 @@ def test_store_faults_are_retried_and_change_nothing(s3, store, imagenet_dirs, l
     store.faults([{"match": ".beton", "method": "GET", "kind": kind, "count": 3},
                   {"match": "records.npy", "method": "GET", "kind": kind, "count": 1}])
     loader = FastLoader(url, backend="ffcv", cache_dir=tmp_path / "cache", **KW)
+    assert loader.manifest.source.cache.store.client == "obstore"  # the client whose faults these are
     assert same(batches(loader), local_batches["beton", "ffcv"])
     log = store.log()
     statuses = [e[3] for e in log]

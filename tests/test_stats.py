@@ -13,6 +13,8 @@ from fastload.spec import PreprocessSpec, RandAugment
 from fastload.stats import LoaderStats, verdict
 from fastload.testing.memory_store import memory_store
 
+pytestmark = pytest.mark.serial  # measures the cores and times of this machine: runs alone (Makefile)
+
 
 def run(loader, step_s: float = 0.0):
     """One epoch with a model whose step lasts ``step_s``; (the loader's stats, the loop's wall time)."""
