@@ -224,6 +224,21 @@ class SplitReader:
         r = self.records[i]
         return self.stored(i).reshape(int(r["height"]), int(r["width"]), 3)
 
+    def stored_batch(self, index: np.ndarray, shaped: bool = False) -> list[np.ndarray]:
+        """:meth:`stored` (``shaped``: :meth:`pixels`) of samples ``index``, made present at once:
+        a batch's views in a few microseconds a sample less than one by one (the DALI backend's
+        feed of 50,000 CIFAR images an epoch spent 0.2 s on them)."""
+        index = np.asarray(index, np.int64)
+        self.source.ensure(index)
+        r = self.records[index]
+        files, starts = r["file"].tolist(), r["offset"].astype(np.int64).tolist()
+        ends = (r["offset"].astype(np.int64) + r["size"].astype(np.int64)).tolist()
+        maps = {f: self.mapped(f) for f in set(files)}
+        views = [maps[f][a:b] for f, a, b in zip(files, starts, ends)]
+        if not shaped:
+            return views
+        return [v.reshape(h, w, 3) for v, h, w in zip(views, r["height"].tolist(), r["width"].tolist())]
+
     def image(self, i: int, stored: np.ndarray | None = None):
         """The stored image as PIL (RGB): what the reference pipeline sees (decoded, or the raw
         pixels); from ``stored``, its bytes already read, when given."""

@@ -46,7 +46,7 @@ class _EpochSource:
 
     def __iter__(self):
         self.fed.clear()
-        sample = self.reader.pixels if self.reader.codec == "raw" else self.reader.stored
+        raw = self.reader.codec == "raw"
         copies = self.reader.volatile
         for idx, rows in plan_batches(self.order, self.params, self.batch_size, self.drop_last):
             # DALI's decoders are handed only bytes that pass (samples.py): views of a local
@@ -56,7 +56,7 @@ class _EpochSource:
                 stored = [self._shaped(i, self.checks.read_checked(i)) for i in idx]
             else:
                 self.checks(idx)
-                stored = [sample(int(i)) for i in idx]
+                stored = self.reader.stored_batch(idx, shaped=raw)
             columns = self.columns(idx, rows)
             self.fed.append((idx, rows, columns))
             batch = (stored, *(np.ascontiguousarray(columns[f]) for f in self.fields),
