@@ -294,6 +294,7 @@ def main():
                     help="--memory's source: PNGs saved with save_to_disk, the same rows in 8 parquet files (as "
                          "the hub stores them: the local engine opens them through datasets' cache, the Ray "
                          "engine reads them where they lie), or JPEG files in class folders")
+    ap.add_argument("--memory-engines", default="local,ray", help="--memory's engines (comma-separated)")
     ap.add_argument("--ray-overhead", action="store_true", help="Ray's per-task round trip and tasks/s, then exit")
     ap.add_argument("--json", help="write the results here")
     args = ap.parse_args()
@@ -328,6 +329,7 @@ def _memory(args, cache, cluster, results):
             source, formats = linked_jpeg_folder(cache, n), ("tfrecord",)
         rows = _count(source)
         engines = [("local", None)] + ([("ray", cluster.address)] if cluster else [])
+        engines = [e for e in engines if e[0] in args.memory_engines.split(",")]
         for fmt in formats:
             for engine, address in engines:
                 tmp = Path(tempfile.mkdtemp(dir=cache))
