@@ -536,6 +536,29 @@ def test_source_pages_read_by_the_converter_are_released(tmp_path):
     assert [np.asarray(a).tobytes() for a in again] == [np.asarray(a).tobytes() for a in first]
 
 
+@needs_shared
+def test_a_ray_task_opens_an_arrow_source_without_keeping_its_pages(tmp_path):
+    """A Ray worker opens a save_to_disk source itself (converters/source_rows.ArrowSource):
+    opening maps the Arrow files around every record batch (1.3 M CIFAR images: 0.8 GB resident in
+    each worker, its RSS 1.1 GB), so the pages are released as it opens, and after each task."""
+    import datasets
+    from fastload.converters.jobs import SourcePages
+    from fastload.converters.source_rows import ArrowSource
+    datasets.load_dataset(str(CIFAR10), split="test").save_to_disk(str(tmp_path / "src"))
+    data = {"train": datasets.load_from_disk(str(tmp_path / "src"))}
+    files = {f["filename"] for f in data["train"].cache_files}
+    SourcePages(data).release()  # the driver's own pages: not the task's
+    source = ArrowSource.of(data)
+    rows = source.rows("train", "img", 0)
+    assert _resident_arrow_bytes(files) < 2**20
+    got = [(indices, batch["label"]) for indices, batch in rows.batches(0, 1000)]
+    assert _resident_arrow_bytes(files) > 2**20  # a task's rows, read: resident until released
+    source.release()
+    assert _resident_arrow_bytes(files) < 2**20
+    labels = data["train"]["label"]
+    assert [labels[i] for indices, _ in got for i in indices] == [y for _, ys in got for y in ys]
+
+
 def _image_folder_rows(data) -> dict:
     import datasets
     return {s: ([v["path"] for v in ds.cast_column("image", datasets.Image(decode=False))["image"]], ds["label"],
