@@ -124,14 +124,20 @@ def _gcsfs_tried_once() -> None:
     GCSFileSystem._request = retry.retry_request(retries=1)(request.__wrapped__)
 
 
-def _filesystem(url: str, timeout: float):
+def _require_client(url: str) -> None:
+    """The module fsspec needs for ``url``'s scheme is installed, or one line naming the extra."""
+    import importlib.util
     scheme = scheme_of(url)
     module, extra = SCHEMES[scheme]
-    try:
-        __import__(module)
-    except ImportError:
+    if importlib.util.find_spec(module) is None:
         remedy = f"pip install 'fastload[{extra}]'" if extra else f"pip install {module}"
-        raise DatasetError(f"{url}: reading {scheme}:// locations needs {module}: {remedy}") from None
+        raise DatasetError(f"{url}: reading {scheme}:// locations needs {module}: {remedy}")
+
+
+def _filesystem(url: str, timeout: float):
+    _require_client(url)
+    scheme = scheme_of(url)
+    module = SCHEMES[scheme][0]
     if module == "gcsfs":
         _gcsfs_tried_once()
     import fsspec
@@ -203,31 +209,34 @@ class Store:
         self.scheme = scheme_of(url)
         check_bucket(self.url)
         self.retries, self.timeout = retries, TIMEOUT_S if timeout is None else timeout
-        self._fs, self._root, self._pid, self._reads = None, None, None, None
-        self.fs  # a missing extra or a malformed URL fails here, not at the first read
+        self._fs, self._root, self._pid, self._reads, self._reads_pid = None, None, None, None, None
+        _require_client(self.url)  # a missing extra fails here, not at the first read
+        if self.scheme == "s3":  # s3fs's path; s3fs itself is imported when first used (0.25 s of a
+            self._root = self.url.split("://", 1)[1]  # cold start: reads go through obstore)
+        else:
+            self.fs  # a malformed URL fails here too
 
     def __getstate__(self):
-        return {**self.__dict__, "_fs": None, "_pid": None, "_reads": None}
+        return {**self.__dict__, "_fs": None, "_pid": None, "_reads": None, "_reads_pid": None}
 
     @property
     def fs(self):
         if self._fs is None or self._pid != os.getpid():
             self._fs, self._root = _filesystem(self.url, self.timeout)
             self._pid = os.getpid()
-            self._reads = False  # decided at this process's first read
         return self._fs
 
     @property
     def client(self) -> str:
-        """What reads this store's bytes in this process: 'obstore' or 'fsspec'."""
-        self.fs
-        if self._reads is False:
+        """What reads this store's bytes in this process: 'obstore' or 'fsspec' (decided at the
+        process's first read)."""
+        if self._reads_pid != os.getpid():
             self._reads = (obstore_reads.S3Reads.for_bucket(bucket_of(self.url), self.timeout)
                            if self.scheme == "s3" else None)
+            self._reads_pid = os.getpid()
         return "obstore" if self._reads else "fsspec"
 
     def key(self, relative: str) -> str:
-        self.fs
         return f"{self._root}/{relative}" if relative else self._root
 
     def url_of(self, relative: str) -> str:
