@@ -667,18 +667,20 @@ print((peak[0] - before) >> 20)
 
 
 @pytest.mark.slow
+@pytest.mark.serial  # memory to tens of MB: alone (a neighbour's load shifted it by 80 MB)
 def test_a_parquet_source_is_prepared_one_row_group_at_a_time(tmp_path):
     """#34: datasets prepares parquet through pyarrow with pre-buffering, which holds all of a
-    file's row groups at once (1.3 M CIFAR images: 895 MB). A file of 4 row groups of 40 MB,
+    file's row groups at once (1.3 M CIFAR images: 895 MB). A file of 8 row groups of 20 MB,
     prepared in a fresh process as convert prepares it and as plain load_dataset does: the rise of
-    anonymous memory is lower by more than half the file's size (here 293 against 454 MB)."""
+    anonymous memory is lower by more than a third of the file's size (here 216-228 against
+    336-358 MB; with pre-buffering on, 336 against 336)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
     rng = np.random.default_rng(0)
-    rows = [rng.bytes(160 << 10) for _ in range(1024)]  # 160 KB a row, 256 rows (40 MB) a row group
+    rows = [rng.bytes(20 << 10) for _ in range(8192)]  # 20 KB a row, 1,024 rows (20 MB) a row group
     table = pa.table({"image": [{"bytes": b, "path": None} for b in rows], "label": list(range(len(rows)))})
     (tmp_path / "src").mkdir()
-    pq.write_table(table, tmp_path / "src" / "train-00000-of-00001.parquet", row_group_size=256)
+    pq.write_table(table, tmp_path / "src" / "train-00000-of-00001.parquet", row_group_size=1024)
     size_mb = (tmp_path / "src" / "train-00000-of-00001.parquet").stat().st_size >> 20
 
     def peak(how: str) -> int:
@@ -688,5 +690,5 @@ def test_a_parquet_source_is_prepared_one_row_group_at_a_time(tmp_path):
         assert r.returncode == 0, r.stderr[-2000:]
         return int(r.stdout.split()[-1])
     ours, plain = peak("fastload"), peak("plain")
-    # both keep some row groups' worth in pyarrow's pool; pre-buffering holds the file's 4 at once
-    assert plain - ours > 0.5 * size_mb, (ours, plain, size_mb)
+    # both keep some row groups' worth in pyarrow's pool; pre-buffering holds the file's 8 at once
+    assert plain - ours > 0.35 * size_mb, (ours, plain, size_mb)
