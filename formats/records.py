@@ -231,10 +231,10 @@ class SplitReader:
         index = np.asarray(index, np.int64)
         self.source.ensure(index)
         r = self.records[index]
-        files, starts = r["file"].tolist(), r["offset"].astype(np.int64).tolist()
-        ends = (r["offset"].astype(np.int64) + r["size"].astype(np.int64)).tolist()
+        files, starts = r["file"].tolist(), r["offset"].astype(np.int64)
+        ends = (starts + r["size"].astype(np.int64)).tolist()
         maps = {f: self.mapped(f) for f in set(files)}
-        views = [maps[f][a:b] for f, a, b in zip(files, starts, ends)]
+        views = [maps[f][a:b] for f, a, b in zip(files, starts.tolist(), ends)]
         if not shaped:
             return views
         return [v.reshape(h, w, 3) for v, h, w in zip(views, r["height"].tolist(), r["width"].tolist())]
