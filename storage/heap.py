@@ -6,8 +6,8 @@ freed (up to 32 MB), so after the first epochs a backend's buffers and batches c
 heap, and its arenas keep what is freed: the reference backend's main process swung between 370
 and 890 MB over 80 epochs, 309 MB flat with the trim. Fixing the mmap threshold (512 KiB) kept
 every backend flat, the DALI backend too, but every larger tensor of the training step was then
-mapped afresh: a CPU training test ran 12 s -> 20 s, so it is not done. DALI's threads' arenas
-still drift by about 0.1 MB an epoch (+15 MB over 200 epochs, +22 MB without the trim).
+mapped afresh: a CPU training test ran 12 s -> 20 s, so it is not done. The DALI backend's
+decoded regions come from DALI's own pool instead (``pipelines/dali_engine.py``).
 
 A process that streams a dataset, besides:
 

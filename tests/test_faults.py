@@ -115,23 +115,25 @@ def test_abandoned_epochs_leak_nothing(imagenet_dirs, backend):
 @needs_shared
 @pytest.mark.serial  # RSS to the MB: alone, with no neighbour's load shifting what is in flight
 def test_many_short_epochs_keep_memory_and_threads_flat(imagenet_dirs):
-    """45 epochs of 2 batches, each backend in a fresh process as a job runs them: after the first
-    15 (pools and caches settle), threads stay the same and, in the ffcv and reference backends,
-    resident memory flat (the reference backend's main process swung by 300-500 MB before the
-    heap's free pages were returned at each epoch's end: storage/heap.py). The DALI backend's
-    threads' arenas still drift by about 0.1 MB an epoch (#34), so only its threads are held."""
+    """120 epochs of 2 batches, each backend in a fresh process as a job runs them: after the
+    first 40 (pools, caches and allocators warm), threads stay the same and resident memory flat,
+    every backend (a leak of 0.08 MB an epoch would show). Before: the reference backend's main
+    process swung by 300-500 MB until the heap's free pages were returned at each epoch's end
+    (storage/heap.py), and the DALI backend's by 25-30 MB until its host buffers came from DALI's
+    pool (dali_engine.HOST_POOL_BELOW)."""
     procs = {b: subprocess.Popen([sys.executable, str(ROOT / "tests" / "flat_memory_worker.py"),
-                                  str(imagenet_dirs[BACKEND_FORMAT[b]]), b, "45"],
+                                  str(imagenet_dirs[BACKEND_FORMAT[b]]), b, "120"],
                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for b in ("ffcv", "dali", "reference")}
     for backend, p in procs.items():
         out, err = p.communicate(timeout=300)
         assert p.returncode == 0, err[-2000:]
         run = json.loads(out.strip().splitlines()[-1])
-        rss, threads = run["rss"][14:], run["threads"][14:]
+        rss, threads = run["rss"][40:], run["threads"][40:]
         assert max(threads) == min(threads), (backend, run["threads"])
-        if backend != "dali":
-            assert max(rss) - min(rss) < 4, (backend, [round(x, 1) for x in run["rss"]])
+        # measured over these 80 epochs: ffcv 0.2 MB, DALI 0.6, reference 0.3 (DALI on malloc: 24-30);
+        # once in three runs ffcv's heap stepped up by 3.8 MB, once, and stayed there
+        assert max(rss) - min(rss) < 6, (backend, [round(x, 1) for x in run["rss"]])
 
 
 @needs_shared
