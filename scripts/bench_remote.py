@@ -15,7 +15,9 @@ measurement runs in a fresh process (its own page cache state, imports, JIT):
 - local: epochs over the local directory (the first warms the page cache; img/s of the later ones);
 - cold: an empty cache: seconds from ``FastLoader(url)`` to the first batch, the first epoch's
   img/s and the bytes read from the store during it, then the second epoch's;
-- warm: a new process on the filled cache: an epoch's img/s and its bytes.
+- warm: a new process on the filled cache: an epoch's img/s and its bytes;
+- before them, the store alone: every data file read in 4 MiB ranges by the loader's fetchers,
+  nothing written: the rate the store serves the loader's core at most.
 A first process, not measured, compiles and caches the kernels (numba's disk cache), so that no
 measured process pays for it. Each epoch also reports the loader process's CPU seconds (its
 threads, user + system), and the cold epoch the CPU its download and cache writes cost: its CPU
@@ -30,7 +32,8 @@ A cold epoch brings the dataset into new page-cache pages. On a VM whose host ta
 guest's free memory (virtio-balloon free page reporting: this development VM reports a page the
 moment it is free), each new page is faulted in from the host: a write into new page-cache pages
 ran at 150-280 MB/s here (4-6 CPU s per GB) against 4.5 GB/s (0.2 s per GB) into pages freed a
-moment before. The report prints the machine's rate. ``--keep-freed-memory`` (root, Linux's
+moment before (how much of a run pays it depends on what memory was freed just before it: the
+figures swing). ``--keep-freed-memory`` (root, Linux's
 page_reporting module) measures the loader as on a machine whose free memory stays with it:
 freed pages are reported only after a minute (``min_free_ms``; restored at exit), and before each
 measured process a file of twice the dataset is written and deleted, so new pages come from
@@ -51,8 +54,28 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def store_rate(cfg: dict) -> dict:
+    """Runs in its own process: the store alone, every data file read by the loader's fetchers
+    in 4 MiB ranges (about this dataset's units), through fastload's Store; nothing written."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from fastload.storage.cache import FETCHERS
+    from fastload.storage.location import Store
+    if cfg.get("cpus"):
+        os.sched_setaffinity(0, set(cfg["cpus"]))
+    store, step = Store(cfg["location"]), 4 << 20
+    ranges = [(name, a, min(size, a + step)) for name, size in cfg["files"] for a in range(0, size, step)]
+    store.read(ranges[0][0], 0, 4096)  # the client set up (credentials, connection) before the clock starts
+    t = time.perf_counter()
+    with ThreadPoolExecutor(FETCHERS) as pool:
+        n = sum(len(b) for b in pool.map(lambda r: store.read(*r), ranges))
+    return {"bytes": n, "seconds": time.perf_counter() - t}
+
+
 def child(cfg: dict) -> dict:
     """Runs in its own process: epochs of one loader, timed, with the store's bytes per epoch."""
+    if cfg.get("kind") == "store_rate":
+        return store_rate(cfg)
     from fastload.testing.store_proxy import store_bytes as read_log
 
     from fastload import FastLoader
@@ -87,20 +110,6 @@ def child(cfg: dict) -> dict:
 
 
 PAGE_REPORTING = Path("/sys/module/page_reporting/parameters/min_free_ms")
-
-
-def page_cache_write_rate(directory: Path, mb: int = 256) -> tuple[float, float]:
-    """(MB/s, CPU s per GB) of writing ``mb`` MB into a new file: new page-cache pages."""
-    buf, path = os.urandom(8 << 20), directory / "write-probe"
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    try:
-        t, c = time.perf_counter(), time.process_time()
-        for i in range(mb >> 3):
-            os.pwrite(fd, buf, i << 23)
-        return mb / (time.perf_counter() - t), (time.process_time() - c) / (mb / 1024)
-    finally:
-        os.close(fd)
-        path.unlink()
 
 
 def prime_free_memory(directory: Path, nbytes: int) -> None:
@@ -169,18 +178,16 @@ def main():
     import s3fs
     from fastload.testing.store_proxy import S3RVER, StoreServers
     data = prepare(args)
-    rate, cpu = page_cache_write_rate(ROOT / ".cache")
-    print(f"this machine: a write into new page-cache pages runs at {rate:,.0f} MB/s, {cpu:.2f} CPU s per GB")
+    if PAGE_REPORTING.exists():
+        print(f"this machine returns free memory to its host (free page reporting, after "
+              f"{PAGE_REPORTING.read_text().strip()} ms): new pages may be faulted in from it")
     if args.keep_freed_memory:
         if not os.access(PAGE_REPORTING, os.W_OK):
             raise SystemExit(f"--keep-freed-memory needs root and Linux's page_reporting module ({PAGE_REPORTING})")
         reporting = PAGE_REPORTING.read_text().strip()
         atexit.register(PAGE_REPORTING.write_text, reporting)  # the machine's setting back, however this ends
         PAGE_REPORTING.write_text("60000")
-        prime_free_memory(ROOT / ".cache", 1 << 30)
-        rate, cpu = page_cache_write_rate(ROOT / ".cache")
-        print(f"--keep-freed-memory: free pages reported after 60 s (was {reporting} ms); a write into new "
-              f"page-cache pages now runs at {rate:,.0f} MB/s, {cpu:.2f} CPU s per GB")
+        print("--keep-freed-memory: free pages reported after 60 s for this run")
     if args.store == "http":
         servers = StoreServers(latency_ms=args.latency_ms, directory=str(ROOT / ".cache" / "remote"))
     else:
@@ -213,6 +220,11 @@ def main():
             cache_dir = ROOT / ".cache" / "remote" / "node-cache"
             shutil.rmtree(cache_dir, ignore_errors=True)
             run_child({**base, "location": str(w["dir"]), "epochs": 1, "endpoint": None})  # compiles: not measured
+            if args.store != "http":  # what the store serves the loader's core at most
+                files = [(f.name, f.stat().st_size) for f in w["dir"].iterdir() if f.suffix == ".beton"]
+                rate = run_child({**base, "kind": "store_rate", "location": url, "files": files, "prime": 0})
+                print(f"\n{name}: the store alone serves {rate['bytes'] / 1e6:.0f} MB in {rate['seconds']:.2f} s "
+                      f"({rate['bytes'] / 1e6 / rate['seconds']:.0f} MB/s) to the loader's fetchers")
             r = {"local": run_child({**base, "location": str(w["dir"]), "epochs": 3, "endpoint": None}),
                  "cold": run_child({**base, "location": url, "epochs": 2, "cache_dir": str(cache_dir)}),
                  "warm": run_child({**base, "location": url, "epochs": 2, "cache_dir": str(cache_dir)})}
