@@ -37,6 +37,12 @@ std = torch.tensor(IMAGENET_STD, device="cuda").view(1, 3, 1, 1) * 255
 d = torch.cat([((a - b) * std).abs().mean(dim=(1, 2, 3)) for (a, _), (b, _) in zip(gpu, ref)])
 print(f"nvJPEG eval vs reference: mean abs {d.mean():.2f}, worst image {d.max():.2f} (0..255 levels)")
 PY
+# Many short epochs of DALI on the GPU (nvJPEG): resident memory and threads after the first 40 of 120
+# (tests/test_faults.py holds the CPU backends to 6 MB; measured there: 0.2-0.6 MB)
+"$PY" tests/flat_memory_worker.py .cache/gpu_check/tfrecord dali 120 cuda | tail -1 | "$PY" -c '
+import json, sys
+r = json.load(sys.stdin); rss, threads = r["rss"][40:], r["threads"][40:]
+print(f"dali cuda, 80 short epochs: RSS {min(rss):.1f}..{max(rss):.1f} MB (range {max(rss) - min(rss):.1f}), threads {sorted(set(threads))}")'
 # Worker sweep of the CPU backends (ImageNet sample x5, train spec): how far decode scales with cores.
 "$PY" - "$data" <<'PY'
 import os, sys, time, pathlib, datasets
