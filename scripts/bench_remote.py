@@ -188,17 +188,17 @@ def main():
         atexit.register(PAGE_REPORTING.write_text, reporting)  # the machine's setting back, however this ends
         PAGE_REPORTING.write_text("60000")
         print("--keep-freed-memory: free pages reported after 60 s for this run")
+    if args.store == "s3rver" and not S3RVER.exists():
+        raise SystemExit(f"{S3RVER} is missing: run bash scripts/setup_streaming_peers.sh (or pass --store moto)")
+    if args.pin:  # the servers inherit CPU 1
+        os.sched_setaffinity(0, {1})
     if args.store == "http":
         servers = StoreServers(latency_ms=args.latency_ms, directory=str(ROOT / ".cache" / "remote"))
     else:
-        if args.store == "s3rver" and not S3RVER.exists():
-            raise SystemExit(f"{S3RVER} is missing: run bash scripts/setup_streaming_peers.sh (or pass --store moto)")
-        if args.pin:  # the servers inherit CPU 1
-            os.sched_setaffinity(0, {1})
         servers = StoreServers(latency_ms=args.latency_ms, server=args.store)
-        if args.pin:
-            os.sched_setaffinity(0, {0, 1})
         os.environ.update(servers.env())
+    if args.pin:
+        os.sched_setaffinity(0, {0, 1})
     results = {}
     try:
         if args.store != "http":
@@ -220,11 +220,11 @@ def main():
             cache_dir = ROOT / ".cache" / "remote" / "node-cache"
             shutil.rmtree(cache_dir, ignore_errors=True)
             run_child({**base, "location": str(w["dir"]), "epochs": 1, "endpoint": None})  # compiles: not measured
-            if args.store != "http":  # what the store serves the loader's core at most
-                files = [(f.name, f.stat().st_size) for f in w["dir"].iterdir() if f.suffix == ".beton"]
-                rate = run_child({**base, "kind": "store_rate", "location": url, "files": files, "prime": 0})
-                print(f"\n{name}: the store alone serves {rate['bytes'] / 1e6:.0f} MB in {rate['seconds']:.2f} s "
-                      f"({rate['bytes'] / 1e6 / rate['seconds']:.0f} MB/s) to the loader's fetchers")
+            # what the store serves the loader's core at most
+            files = [(f.name, f.stat().st_size) for f in w["dir"].iterdir() if f.suffix == ".beton"]
+            rate = run_child({**base, "kind": "store_rate", "location": url, "files": files, "prime": 0})
+            print(f"\n{name}: the store alone serves {rate['bytes'] / 1e6:.0f} MB in {rate['seconds']:.2f} s "
+                  f"({rate['bytes'] / 1e6 / rate['seconds']:.0f} MB/s) to the loader's fetchers")
             r = {"local": run_child({**base, "location": str(w["dir"]), "epochs": 3, "endpoint": None}),
                  "cold": run_child({**base, "location": url, "epochs": 2, "cache_dir": str(cache_dir)}),
                  "warm": run_child({**base, "location": url, "epochs": 2, "cache_dir": str(cache_dir)})}

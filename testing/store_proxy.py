@@ -30,6 +30,9 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 PIECE = 256 * 1024  # bytes relayed per write: a fault lands mid-body of anything larger
+# without a fault, larger writes: the relay's per-piece cost had made the proxy, not the server
+# behind it, what a benchmark's loader waited for (s3rver: 550-640 MB/s direct, 330-390 relayed)
+CLEAN_PIECE = 1 << 20
 
 
 class _State:
@@ -91,7 +94,9 @@ class _Handler(BaseHTTPRequestHandler):
             self.end_headers()
             self.wfile.write(msg)
             return
-        status, headers, stream, length = (self._from_upstream(body) if self.upstream else self._from_directory())
+        piece_size = PIECE if fault else CLEAN_PIECE
+        status, headers, stream, length = (self._from_upstream(body, piece_size) if self.upstream
+                                           else self._from_directory(piece_size))
         self.send_response(status)
         for k, v in headers:
             if k.lower() not in ("transfer-encoding", "connection", "content-length"):
@@ -124,7 +129,7 @@ class _Handler(BaseHTTPRequestHandler):
         with self.state.lock:
             self.state.log.append([self.command, self.path, self.headers.get("Range"), status, sent])
 
-    def _from_upstream(self, body: bytes):
+    def _from_upstream(self, body: bytes, piece_size: int):
         conn = http.client.HTTPConnection(*self.upstream, timeout=120)
         headers = {k: v for k, v in self.headers.items() if k.lower() != "connection"}
         conn.request(self.command, self.path, body=body or None, headers=headers)
@@ -137,7 +142,7 @@ class _Handler(BaseHTTPRequestHandler):
 
         def stream():
             try:
-                while piece := resp.read(PIECE):
+                while piece := resp.read(piece_size):
                     yield piece
             finally:
                 conn.close()
@@ -146,7 +151,7 @@ class _Handler(BaseHTTPRequestHandler):
             return resp.status, resp.getheaders(), iter(()), length
         return resp.status, resp.getheaders(), stream(), length
 
-    def _from_directory(self):
+    def _from_directory(self, piece_size: int):
         rel = urlsplit(self.path).path.lstrip("/")
         path = (self.root / rel).resolve()
         if not path.is_file() or self.root.resolve() not in path.parents:
@@ -166,7 +171,7 @@ class _Handler(BaseHTTPRequestHandler):
                 f.seek(start)
                 left = end - start
                 while left > 0:
-                    piece = f.read(min(PIECE, left))
+                    piece = f.read(min(piece_size, left))
                     left -= len(piece)
                     yield piece
         return status, headers, (stream() if self.command != "HEAD" else iter(())), end - start
