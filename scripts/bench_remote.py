@@ -28,21 +28,15 @@ loader's CPU, which a store on another machine would not.
 Targets (#21, #34): cold >= 90% of local img/s, warm >= 98%, first batch <= 3 s, second epoch's
 bytes < 5% of the dataset.
 
-A cold epoch brings the dataset into new page-cache pages. On a VM whose host takes back the
-guest's free memory (virtio-balloon free page reporting: this development VM reports a page the
-moment it is free), each new page is faulted in from the host: a write into new page-cache pages
-ran at 150-280 MB/s here (4-6 CPU s per GB) against 4.5 GB/s (0.2 s per GB) into pages freed a
-moment before (how much of a run pays it depends on what memory was freed just before it: the
-figures swing). ``--keep-freed-memory`` (root, Linux's
-page_reporting module) measures the loader as on a machine whose free memory stays with it:
-freed pages are reported only after a minute (``min_free_ms``; restored at exit), and before each
-measured process a file of twice the dataset is written and deleted, so new pages come from
-memory the guest still holds.
+A cold epoch brings the dataset into new page-cache pages, which on a VM whose host takes back
+the guest's free memory (this development VM) are faulted in from the host: how much of a run
+pays it depends on what was freed just before, so the figures swing. ``--keep-freed-memory``
+measures the loader as on a machine whose free memory stays with it (``freed_memory.py``; root),
+a file of twice the dataset written and deleted before each measured process.
 """
 from __future__ import annotations
 
 import argparse
-import atexit
 import json
 import os
 import shutil
@@ -109,24 +103,9 @@ def child(cfg: dict) -> dict:
     return out
 
 
-PAGE_REPORTING = Path("/sys/module/page_reporting/parameters/min_free_ms")
-
-
-def prime_free_memory(directory: Path, nbytes: int) -> None:
-    """Pages the guest holds, freed: a file of ``nbytes`` written, flushed and deleted."""
-    buf, path = bytes(8 << 20), directory / "prime"
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    try:
-        for i in range(-(-nbytes // len(buf))):
-            os.pwrite(fd, buf, i * len(buf))
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-        path.unlink()
-
-
 def run_child(cfg: dict) -> dict:
     if cfg.get("prime"):
+        from freed_memory import prime_free_memory
         prime_free_memory(ROOT / ".cache", cfg["prime"])
     r = subprocess.run([sys.executable, __file__, "--child", json.dumps(cfg)], capture_output=True, text=True,
                        env={**os.environ, **cfg.get("env", {})})
@@ -178,16 +157,11 @@ def main():
     import s3fs
     from fastload.testing.store_proxy import S3RVER, StoreServers
     data = prepare(args)
-    if PAGE_REPORTING.exists():
-        print(f"this machine returns free memory to its host (free page reporting, after "
-              f"{PAGE_REPORTING.read_text().strip()} ms): new pages may be faulted in from it")
+    from freed_memory import describe, keep_freed_memory
+    if describe():
+        print(describe())
     if args.keep_freed_memory:
-        if not os.access(PAGE_REPORTING, os.W_OK):
-            raise SystemExit(f"--keep-freed-memory needs root and Linux's page_reporting module ({PAGE_REPORTING})")
-        reporting = PAGE_REPORTING.read_text().strip()
-        atexit.register(PAGE_REPORTING.write_text, reporting)  # the machine's setting back, however this ends
-        PAGE_REPORTING.write_text("60000")
-        print("--keep-freed-memory: free pages reported after 60 s for this run")
+        keep_freed_memory()
     if args.store == "s3rver" and not S3RVER.exists():
         raise SystemExit(f"{S3RVER} is missing: run bash scripts/setup_streaming_peers.sh (or pass --store moto)")
     if args.pin:  # the servers inherit CPU 1

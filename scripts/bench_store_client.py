@@ -8,7 +8,7 @@ same object in one S3-protocol server.
     .venv/bin/pip install --no-deps litdata          # optional: litdata's S3Downloader beside (its
                                                      # torchvision does not import beside torch here)
     .venv/bin/python scripts/bench_store_client.py [--mb 512] [--unit-mb 8] [--concurrency 8] [--latency-ms 20]
-                                                   [--repeats 3]
+                                                   [--repeats 3] [--keep-freed-memory]
 
 s3rver behind fastload.testing.store_proxy (``--latency-ms`` added to every request) runs on CPU 1;
 each client runs in a fresh process on CPU 0, as a loader's fetchers share its decoding cores.
@@ -19,6 +19,8 @@ it downloads the same bytes as ``--unit-mb`` objects, ``--concurrency`` at a tim
 its ``S3Downloader.download_file`` (obstore, a temporary file, a rename): the second row only.
 Reported, best of ``--repeats``: MB/s, and the client process's CPU
 seconds (user + system) per GB: what the download takes from the cores that decode.
+``--keep-freed-memory``: as on a machine whose free memory stays with it (``freed_memory.py``:
+on this VM, writes into new pages are faulted in from its host, and the write column swung 2-5x).
 """
 from __future__ import annotations
 
@@ -121,6 +123,8 @@ def main():
     ap.add_argument("--concurrency", type=int, default=8)
     ap.add_argument("--latency-ms", type=float, default=20)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--keep-freed-memory", action="store_true",
+                    help="as on a machine whose free memory stays with it (root; freed_memory.py)")
     args = ap.parse_args()
     if args.child:
         print(json.dumps(child(json.loads(args.child))))
@@ -130,6 +134,11 @@ def main():
     if not S3RVER.exists():
         raise SystemExit(f"{S3RVER} is missing: run bash scripts/setup_streaming_peers.sh")
     clients = [c for c in CLIENTS if c not in ("obstore", "litdata") or _has(c)]
+    from freed_memory import describe, keep_freed_memory, prime_free_memory
+    if describe():
+        print(describe())
+    if args.keep_freed_memory:
+        keep_freed_memory()
     os.sched_setaffinity(0, {1})  # the servers inherit CPU 1
     servers = StoreServers(latency_ms=0, server="s3rver")
     os.sched_setaffinity(0, {0, 1})
@@ -158,6 +167,8 @@ def main():
                 runs = []
                 for _ in range(args.repeats):
                     _drop_page_cache()
+                    if args.keep_freed_memory:
+                        prime_free_memory(tempfile.gettempdir(), 2 * size)
                     with tempfile.TemporaryDirectory() as tmp:
                         cfg = {"client": client, "endpoint": servers.endpoint, "size": size,
                                "unit": args.unit_mb << 20, "concurrency": args.concurrency, "write": write, "tmp": tmp}
