@@ -49,6 +49,10 @@ from .meter import StoreMeter
 CACHE_ENV = "FASTLOAD_CACHE_DIR"
 log = logging.getLogger("fastload.cache")  # fetches and evictions, at DEBUG
 FETCHERS = 8  # concurrent unit downloads per process: enough to hide a store's per-request latency
+# a unit checked by its samples is downloaded and written in ranges of at most this, so a fetcher
+# holds one range at a time: units are up to a data file (an ImageNet TFRecord shard is ~110 MB,
+# 8 fetchers' whole units ~0.9 GB a rank), and the heap keeps what its fetchers hold (heap.py)
+PIECE_BYTES = 32 << 20
 _FALLOC_FL_KEEP_SIZE, _FALLOC_FL_PUNCH_HOLE = 1, 2
 _INSTANCES: "weakref.WeakSet[UnitCache]" = weakref.WeakSet()
 
@@ -236,8 +240,7 @@ class UnitCache:
             self._make_room(unit)
             log.debug("fetch unit %d (next use %s)", u, self._use_of(u))
             try:
-                data = self._download(unit)
-                self._write(unit.path, unit.start, data)
+                self._download(unit)
                 atomic_write_bytes(self._marker(unit), b"", durable=False)
             except StoreError as e:
                 self._failed[u] = (time.monotonic(), str(e))
@@ -273,18 +276,26 @@ class UnitCache:
         finally:
             tlock.release()
 
-    def _download(self, unit: Unit) -> bytes:
-        """The unit's bytes from the store, checked against the manifest: its sha256, or for a
-        unit its samples check (``by_samples``), its length (a body that does not match is fetched
-        again, as a truncated one is; a damaged sample is fetched again by range when it is read)."""
-        size = unit.end - unit.start
+    def _download(self, unit: Unit) -> None:
+        """The unit's bytes from the store into its place in the cache file, checked against the
+        manifest: its length, and its sha256 before a byte is written, or for a unit its samples
+        check (``by_samples``) as they are read, in pieces (a damaged sample is fetched again by
+        range when it is read). A body that does not match is fetched again, as a truncated one is."""
+        if unit.by_samples:
+            for start, end in download_pieces(unit):
+                self._write(unit.path, start, self._checked(unit, start, end))
+        else:
+            self._write(unit.path, unit.start, self._checked(unit, unit.start, unit.end))
+
+    def _checked(self, unit: Unit, start: int, end: int):
+        """Bytes ``start..end`` of ``unit``'s file (the whole unit, or a piece of one checked by its samples)."""
         for attempt in range(self.store.retries + 1):
-            data = self.store.read(unit.path, unit.start, unit.end)
+            data = self.store.read(unit.path, start, end)
             self._count(len(data))
-            if len(data) == size and (unit.by_samples or hashlib.sha256(data).hexdigest() == unit.sha256):
+            if len(data) == end - start and (unit.by_samples or hashlib.sha256(data).hexdigest() == unit.sha256):
                 return data
-        what = "sha256 in the manifest" if len(data) == size else f"size ({len(data)} bytes came, not {size})"
-        raise StoreError(f"{self.store.url_of(unit.path)}: bytes {unit.start}..{unit.end} do not match their {what}, "
+        what = "sha256 in the manifest" if len(data) == end - start else f"size ({len(data)} bytes came, not {end - start})"
+        raise StoreError(f"{self.store.url_of(unit.path)}: bytes {start}..{end} do not match their {what}, "
                          f"{self.store.retries + 1} downloads in a row: the stored file differs "
                          "from the one the manifest describes (convert it again)")
 
@@ -483,6 +494,13 @@ class UnitCache:
             for u, _ in zip(units, pool.map(self.fetch, units)):
                 if progress is not None:
                     progress(self.units[u].end - self.units[u].start)
+
+
+def download_pieces(unit: Unit) -> list[tuple[int, int]]:
+    """The byte ranges unit ``unit`` is downloaded in: itself, or pieces of at most PIECE_BYTES."""
+    if not unit.by_samples:
+        return [(unit.start, unit.end)]
+    return [(a, min(unit.end, a + PIECE_BYTES)) for a in range(unit.start, unit.end, PIECE_BYTES)] or [(unit.start,) * 2]
 
 
 def _lock_file(fd: int, wait: bool) -> bool:

@@ -17,7 +17,7 @@ from fastload.formats.manifest import CHECKSUM_FROM_VERSION, CHECKSUM_KEY, MANIF
 from fastload.formats.units import UnitTable
 from fastload.formats.writing import atomic_write_bytes
 
-from .cache import CACHE_ENV, FETCHERS, UnitCache, dataset_cache_dir, default_cache_dir
+from .cache import CACHE_ENV, FETCHERS, UnitCache, dataset_cache_dir, default_cache_dir, download_pieces
 from .heap import keep_unit_buffers_on_the_heap
 from .location import Store, StoreError, is_url, local_path
 from .split import RemoteSplit
@@ -84,5 +84,7 @@ def open_store(store: Store, cache_dir: Path | None = None, cache_limit: int | N
         raise DatasetError(f"cache directory {root} cannot be written ({e}): give cache_dir= or "
                            f"${CACHE_ENV} a writable place") from None
     cache = UnitCache(store, root, UnitTable(data), cache_limit)
-    keep_unit_buffers_on_the_heap(max((u.size for u in cache.units), default=0), FETCHERS)
+    # the largest buffer a fetcher holds: a unit, or a piece of one
+    keep_unit_buffers_on_the_heap(max((b - a for u in cache.units for a, b in download_pieces(u)), default=0),
+                                  FETCHERS)
     return Manifest(root, data, RemoteDataset(cache), url)

@@ -11,7 +11,8 @@ decoded regions come from DALI's own pool instead (``pipelines/dali_engine.py``)
 
 A process that streams a dataset, besides:
 
-Each download's body is a fresh buffer of a unit's size (8-32 MB), and the client's copy of it.
+Each download's body is a fresh buffer of a unit's size, or of a 32 MiB piece of a larger unit
+(cache.PIECE_BYTES), and the client's copy of it.
 glibc serves such a buffer with its own mmap, or trims it off the heap once the fetchers free
 theirs, so its every page is faulted in and zeroed again per unit: 100-150k page faults and
 ~0.3 s of CPU per 444 MB here, on the cores that decode. So buffers up to 32 MB come from the

@@ -23,7 +23,7 @@ from fastload.formats.errors import DatasetError, SampleDecodeError
 from fastload.formats.manifest import CHECKSUM_KEY, MANIFEST, Manifest, manifest_checksum
 from fastload.formats.records import SplitReader
 from fastload.pipelines.samples import SampleChecks
-from fastload.storage import heap, location, open_dataset, prefetch, split
+from fastload.storage import cache, heap, location, open_dataset, prefetch, split
 from fastload.testing.memory_store import memory_store
 
 KW = dict(split="validation", batch_size=32, num_workers=2, seed=3, spec="imagenet:train")
@@ -405,6 +405,28 @@ def test_a_version_3_dataset_reads_pieces_of_the_readers_size(mem, imagenet_dirs
     pieces = sorted(mem.ranges(url, "validation.beton"))
     assert len(pieces) > 1 and mem.whole_reads(url, "validation.beton") == 0
     assert pieces[0][0] == 0 and pieces[-1][1] == size and all(a[1] == b[0] for a, b in zip(pieces, pieces[1:]))
+
+
+def test_a_unit_larger_than_a_piece_is_downloaded_in_pieces(mem, imagenet_dirs, local_batches, tmp_path,
+                                                             monkeypatch):
+    """A unit checked by its samples comes in ranges of at most PIECE_BYTES, each written as it
+    comes (a fetcher holds one piece, not a 110 MB TFRecord shard), each read once; the index,
+    checked by its sha256, still comes whole."""
+    from fastload.storage import dataset
+    monkeypatch.setattr(cache, "PIECE_BYTES", 1 << 20)
+    heap_set_for = []  # the largest buffer a fetcher holds, as the opener sets the heap for it
+    monkeypatch.setattr(dataset, "keep_unit_buffers_on_the_heap", lambda size, fetchers: heap_set_for.append(size))
+    url = mem.upload(imagenet_dirs["tfrecord"], "t")
+    loader = FastLoader(url, backend="reference", cache_dir=tmp_path / "cache", **KW)
+    unit = max(loader.manifest.source.units.sizes.values())
+    assert unit > 2 << 20  # several pieces a unit
+    assert same(batches(loader), local_batches["tfrecord", "reference"])
+    for name in data_files(imagenet_dirs["tfrecord"]):
+        pieces = sorted(mem.ranges(url, name))
+        size = (imagenet_dirs["tfrecord"] / name).stat().st_size
+        assert all(b - a <= 1 << 20 for a, b in pieces) and mem.whole_reads(url, name) == 0
+        assert pieces[0][0] == 0 and pieces[-1][1] == size and all(a[1] == b[0] for a, b in zip(pieces, pieces[1:]))
+    assert heap_set_for == [1 << 20]
 
 
 def test_no_manifest_a_missing_extra_and_an_unknown_scheme_are_one_line(mem, tmp_path, monkeypatch):
