@@ -281,11 +281,8 @@ class UnitCache:
         manifest: its length, and its sha256 before a byte is written, or for a unit its samples
         check (``by_samples``) as they are read, in pieces (a damaged sample is fetched again by
         range when it is read). A body that does not match is fetched again, as a truncated one is."""
-        if unit.by_samples:
-            for start, end in download_pieces(unit):
-                self._write(unit.path, start, self._checked(unit, start, end))
-        else:
-            self._write(unit.path, unit.start, self._checked(unit, unit.start, unit.end))
+        for start, end in download_pieces(unit):
+            self._write(unit.path, start, self._checked(unit, start, end))
 
     def _checked(self, unit: Unit, start: int, end: int):
         """Bytes ``start..end`` of ``unit``'s file (the whole unit, or a piece of one checked by its samples)."""
@@ -497,10 +494,11 @@ class UnitCache:
 
 
 def download_pieces(unit: Unit) -> list[tuple[int, int]]:
-    """The byte ranges unit ``unit`` is downloaded in: itself, or pieces of at most PIECE_BYTES."""
-    if not unit.by_samples:
+    """The byte ranges unit ``unit`` is downloaded in: itself (checked whole by its sha256, or
+    empty), or pieces of at most PIECE_BYTES (checked by its samples)."""
+    if not unit.by_samples or unit.size == 0:
         return [(unit.start, unit.end)]
-    return [(a, min(unit.end, a + PIECE_BYTES)) for a in range(unit.start, unit.end, PIECE_BYTES)] or [(unit.start,) * 2]
+    return [(a, min(unit.end, a + PIECE_BYTES)) for a in range(unit.start, unit.end, PIECE_BYTES)]
 
 
 def _lock_file(fd: int, wait: bool) -> bool:
